@@ -1,0 +1,25 @@
+"""transferlab: image classifiers by transfer learning, from a folder of labelled images."""
+
+__version__ = "0.1.0"
+
+# Heavy modules (torch, timm) load on first use, so `transferlab --help` stays instant.
+_EXPORTS = {
+    "ImageFolderData": "data",
+    "train": "strategies",
+    "Run": "strategies",
+    "load_model": "bundle",
+    "save_model": "bundle",
+    "Predictor": "bundle",
+    "create_backbone": "backbones",
+    "TransferlabError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'transferlab' has no attribute {name!r}")

@@ -1,0 +1,187 @@
+"""Model bundles (model.safetensors + config.json) and the Predictor that serves them.
+
+Nothing here unpickles: weights are safetensors, configuration is JSON, and the weights' sha256 is
+checked before they are used.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .atomic import write_json
+from .errors import BundleError
+from .heads import HeadSpec, build_head
+from .images import sha256_of
+from .transforms import Preprocessing
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class ClassifierNet(nn.Module):
+    """The whole model: backbone features -> head logits. Inputs are normalised NCHW batches."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes: list[str],
+               head: HeadSpec, preprocessing: Preprocessing, training: dict | None = None) -> Path:
+    """Write the bundle into `folder`, replacing any bundle there only once the new one is complete."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE))
+        config = {"format_version": FORMAT_VERSION, "transferlab_version": __version__,
+                  "backbone": backbone, "cut_layer": None, "head": head.to_dict(),
+                  "classes": list(classes), "preprocessing": preprocessing.to_dict(),
+                  "training": training or {}, "weights_sha256": sha256_of(staging / WEIGHTS_FILE)}
+        write_json(staging / CONFIG_FILE, config)
+        if folder.exists():
+            retired = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            folder.rename(retired)
+            staging.rename(folder)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def read_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise BundleError(f"{folder}: not a model bundle (no {CONFIG_FILE}); give the model/ folder "
+                          "of a run, such as runs/NAME/model")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path}: malformed JSON ({error})") from None
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if not isinstance(version, int):
+        raise BundleError(f"{path}: no format_version; not a transferlab bundle")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {version} is newer than this transferlab "
+                          f"({__version__}, format {FORMAT_VERSION}); upgrade transferlab")
+    missing = [k for k in ("backbone", "head", "classes", "preprocessing", "weights_sha256")
+               if k not in config]
+    if missing:
+        raise BundleError(f"{path}: missing {', '.join(missing)}")
+    return config
+
+
+def load_network(folder: str | Path) -> tuple[ClassifierNet, dict]:
+    """The network with its weights, after checking the weights' hash; no network access."""
+    import timm
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = read_config(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{folder}: {WEIGHTS_FILE} is missing")
+    if sha256_of(weights) != config["weights_sha256"]:
+        raise BundleError(f"{weights}: sha256 does not match config.json; the weights were altered "
+                          "or truncated, re-save or re-train the model")
+    try:
+        backbone = timm.create_model(config["backbone"], pretrained=False, num_classes=0)
+        net = ClassifierNet(backbone, build_head(HeadSpec.from_dict(config["head"])))
+        net.load_state_dict(load_file(str(weights)))
+    except Exception as error:
+        raise BundleError(f"{folder}: weights do not fit the configured model ({error})") from None
+    return net.eval(), config
+
+
+def load_model(folder: str | Path) -> "Predictor":
+    net, config = load_network(folder)
+    return Predictor(net, config)
+
+
+@dataclass
+class Prediction:
+    file: str
+    top_k: list[tuple[str, float]]
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        if self.error:
+            return {"file": self.file, "error": self.error}
+        return {"file": self.file, "top_k": [{"label": l, "probability": p} for l, p in self.top_k]}
+
+
+class Predictor:
+    """Top-k predictions for image files with a loaded bundle."""
+
+    def __init__(self, net: ClassifierNet, config: dict):
+        self.net = net
+        self.config = config
+        self.classes: list[str] = config["classes"]
+        self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
+
+    def predict_proba(self, paths: Sequence[str | Path], *, batch_size: int = 32,
+                      workers: int | None = None, precision: str = "auto",
+                      show_progress: bool = False) -> tuple[np.ndarray, list[str]]:
+        """(len(paths), classes) probabilities and a per-file error ("" when it was read)."""
+        from .runner import progress_bar, run_batches
+
+        paths = [Path(p) for p in paths]
+        proba = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
+        errors = [""] * len(paths)
+        with progress_bar("predicting", len(paths), show_progress) as advance:
+            for positions, logits, batch_errors in run_batches(
+                    self.net, paths, self.preprocessing, batch_size=batch_size, workers=workers,
+                    precision=precision, progress=advance):
+                proba[positions.start:positions.stop] = logits.softmax(dim=1).numpy()
+                errors[positions.start:positions.stop] = batch_errors
+        return proba, errors
+
+    def predict(self, paths: Sequence[str | Path], top_k: int = 1, **kwargs) -> list[Prediction]:
+        paths = [Path(p) for p in paths]
+        proba, errors = self.predict_proba(paths, **kwargs)
+        k = max(1, min(top_k, len(self.classes)))
+        results = []
+        for path, row, error in zip(paths, proba, errors):
+            order = np.argsort(-row)[:k]
+            results.append(Prediction(str(path), [(self.classes[i], float(row[i])) for i in order],
+                                      error))
+        return results
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files, folders (every file below, hidden ones skipped) and glob patterns, in a stable order."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.exists() or not glob.has_magic(item):
+            paths.append(path)  # a missing file is reported by predict as unreadable
+        else:
+            paths += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+    return paths

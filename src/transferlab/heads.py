@@ -1,0 +1,69 @@
+"""Classifier heads, and transplanting fitted scikit-learn classifiers into them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Enough to rebuild a head before loading its weights: Linear layers with ReLU between them."""
+
+    in_features: int
+    num_classes: int
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadSpec":
+        return cls(int(data["in_features"]), int(data["num_classes"]), tuple(data.get("hidden", ())),
+                   float(data.get("dropout", 0.0)))
+
+
+def build_head(spec: HeadSpec) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = spec.in_features
+    for hidden in spec.hidden:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        width = hidden
+    layers.append(nn.Linear(width, spec.num_classes))
+    return nn.Sequential(*layers)
+
+
+def head_from_sklearn(estimator, num_classes: int) -> tuple[HeadSpec, nn.Sequential]:
+    """The torch head that computes the same probabilities as a fitted sklearn classifier.
+
+    `estimator` is a Pipeline(StandardScaler, LogisticRegression | MLPClassifier). The scaler is folded
+    into the first layer; a binary model's single logit z becomes the two logits (0, z), whose softmax
+    is (1 - sigmoid(z), sigmoid(z)), exactly sklearn's predict_proba.
+    """
+    scaler, classifier = estimator[0], estimator[-1]
+    if hasattr(classifier, "coefs_"):
+        weights = [w.T for w in classifier.coefs_]
+        biases = list(classifier.intercepts_)
+    else:
+        weights, biases = [classifier.coef_], [classifier.intercept_]
+    scale = 1.0 / scaler.scale_
+    biases[0] = biases[0] - weights[0] @ (scaler.mean_ * scale)
+    weights[0] = weights[0] * scale
+    if num_classes == 2:  # sklearn keeps one logit for two classes
+        weights[-1] = np.vstack([np.zeros_like(weights[-1]), weights[-1]])
+        biases[-1] = np.concatenate([[0.0], biases[-1]])
+    spec = HeadSpec(in_features=weights[0].shape[1], num_classes=num_classes,
+                    hidden=tuple(w.shape[0] for w in weights[:-1]))
+    head = build_head(spec)
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for layer, weight, bias in zip(linears, weights, biases):
+            layer.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            layer.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+    return spec, head
