@@ -79,7 +79,8 @@ def run_batches(model: torch.nn.Module, paths: Sequence[Path], pre: Preprocessin
     `progress` is called with the number of files done after each batch.
     """
     precision = resolve_precision(precision)
-    workers = default_workers() if workers is None else workers
+    if workers is None:  # starting a worker process costs more than decoding a batch or two
+        workers = default_workers() if len(paths) > 2 * batch_size else 0
     model = model.eval().to(memory_format=torch.channels_last)
     loader = DataLoader(ImageFiles(paths, pre, max_pixels), batch_size=batch_size, shuffle=False,
                         num_workers=workers, persistent_workers=False,

@@ -1,0 +1,219 @@
+"""The `transferlab` command: parse, call the library, print. torch loads only inside commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import TransferlabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train image classifiers by transfer learning from a folder of labelled images.")
+out = Console()
+err = Console(stderr=True, soft_wrap=True)  # one error, one line
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr, not a traceback."""
+    try:
+        app()
+    except TransferlabError as error:
+        err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+def _setup_logging(verbose: bool = True) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_time=False, show_path=False)])
+
+
+def _given(**options) -> dict:
+    """Only the options the user set: None never overrides a library default."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command()
+def info(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+         duplicates: bool = typer.Option(False, "--duplicates", help="List every duplicate group.")):
+    """What is in a data folder, and what is wrong with it."""
+    _setup_logging(verbose=False)
+    from .data import ImageFolderData
+    from .inspect import describe
+
+    report = describe(ImageFolderData(data))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_info(report, duplicates)
+
+
+def _print_info(report: dict, list_duplicates: bool) -> None:
+    table = Table(title=f"{report['root']}: {report['images']} images, {len(report['classes'])} classes")
+    for column in ("class", "images", "formats", "modes"):
+        table.add_column(column, justify="right" if column == "images" else "left")
+    for name, row in report["classes"].items():
+        table.add_row(escape(name), str(row["images"]), _counts(row["formats"]), _counts(row["modes"]))
+    out.print(table)
+    size = report["image_size"]
+    out.print(f"image size: width {size['min_width']}-{size['max_width']}, "
+              f"height {size['min_height']}-{size['max_height']} px (median {size['median']})")
+    out.print(f"duplicates: {report['duplicate_groups']} groups of byte-identical files, "
+              f"{report['near_duplicate_groups']} groups of near-identical images "
+              f"(a split keeps each group together)")
+    if report["label_conflicts"]:
+        out.print(f"[yellow]{len(report['label_conflicts'])} duplicate groups span several classes[/]")
+    out.print(f"unreadable files: {len(report['unreadable'])}; ignored hidden/system/stray files: "
+              f"{report['ignored']}")
+    for item in report["unreadable"]:
+        out.print(f"  [red]{escape(item['file'])}[/]: {escape(item['reason'])}")
+    if list_duplicates:
+        for kind in ("duplicate_group_files", "near_duplicate_group_files"):
+            out.print(f"\n{kind.replace('_', ' ')}:")
+            for group in report[kind]:
+                out.print("  " + escape(" = ".join(group)))
+
+
+def _counts(counter: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counter.items(), key=lambda kv: -kv[1]))
+
+
+@app.command()
+def train(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
+          strategy: str = typer.Option("extract", help="Training strategy: extract."),
+          backbone: Optional[str] = typer.Option(None, help="timm model name or alias "
+                                                 "[default: efficientnet_lite0]."),
+          weights: Optional[str] = typer.Option(None, help="imagenet, none, or a weights file "
+                                                "[default: imagenet]."),
+          classifier: Optional[str] = typer.Option(None, help="extract: logistic or mlp "
+                                                   "[default: logistic]."),
+          out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory "
+                                                 "[default: runs/STRATEGY-BACKBONE-TIME]."),
+          val: float = typer.Option(0.15, help="Validation fraction."),
+          test: float = typer.Option(0.15, help="Test fraction."),
+          seed: int = typer.Option(0, help="Seed of the split and of the classifier."),
+          dedupe_split: bool = typer.Option(True, help="Keep duplicate images within one split."),
+          batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 64]."),
+          workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+          precision: Optional[str] = typer.Option(None, help="auto, bf16 or 32 [default: auto]."),
+          cache_dir: Optional[Path] = typer.Option(None, help="Embedding cache folder "
+                                                   "[default: ~/.cache/transferlab/embeddings]."),
+          no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache.")):
+    """Train a classifier on DATA and write a run directory."""
+    _setup_logging()
+    from .data import ImageFolderData
+    from .strategies import train as train_run
+
+    options = _given(backbone=backbone, weights=weights, classifier=classifier, batch_size=batch_size,
+                     workers=workers, precision=precision,
+                     cache_dir=str(cache_dir) if cache_dir else None)
+    if no_cache:
+        options["cache_dir"] = None
+    dataset = ImageFolderData(data, val=val, test=test, seed=seed, dedupe_split=dedupe_split)
+    run = train_run(dataset, strategy=strategy, out=out_dir, seed=seed, **options)
+    print_run(run)
+
+
+def print_run(run) -> None:
+    metrics = run.metrics
+    table = Table(title=f"{metrics['strategy']} · {metrics['backbone']} · {len(metrics['classes'])} classes")
+    for column in ("split", "images", "accuracy", "loss", "macro F1"):
+        table.add_column(column, justify="right")
+    for name in ("val", "test"):
+        result = metrics[name]
+        if result.get("accuracy") is None:
+            continue
+        table.add_row(name, str(result["size"]), f"{result['accuracy']:.2%}", f"{result['loss']:.4f}",
+                      f"{result['macro_f1']:.4f}")
+    out.print(table)
+    timing = metrics["timing"]
+    speed = (f"{timing['embed_images_per_s']:.0f} images/s" if timing.get("embed_images_per_s")
+             else "all from cache")
+    out.print(f"embedded {timing['embedded']} images ({speed}), {timing['cached']} from cache; "
+              f"total {timing['total_s']:.1f} s")
+    out.print(f"run directory: [bold]{escape(str(run.dir))}[/]  (model: {escape(str(run.model_dir))})")
+
+
+@app.command()
+def predict(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
+            inputs: List[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
+            top_k: int = typer.Option(1, "--top-k", min=1, help="Classes to show per image."),
+            output_format: str = typer.Option("table", "--format", help="table, json or csv."),
+            batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 32]."),
+            precision: Optional[str] = typer.Option(None, help="auto, bf16 or 32 [default: auto].")):
+    """Top-k classes with probabilities for images."""
+    from .errors import ConfigError
+
+    if output_format not in ("table", "json", "csv"):
+        raise ConfigError(f"--format {output_format!r}: use table, json or csv")
+    _setup_logging(verbose=False)
+    from .bundle import expand_inputs, load_model
+
+    predictor = load_model(model)
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise ConfigError(f"no files match {' '.join(inputs)}")
+    results = predictor.predict(paths, top_k=top_k, show_progress=output_format == "table",
+                                **_given(batch_size=batch_size, precision=precision))
+    good = [r for r in results if not r.error]
+    if output_format == "json":
+        print(json.dumps({"predictions": [r.to_dict() for r in results]}, indent=2))
+    elif output_format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "rank", "label", "probability"])
+        for result in good:
+            for rank, (label, probability) in enumerate(result.top_k, 1):
+                writer.writerow([result.file, rank, label, f"{probability:.6f}"])
+    else:
+        table = Table()
+        table.add_column("file")
+        for rank in range(1, min(top_k, len(predictor.classes)) + 1):
+            table.add_column(f"#{rank}")
+        for result in good:
+            table.add_row(escape(result.file), *(f"{escape(l)} {p:.1%}" for l, p in result.top_k))
+        out.print(table)
+    bad = [r for r in results if r.error]
+    for result in bad:
+        err.print(f"[bold red]error:[/] {escape(result.file)}: cannot read image ({escape(result.error)})",
+                  highlight=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory "
+                                                "[default: runs/demo-TIME]."),
+         per_class: int = typer.Option(40, help="Synthetic images per class.")):
+    """Train `extract` on a small synthetic data set made on the spot: a one-minute tour."""
+    _setup_logging()
+    import tempfile
+    from datetime import datetime
+
+    from .strategies import train as train_run
+    from .synthetic import make_image_folder
+
+    with tempfile.TemporaryDirectory(prefix="transferlab-demo-") as folder:
+        data = make_image_folder(Path(folder) / "shapes", per_class=per_class)
+        out.print(f"synthetic data: {per_class} images each of circles and squares in {escape(str(data))}")
+        run_dir = out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+        run = train_run(data, strategy="extract", out=run_dir, cache_dir=None)
+    print_run(run)
+
+
+if __name__ == "__main__":
+    main()
