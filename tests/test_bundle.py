@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+import pytest
+
+from transferlab import load_model
+from transferlab.bundle import expand_inputs
+from transferlab.errors import BundleError
+
+
+def test_round_trip_predicts_like_the_run(tiny_run, image_folder):
+    predictor = load_model(tiny_run.model_dir)
+    assert predictor.classes == ["circles", "squares"]
+    files = sorted(image_folder.rglob("*.*"))[:6]
+    proba, errors = predictor.predict_proba(files, precision="32")
+    again, _ = load_model(tiny_run.model_dir).predict_proba(files, precision="32")
+    np.testing.assert_array_equal(proba, again)
+    assert errors == [""] * 6
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    top = predictor.predict(files[:1], top_k=2)[0]
+    assert [label for label, _ in top.top_k] in (["circles", "squares"], ["squares", "circles"])
+
+
+def test_unreadable_files_get_an_error_and_others_a_prediction(tiny_run, image_folder, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("hello")
+    good = next(image_folder.rglob("*.png"))
+    results = load_model(tiny_run.model_dir).predict([bad, good, tmp_path / "missing.png"])
+    assert results[0].error and not results[1].error and results[2].error
+    assert results[1].to_dict()["top_k"][0]["label"] in ("circles", "squares")
+
+
+def _copy_bundle(tiny_run, tmp_path):
+    import shutil
+
+    target = tmp_path / "model"
+    shutil.copytree(tiny_run.model_dir, target)
+    return target
+
+
+def test_altered_truncated_or_newer_bundles_are_refused(tiny_run, tmp_path):
+    bundle = _copy_bundle(tiny_run, tmp_path)
+    weights = bundle / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(BundleError, match="sha256 does not match"):
+        load_model(bundle)
+    bundle = _copy_bundle(tiny_run, tmp_path / "b")
+    config = json.loads((bundle / "config.json").read_text())
+    config["format_version"] = 99
+    (bundle / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="newer than this transferlab"):
+        load_model(bundle)
+    (bundle / "config.json").write_text("{ not json")
+    with pytest.raises(BundleError, match="malformed JSON"):
+        load_model(bundle)
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_saving_over_a_bundle_replaces_it_whole(tiny_run, tmp_path):
+    from transferlab.bundle import load_network, save_model
+    from transferlab.heads import HeadSpec
+    from transferlab.transforms import Preprocessing
+
+    net, config = load_network(tiny_run.model_dir)
+    target = _copy_bundle(tiny_run, tmp_path)
+    save_model(net, target, backbone=config["backbone"], classes=["a", "b"],
+               head=HeadSpec.from_dict(config["head"]),
+               preprocessing=Preprocessing.from_dict(config["preprocessing"]))
+    assert load_model(target).classes == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging left behind
+
+
+def test_expand_inputs_takes_files_folders_and_globs(image_folder):
+    pattern = str(image_folder / "circles" / "*.png")
+    paths = expand_inputs([str(image_folder / "squares"), pattern])
+    assert len(paths) == 20 + 10

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from transferlab import train
+from transferlab.errors import ConfigError
+
+from conftest import TINY_BACKBONE
+
+
+def test_run_directory_follows_the_contract(tiny_run):
+    metrics = json.loads((tiny_run.dir / "metrics.json").read_text())
+    assert metrics["strategy"] == "extract" and metrics["classes"] == ["circles", "squares"]
+    assert {"train", "val", "test", "seed", "duplicate_groups", "near_duplicate_groups"} <= set(
+        metrics["split"])
+    assert metrics["split"]["train"] + metrics["split"]["val"] + metrics["split"]["test"] == 40
+    for name in ("val", "test"):
+        assert 0.0 <= metrics[name]["accuracy"] <= 1.0 and metrics[name]["loss"] > 0
+    test = metrics["test"]
+    assert set(test["per_class"]) == {"circles", "squares"}
+    assert sum(map(sum, test["confusion_matrix"])) == metrics["split"]["test"]
+    assert {"total_s", "embed_images_per_s", "train_s"} <= set(metrics["timing"])
+    assert metrics["params"]["trainable"] == 2 * 256 + 2  # two-logit linear head on 256 features
+    split = json.loads((tiny_run.dir / "split.json").read_text())
+    assert len(split["test"]) == metrics["split"]["test"]
+    assert (tiny_run.model_dir / "model.safetensors").is_file()
+    assert json.loads((tiny_run.dir / "run.json").read_text())["config"]["backbone"] == TINY_BACKBONE
+
+
+def test_second_run_uses_the_cache_and_gives_identical_metrics(tiny_run, image_folder, tmp_path):
+    cache = tiny_run.dir.parent / "cache"
+    again = train(image_folder, backbone=TINY_BACKBONE, weights="none", out=tmp_path / "again",
+                  cache_dir=str(cache), show_progress=False)
+    assert again.metrics["timing"]["embedded"] == 0 and again.metrics["timing"]["cached"] == 40
+    # other random weights would give other embeddings: "none" is seeded, so results repeat
+    assert again.metrics["test"] == tiny_run.metrics["test"]
+
+
+def test_mlp_classifier(image_folder, tmp_path):
+    run = train(image_folder, backbone=TINY_BACKBONE, weights="none", classifier="mlp",
+                out=tmp_path / "mlp", cache_dir=None, show_progress=False)
+    config = json.loads((run.model_dir / "config.json").read_text())
+    assert config["head"]["hidden"] == [250, 100]
+    assert run.metrics["precision"]["transplant_max_abs_diff"] < 1e-4
+
+
+def test_bad_options_fail_before_any_work(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="strategy='magic'"):
+        train(image_folder, strategy="magic", out=tmp_path / "x")
+    with pytest.raises(ConfigError, match="classifier='svm'"):
+        train(image_folder, classifier="svm", out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()

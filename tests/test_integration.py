@@ -1,0 +1,71 @@
+"""Real EfficientNet-Lite0 ImageNet weights on real photos from ../shared/datasets/face-mask."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from transferlab import ImageFolderData, load_model, train
+
+from conftest import SHARED_FACE_MASK, needs_real_weights_and_data
+
+pytestmark = needs_real_weights_and_data()
+PER_CLASS = 150
+
+
+@pytest.fixture(scope="module")
+def small_face_mask(tmp_path_factory):
+    """The first PER_CLASS photos of each class, linked into a new folder."""
+    root = tmp_path_factory.mktemp("face-mask")
+    for class_dir in sorted(SHARED_FACE_MASK.iterdir()):
+        (root / class_dir.name).mkdir()
+        for path in sorted(class_dir.iterdir())[:PER_CLASS]:
+            (root / class_dir.name / path.name).symlink_to(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_run(small_face_mask, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return train(small_face_mask, out=root / "mask", cache_dir=str(root / "cache"), show_progress=False)
+
+
+def test_extract_with_real_weights_is_accurate(real_run):
+    assert real_run.metrics["backbone"] == "efficientnet_lite0"
+    assert real_run.metrics["test"]["accuracy"] >= 0.95
+    assert real_run.metrics["val"]["accuracy"] >= 0.95
+    assert real_run.metrics["precision"].get("parity_top1_agreement", 1.0) >= 0.98
+
+
+def test_bundle_round_trip_gives_identical_predictions(real_run, small_face_mask):
+    files = [small_face_mask / item["file"] for item in
+             json.loads((real_run.dir / "split.json").read_text())["test"]][:32]
+    first, _ = load_model(real_run.model_dir).predict_proba(files, precision="32")
+    second, _ = load_model(real_run.model_dir).predict_proba(files, precision="32")
+    np.testing.assert_array_equal(first, second)
+    labels = [item["label"] for item in json.loads((real_run.dir / "split.json").read_text())["test"]][:32]
+    classes = real_run.metrics["classes"]
+    accuracy = np.mean([classes[i] == label for i, label in zip(first.argmax(1), labels)])
+    assert accuracy >= 0.9
+
+
+def test_predict_names_a_corrupt_file_and_exits_nonzero(real_run, small_face_mask, tmp_path):
+    corrupt = tmp_path / "broken photo.jpg"
+    good = next((small_face_mask / "with_mask").iterdir())
+    corrupt.write_bytes(good.read_bytes()[:0] + b"\xff\xd8\xff\xe0\x00\x10JFIF garbage")
+    result = subprocess.run([sys.executable, "-c", "from transferlab.cli import main; main()",
+                             "predict", str(real_run.model_dir), str(good), str(corrupt)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "broken photo.jpg" in result.stderr and "Traceback" not in result.stderr
+    assert "with_mask" in result.stdout
+
+
+def test_shared_set_duplicate_groups():
+    data = ImageFolderData(SHARED_FACE_MASK)
+    assert len(data.scan.images) == 4094
+    assert len(data.duplicates.exact) == 87
+    for group in data.duplicates.near:
+        assert len({name for name, idx in data.split.items() for i in group if i in idx}) == 1
