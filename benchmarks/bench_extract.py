@@ -17,7 +17,8 @@ throughput   images/s of
              - a naive fp32 loop: PIL decode, torchvision Resize/CenterCrop/ToTensor/Normalize,
                batches of 32, plain NCHW model under no_grad (first 1,024 images).
              Targets: end to end >= 0.8x backbone alone, and >= 3x the naive loop.
-machine      CPU model, core count, torch/timm versions, precision used.
+machine      CPU model, core count, torch/timm versions, precision used, and the load average at
+             the start (other processes on the 2 cores skew every number).
 
 --quick uses only the first 512 images for the throughput parts (a smoke test); the accuracy and
 warm-cache parts always use the whole data set. Temporary directories are removed at the end.
@@ -159,7 +160,7 @@ def bench_throughput(data: Path, precision: str, cold_embed_per_s: float | None,
     }
 
 
-def machine(precision: str) -> dict:
+def machine(precision: str, load: list[float]) -> dict:
     import timm
 
     cpu = "unknown"
@@ -172,7 +173,7 @@ def machine(precision: str) -> dict:
         pass
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "timm": timm.__version__,
-            "precision": precision}
+            "precision": precision, "load_average_at_start": load}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,12 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     precision = resolve_precision("auto")
+    load = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         accuracy, warm_cache = bench_accuracy(args.data, Path(tmp))
     throughput = bench_throughput(args.data, precision, accuracy["embed_images_per_s"], args.quick)
     result = {"data": str(args.data.resolve()), "quick": args.quick, "accuracy": accuracy,
-              "warm_cache": warm_cache, "throughput": throughput, "machine": machine(precision),
+              "warm_cache": warm_cache, "throughput": throughput, "machine": machine(precision, load),
               "total_s": round(time.perf_counter() - started, 1)}
     print(json.dumps(result, indent=2))
 

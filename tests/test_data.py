@@ -77,3 +77,11 @@ def test_split_record_lists_relative_files(image_folder):
     assert record["seed"] == 0 and record["classes"] == ["circles", "squares"]
     files = [item["file"] for name in ("train", "val", "test") for item in record[name]]
     assert len(files) == 40 and all(f.split("/")[0] in record["classes"] for f in files)
+
+
+def test_leaky_split_is_reported(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=20, size=64)
+    for copy in range(12):  # one image with many copies: a plain split scatters them
+        shutil.copy(root / "circles" / "circles_000.jpg", root / "circles" / f"copy_{copy}.jpg")
+    assert ImageFolderData(root).summary()["groups_across_splits"] == 0
+    assert ImageFolderData(root, dedupe_split=False).summary()["groups_across_splits"] == 1

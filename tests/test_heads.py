@@ -16,7 +16,7 @@ def test_transplanted_head_matches_sklearn(classes, kind):
     x = rng.normal(3.0, 2.0, size=(120, 16)).astype(np.float32)
     y = np.arange(120) % classes
     x[:, 0] += y * 2.0
-    classifier = (MLPClassifier(hidden_layer_sizes=(8, 4), max_iter=500, random_state=0)
+    classifier = (MLPClassifier(hidden_layer_sizes=(8, 4), max_iter=2000, random_state=0)
                   if kind == "mlp" else LogisticRegression(max_iter=500))
     estimator = make_pipeline(StandardScaler(), classifier).fit(x, y)
     spec, head = head_from_sklearn(estimator, num_classes=classes)

@@ -72,8 +72,10 @@ def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
     ignored: list[Path] = []
     for split_name, folder in layout:
         for class_dir in _subfolders(folder):
-            for path in _files_under(class_dir, ignored):
-                candidates.append((path, class_dir.name, split_name))
+            files = _files_under(class_dir, ignored)
+            if not files:
+                log.warning("class folder %s holds no files; ignored", class_dir)
+            candidates += [(path, class_dir.name, split_name) for path in files]
         ignored.extend(p for p in folder.iterdir() if p.is_file())
 
     classes = sorted({name for _, name, _ in candidates})
@@ -222,6 +224,12 @@ class ImageFolderData:
                       else [[i] for i in range(len(scan.images))])
         return split_groups(scan.labels, components, self.val, self.test, self.seed)
 
+    def groups_across_splits(self) -> list[list[int]]:
+        """Duplicate groups whose members sit in different splits: leakage, possible only when the
+        folder came pre-split or the split was made with dedupe_split=False."""
+        home = {i: name for name, indices in self.split.items() for i in indices}
+        return [g for g in self.duplicates.near if len({home[i] for i in g}) > 1]
+
     @property
     def classes(self) -> list[str]:
         return self.scan.classes
@@ -240,6 +248,7 @@ class ImageFolderData:
         summary = {name: len(self.split[name]) for name in SPLITS}
         summary.update(seed=self.seed, duplicate_groups=len(self.duplicates.exact),
                        near_duplicate_groups=len(self.duplicates.near),
+                       groups_across_splits=len(self.groups_across_splits()),
                        dedupe_split=self.dedupe_split, unreadable=len(self.scan.unreadable),
                        presplit=self.scan.presplit is not None)
         return summary

@@ -207,8 +207,13 @@ def _check_writable(run_dir: Path) -> None:
 
 def _log_data(data: ImageFolderData) -> None:
     summary = data.summary()
-    log.info("%d images in %d classes; split train %d / val %d / test %d (seed %d); "
-             "%d groups of identical files and %d of near-identical images kept within one split",
+    log.info("%d images in %d classes; split train %d / val %d / test %d (seed %d)",
              len(data.scan.images), len(data.classes), summary["train"], summary["val"],
-             summary["test"], data.seed, summary["duplicate_groups"],
+             summary["test"], data.seed)
+    log.info("%d groups of identical files, %d of near-identical images", summary["duplicate_groups"],
              summary["near_duplicate_groups"])
+    if summary["groups_across_splits"]:
+        log.warning("%d duplicate groups have copies in more than one split: test accuracy will be "
+                    "optimistic", summary["groups_across_splits"])
+    elif summary["near_duplicate_groups"]:
+        log.info("every duplicate group is within one split")
