@@ -11,8 +11,9 @@ accuracy     `train(data, strategy="extract")` with defaults (seed 0) and a fres
 warm_cache   the same `train` again with the same cache: nothing may be re-embedded, and the wall
              time should be under 0.1x the cold run's.
 throughput   images/s of
-             - the backbone alone on random channels_last batches of 64 (bf16 autocast where the CPU
-               has native bf16, as the runner does), 1 warm-up batch then >= 10 timed batches;
+             - the backbone alone on random channels_last batches of the pipeline's batch size, timed
+               for 10 s before and after the pipeline and averaged (bf16 autocast where the CPU
+               has native bf16, as the runner does);
              - `embed_files` on every image without a cache (end to end, measured directly);
              - a naive fp32 loop: PIL decode, torchvision Resize/CenterCrop/ToTensor/Normalize,
                batches of 32, plain NCHW model under no_grad (first 1,024 images).
@@ -41,7 +42,7 @@ from transferlab.backbones import create_backbone
 from transferlab.data import ImageFolderData
 from transferlab.embeddings import embed_files
 from transferlab.runner import autocast, resolve_precision
-from transferlab.strategies import train
+from transferlab.strategies import TrainConfig, train
 from transferlab.transforms import Preprocessing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,18 +95,18 @@ def bench_accuracy(data: Path, tmp: Path) -> tuple[dict, dict]:
     return accuracy, warm_cache
 
 
-def backbone_only(model: torch.nn.Module, precision: str, batches: int = 10,
-                  batch_size: int = 64) -> float:
-    """images/s of the backbone alone on random channels_last batches."""
+def backbone_only(model: torch.nn.Module, precision: str, seconds: float = 10.0) -> float:
+    """images/s of the backbone alone on random channels_last batches of the pipeline's batch size."""
+    batch_size = TrainConfig().batch_size
     model = model.eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(precision):
         model(x)  # warm-up
-        started = time.perf_counter()
-        for _ in range(batches):
+        images, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
             model(x)
-        seconds = time.perf_counter() - started
-    return batches * batch_size / seconds
+            images += batch_size
+    return images / (time.perf_counter() - started)
 
 
 def naive(paths: list[Path], pre: Preprocessing, batch_size: int = 32) -> float:
@@ -132,13 +133,16 @@ def bench_throughput(data: Path, precision: str, cold_embed_per_s: float | None,
     backbone = create_backbone().eval()
     pre = Preprocessing.from_model(backbone)
 
-    log("backbone only")
-    backbone_per_s = backbone_only(backbone, precision)
-    log(f"backbone only: {backbone_per_s:.1f} images/s")
+    # The backbone alone is timed before and after the pipeline and averaged: these shared cores
+    # drift by 10-20% over minutes, and the ratio should not depend on which end it caught.
+    before = backbone_only(backbone, precision)
     log(f"embed_files on {len(paths)} images, no cache")
     _, stats = embed_files(backbone, paths, hashes, pre, cache_dir=None, show_progress=False)
     direct_per_s = stats.images_per_s
     log(f"embed_files: {direct_per_s:.1f} images/s")
+    after = backbone_only(backbone, precision)
+    backbone_per_s = (before + after) / 2
+    log(f"backbone only: {before:.1f} before, {after:.1f} after")
     naive_paths = paths[:NAIVE_IMAGES]
     log(f"naive fp32 loop on {len(naive_paths)} images")
     naive_per_s = naive(naive_paths, pre)
@@ -147,7 +151,9 @@ def bench_throughput(data: Path, precision: str, cold_embed_per_s: float | None,
     over_backbone, over_naive = direct_per_s / backbone_per_s, direct_per_s / naive_per_s
     return {
         "images": len(paths), "naive_images": len(naive_paths),
+        "batch_size": TrainConfig().batch_size,
         "backbone_only_images_per_s": round(backbone_per_s, 1),
+        "backbone_only_before_after": [round(before, 1), round(after, 1)],
         "end_to_end_images_per_s": cold_embed_per_s,
         "end_to_end_direct_images_per_s": round(direct_per_s, 1),
         "naive_images_per_s": round(naive_per_s, 1),

@@ -24,6 +24,14 @@ def needs_real_weights_and_data():
     ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Keep the tests' scan and embedding caches out of the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRANSFERLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=20, size=64)

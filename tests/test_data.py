@@ -85,3 +85,21 @@ def test_leaky_split_is_reported(tmp_path):
         shutil.copy(root / "circles" / "circles_000.jpg", root / "circles" / f"copy_{copy}.jpg")
     assert ImageFolderData(root).summary()["groups_across_splits"] == 0
     assert ImageFolderData(root, dedupe_split=False).summary()["groups_across_splits"] == 1
+
+
+def test_scan_cache_skips_unchanged_files_and_rereads_edited_ones(tmp_path, monkeypatch):
+    import transferlab.data
+
+    root = make_image_folder(tmp_path / "d", per_class=4, size=32)
+    first = ImageFolderData(root, cache_dir=tmp_path / "cache").scan
+    edited = root / "circles" / "circles_000.jpg"
+    Image.new("RGB", (40, 30), "green").save(edited, format="JPEG")
+    read = []
+    original = transferlab.data.read_info
+    monkeypatch.setattr(transferlab.data, "read_info", lambda path, **kw: read.append(path) or
+                        original(path, **kw))
+    second = ImageFolderData(root, cache_dir=tmp_path / "cache").scan
+    assert read == [edited]
+    assert [im.sha256 for im in second.images if im.path != edited] == [
+        im.sha256 for im in first.images if im.path != edited]
+    assert next(im for im in second.images if im.path == edited).width == 40

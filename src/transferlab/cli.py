@@ -106,11 +106,11 @@ def train(data: Path = typer.Argument(..., help="Folder with one sub-folder per 
           test: float = typer.Option(0.15, help="Test fraction."),
           seed: int = typer.Option(0, help="Seed of the split and of the classifier."),
           dedupe_split: bool = typer.Option(True, help="Keep duplicate images within one split."),
-          batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 64]."),
+          batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 32]."),
           workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
           precision: Optional[str] = typer.Option(None, help="auto, bf16 or 32 [default: auto]."),
-          cache_dir: Optional[Path] = typer.Option(None, help="Embedding cache folder "
-                                                   "[default: ~/.cache/transferlab/embeddings]."),
+          cache_dir: Optional[Path] = typer.Option(None, help="Cache folder for embeddings and scans "
+                                                   "[default: ~/.cache/transferlab]."),
           no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache.")):
     """Train a classifier on DATA and write a run directory."""
     _setup_logging()
@@ -122,7 +122,8 @@ def train(data: Path = typer.Argument(..., help="Folder with one sub-folder per 
                      cache_dir=str(cache_dir) if cache_dir else None)
     if no_cache:
         options["cache_dir"] = None
-    dataset = ImageFolderData(data, val=val, test=test, seed=seed, dedupe_split=dedupe_split)
+    dataset = ImageFolderData(data, val=val, test=test, seed=seed, dedupe_split=dedupe_split,
+                              cache_dir=options.get("cache_dir", "default"))
     run = train_run(dataset, strategy=strategy, out=out_dir, seed=seed, **options)
     print_run(run)
 

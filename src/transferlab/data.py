@@ -15,6 +15,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .cache import ScanCache, default_cache_dir
 from .errors import ConfigError, DataError
 from .images import DEFAULT_MAX_PIXELS, ImageInfo, UnreadableImage, read_info
 
@@ -54,8 +55,10 @@ class Duplicates:
 
 
 def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
-                max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> Scan:
-    """Find the class folders under `root` (flat, or under train/ val/ test/) and read every file."""
+                max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                cache_dir: str | os.PathLike | None = None) -> Scan:
+    """Find the class folders under `root` (flat, or under train/ val/ test/) and read every file;
+    with `cache_dir`, files unchanged since the last scan are not read again."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder; give a folder with one sub-folder per class")
@@ -83,7 +86,13 @@ def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
         raise DataError(f"{root}: found {len(classes)} class folder(s) with files "
                         f"{classes}; at least two classes are needed, one sub-folder each")
 
+    cache = ScanCache(Path(cache_dir), root) if cache_dir else None
+    known = cache.load() if cache else {}
+
     def read(item):
+        cached = ScanCache.lookup(known, item[0], need_phash=near_duplicates)
+        if cached and cached.width * cached.height <= max_pixels:
+            return cached
         try:
             return read_info(item[0], with_phash=near_duplicates, max_pixels=max_pixels)
         except UnreadableImage as error:
@@ -104,6 +113,8 @@ def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
             scan.presplit.append(split_name)
     if not scan.images:
         raise DataError(f"{root}: no readable images found")
+    if cache:
+        cache.save(scan.images)
     return scan
 
 
@@ -191,11 +202,12 @@ class ImageFolderData:
     """A labelled image folder with a deterministic, duplicate-aware train/val/test split.
 
     Work happens on first use: `scan` reads every file once, `split` deals the images out.
+    `cache_dir` ("default": ~/.cache/transferlab; None: no cache) remembers per-file scan results.
     """
 
     def __init__(self, root: str | os.PathLike, val: float = 0.15, test: float = 0.15, seed: int = 0,
                  near_duplicates: bool = True, dedupe_split: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = "default"):
         for name, value in (("val", val), ("test", test)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name}={value!r}: must be a fraction in [0, 1), such as 0.15")
@@ -206,10 +218,12 @@ class ImageFolderData:
         self.near_duplicates = near_duplicates
         self.dedupe_split = dedupe_split
         self.max_pixels = max_pixels
+        self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
 
     @cached_property
     def scan(self) -> Scan:
-        return scan_folder(self.root, near_duplicates=self.near_duplicates, max_pixels=self.max_pixels)
+        return scan_folder(self.root, near_duplicates=self.near_duplicates, max_pixels=self.max_pixels,
+                           cache_dir=self.cache_dir)
 
     @cached_property
     def duplicates(self) -> Duplicates:

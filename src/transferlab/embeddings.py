@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,13 +31,6 @@ CACHE_FORMAT = 1
 SHARD_SIZE = 1024  # images per shard: how much work a kill can lose
 
 
-def default_cache_dir() -> Path:
-    if os.environ.get("TRANSFERLAB_CACHE"):
-        return Path(os.environ["TRANSFERLAB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "transferlab" / "embeddings"
-
-
 class EmbeddingCache:
     """A folder of safetensors shards mapping content hashes to embedding vectors."""
 
@@ -46,13 +38,13 @@ class EmbeddingCache:
         self.folder = Path(folder)
 
     @classmethod
-    def for_model(cls, root: Path, backbone: torch.nn.Module, pre: Preprocessing,
+    def for_model(cls, cache_dir: Path, backbone: torch.nn.Module, pre: Preprocessing,
                   precision: str) -> "EmbeddingCache":
         identity = {"format": CACHE_FORMAT, "architecture": type(backbone).__name__,
                     "weights": weights_fingerprint(backbone), "preprocessing": pre.to_dict(),
                     "precision": precision}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-        return cls(Path(root) / key)
+        return cls(Path(cache_dir) / "embeddings" / key)
 
     def load(self) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
@@ -88,7 +80,7 @@ class EmbeddingStats:
 
 
 def embed_files(backbone: torch.nn.Module, paths: Sequence[Path], hashes: Sequence[str],
-                pre: Preprocessing, *, cache_dir: Path | None = None, batch_size: int = 64,
+                pre: Preprocessing, *, cache_dir: Path | None = None, batch_size: int = 32,
                 workers: int | None = None, precision: str = "auto", show_progress: bool = True,
                 ) -> tuple[np.ndarray, EmbeddingStats]:
     """(len(paths), num_features) float32 embeddings; files already in the cache are not decoded."""

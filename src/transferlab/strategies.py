@@ -22,7 +22,8 @@ from .atomic import write_json
 from .backbones import DEFAULT_BACKBONE, count_parameters, create_backbone, resolve_name
 from .bundle import ClassifierNet, save_model
 from .data import SPLITS, ImageFolderData
-from .embeddings import default_cache_dir, embed_files
+from .cache import default_cache_dir
+from .embeddings import embed_files
 from .errors import ConfigError, DataError
 from .heads import head_from_sklearn
 from .metrics import classification_metrics
@@ -45,7 +46,7 @@ class TrainConfig:
     weights: str = "imagenet"
     classifier: str = "logistic"
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = 32
     workers: int | None = None
     precision: str = "auto"
     cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
@@ -84,7 +85,7 @@ def train(data: ImageFolderData | str | os.PathLike, strategy: str = "extract",
     config = TrainConfig(strategy=strategy, backbone=backbone, **options)
     config.validate()
     if not isinstance(data, ImageFolderData):
-        data = ImageFolderData(data, seed=config.seed)
+        data = ImageFolderData(data, seed=config.seed, cache_dir=config.cache_dir)
     run_dir = Path(out) if out else default_run_dir(config)
     _check_writable(run_dir)
 
