@@ -43,6 +43,9 @@ class Scan:
     def relative(self, index: int) -> str:
         return self.images[index].path.relative_to(self.root).as_posix()
 
+    def relative_groups(self, groups: list[list[int]]) -> list[list[str]]:
+        return [[self.relative(i) for i in group] for group in groups]
+
 
 @dataclass
 class Duplicates:
@@ -275,8 +278,7 @@ class ImageFolderData:
         for name in SPLITS:
             record[name] = [{"file": scan.relative(i), "label": scan.classes[scan.labels[i]]}
                             for i in self.split[name]]
-        record["duplicate_group_files"] = [[scan.relative(i) for i in g] for g in self.duplicates.exact]
-        record["near_duplicate_group_files"] = [[scan.relative(i) for i in g]
-                                                for g in self.duplicates.near]
+        record["duplicate_group_files"] = scan.relative_groups(self.duplicates.exact)
+        record["near_duplicate_group_files"] = scan.relative_groups(self.duplicates.near)
         record["unreadable"] = [{"file": str(p), "reason": r} for p, r in scan.unreadable]
         return record

@@ -27,9 +27,9 @@ def describe(data: ImageFolderData) -> dict:
                        "min_height": int(heights.min()), "max_height": int(heights.max()),
                        "median": f"{int(np.median(widths))}x{int(np.median(heights))}"},
         "duplicate_groups": len(duplicates.exact), "near_duplicate_groups": len(duplicates.near),
-        "duplicate_group_files": [[scan.relative(i) for i in g] for g in duplicates.exact],
-        "near_duplicate_group_files": [[scan.relative(i) for i in g] for g in duplicates.near],
-        "label_conflicts": [[scan.relative(i) for i in g] for g in conflicts],
+        "duplicate_group_files": scan.relative_groups(duplicates.exact),
+        "near_duplicate_group_files": scan.relative_groups(duplicates.near),
+        "label_conflicts": scan.relative_groups(conflicts),
         "unreadable": [{"file": str(p), "reason": r} for p, r in scan.unreadable],
         "ignored": len(scan.ignored),
     }
