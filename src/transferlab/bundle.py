@@ -44,7 +44,8 @@ class ClassifierNet(nn.Module):
 
 
 def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes: list[str],
-               head: HeadSpec, preprocessing: Preprocessing, training: dict | None = None) -> Path:
+               head: HeadSpec, preprocessing: Preprocessing, cut_layer: int | None = None,
+               training: dict | None = None) -> Path:
     """Write the bundle into `folder`, replacing any bundle there only once the new one is complete."""
     from safetensors.torch import save_file
 
@@ -55,7 +56,7 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE))
         config = {"format_version": FORMAT_VERSION, "transferlab_version": __version__,
-                  "backbone": backbone, "cut_layer": None, "head": head.to_dict(),
+                  "backbone": backbone, "cut_layer": cut_layer, "head": head.to_dict(),
                   "classes": list(classes), "preprocessing": preprocessing.to_dict(),
                   "training": training or {}, "weights_sha256": sha256_of(staging / WEIGHTS_FILE)}
         write_json(staging / CONFIG_FILE, config)
@@ -97,8 +98,9 @@ def read_config(folder: str | Path) -> dict:
 
 def load_network(folder: str | Path) -> tuple[ClassifierNet, dict]:
     """The network with its weights, after checking the weights' hash; no network access."""
-    import timm
     from safetensors.torch import load_file
+
+    from .backbones import create_backbone
 
     folder = Path(folder)
     config = read_config(folder)
@@ -109,7 +111,7 @@ def load_network(folder: str | Path) -> tuple[ClassifierNet, dict]:
         raise BundleError(f"{weights}: sha256 does not match config.json; the weights were altered "
                           "or truncated, re-save or re-train the model")
     try:
-        backbone = timm.create_model(config["backbone"], pretrained=False, num_classes=0)
+        backbone = create_backbone(config["backbone"], "none", config.get("cut_layer"))
         net = ClassifierNet(backbone, build_head(HeadSpec.from_dict(config["head"])))
         net.load_state_dict(load_file(str(weights)))
     except Exception as error:

@@ -92,40 +92,97 @@ def _counts(counter: dict) -> str:
 
 
 @app.command()
-def train(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
-          strategy: str = typer.Option("extract", help="Training strategy: extract."),
-          backbone: Optional[str] = typer.Option(None, help="timm model name or alias "
-                                                 "[default: efficientnet_lite0]."),
+def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-folder per class "
+                                                "(not needed with --resume)."),
+          strategy: str = typer.Option("extract", help="extract, head, finetune or scratch."),
+          backbone: Optional[str] = typer.Option(None, help="timm model name, alias or simple-cnn "
+                                                 "[default: efficientnet_lite0; scratch: simple-cnn]."),
           weights: Optional[str] = typer.Option(None, help="imagenet, none, or a weights file "
-                                                "[default: imagenet]."),
-          classifier: Optional[str] = typer.Option(None, help="extract: logistic or mlp "
-                                                   "[default: logistic]."),
+                                                "[default: imagenet; scratch: none]."),
           out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory "
                                                  "[default: runs/STRATEGY-BACKBONE-TIME]."),
+          resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this "
+                                                "directory from its last checkpoint."),
           val: float = typer.Option(0.15, help="Validation fraction."),
           test: float = typer.Option(0.15, help="Test fraction."),
-          seed: int = typer.Option(0, help="Seed of the split and of the classifier."),
+          seed: Optional[int] = typer.Option(None, help="Seed of the split, initialisation and "
+                                             "shuffling [default: 0]."),
           dedupe_split: bool = typer.Option(True, help="Keep duplicate images within one split."),
+          classifier: Optional[str] = typer.Option(None, help="extract: logistic or mlp "
+                                                   "[default: logistic]."),
+          epochs: Optional[int] = typer.Option(None, help="Training epochs [default: head 5, "
+                                               "finetune 3, scratch 10]."),
+          optimizer: Optional[str] = typer.Option(None, help="sgd, adam, adamw or rmsprop "
+                                                  "[default: finetune sgd, else adam]."),
+          lr: Optional[float] = typer.Option(None, help="Learning rate of the head [default: "
+                                             "finetune 1e-3, else 1e-4]."),
+          momentum: Optional[float] = typer.Option(None, help="SGD momentum [default: 0.9]."),
+          weight_decay: Optional[float] = typer.Option(None, help="Weight decay [default: 0]."),
+          schedule: Optional[str] = typer.Option(None, help="constant, cosine or onecycle "
+                                                 "[default: constant]."),
+          grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this."),
+          augment: Optional[str] = typer.Option(None, help="none, light, standard or strong "
+                                                "[default: finetune light, else standard]."),
+          class_weights: Optional[str] = typer.Option(None, help="balanced: weight the loss by "
+                                                      "inverse class frequency."),
+          early_stopping: Optional[int] = typer.Option(None, help="Stop after this many epochs "
+                                                       "without a lower val loss."),
+          cut_layer: Optional[str] = typer.Option(None, help="Cut the backbone at this feature stage "
+                                                  "(index or name; see `transferlab summary`)."),
+          head_dim: Optional[int] = typer.Option(None, help="Width of the head's hidden Dense layer "
+                                                 "[default: 256]."),
+          dropout: Optional[float] = typer.Option(None, help="Dropout of the head [default: 0.5]."),
+          head_pool: Optional[str] = typer.Option(None, help="avg or flatten, for a cut backbone "
+                                                  "[default: avg]."),
+          unfreeze: Optional[str] = typer.Option(None, help="finetune: top blocks to train, or all "
+                                                 "[default: all]."),
+          unfreeze_from: Optional[str] = typer.Option(None, help="finetune: train every block from "
+                                                      "this layer up (such as blocks.5)."),
+          warmup_epochs: Optional[int] = typer.Option(None, help="finetune: head-only epochs first "
+                                                      "[default: 1]."),
+          backbone_lr_scale: Optional[float] = typer.Option(None, help="finetune: backbone learning "
+                                                            "rate relative to the head's [default: 0.1]."),
           batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 32]."),
           workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-          precision: Optional[str] = typer.Option(None, help="auto, bf16 or 32 [default: auto]."),
+          precision: Optional[str] = typer.Option(None, help="auto, bf16 (bf16-mixed) or 32 "
+                                                  "[default: auto: bf16 where the CPU has it]."),
+          accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto [default: cpu]."),
+          devices: Optional[int] = typer.Option(None, help="Devices (processes) per node [default: 1]."),
+          num_nodes: Optional[int] = typer.Option(None, help="Machines [default: 1]."),
+          distributed: Optional[str] = typer.Option(None, "--distributed", "--strategy-dist",
+                                                    help="Lightning's distribution strategy, such "
+                                                    "as ddp [default: auto]."),
           cache_dir: Optional[Path] = typer.Option(None, help="Cache folder for embeddings and scans "
                                                    "[default: ~/.cache/transferlab]."),
-          no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache.")):
+          no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Train a classifier on DATA and write a run directory."""
     _setup_logging()
     from .data import ImageFolderData
+    from .errors import ConfigError
     from .strategies import train as train_run
 
-    options = _given(backbone=backbone, weights=weights, classifier=classifier, batch_size=batch_size,
-                     workers=workers, precision=precision,
-                     cache_dir=str(cache_dir) if cache_dir else None)
+    options = _given(classifier=classifier, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
+                     weight_decay=weight_decay, schedule=schedule, grad_clip=grad_clip, augment=augment,
+                     class_weights=class_weights, early_stopping=early_stopping, cut_layer=cut_layer,
+                     head_dim=head_dim, dropout=dropout, head_pool=head_pool, unfreeze=unfreeze,
+                     unfreeze_from=unfreeze_from, warmup_epochs=warmup_epochs,
+                     backbone_lr_scale=backbone_lr_scale, batch_size=batch_size, workers=workers,
+                     precision=precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                     distributed=distributed, cache_dir=str(cache_dir) if cache_dir else None)
     if no_cache:
         options["cache_dir"] = None
-    dataset = ImageFolderData(data, val=val, test=test, seed=seed, dedupe_split=dedupe_split,
-                              cache_dir=options.get("cache_dir", "default"))
-    run = train_run(dataset, strategy=strategy, out=out_dir, seed=seed, **options)
-    print_run(run)
+    if resume is not None:
+        run = train_run(resume=resume, show_progress=not quiet, **options)
+    else:
+        if data is None:
+            raise ConfigError("give DATA, the folder of labelled images, or --resume RUN_DIR")
+        dataset = ImageFolderData(data, val=val, test=test, seed=seed or 0, dedupe_split=dedupe_split,
+                                  cache_dir=options.get("cache_dir", "default"))
+        run = train_run(dataset, strategy=strategy, out=out_dir, show_progress=not quiet,
+                        **_given(backbone=backbone, weights=weights, seed=seed), **options)
+    if run is not None:  # None on the helper processes of a distributed run
+        print_run(run)
 
 
 def print_run(run) -> None:
@@ -141,10 +198,15 @@ def print_run(run) -> None:
                       f"{result['macro_f1']:.4f}")
     out.print(table)
     timing = metrics["timing"]
-    speed = (f"{timing['embed_images_per_s']:.0f} images/s" if timing.get("embed_images_per_s")
-             else "all from cache")
-    out.print(f"embedded {timing['embedded']} images ({speed}), {timing['cached']} from cache; "
-              f"total {timing['total_s']:.1f} s")
+    if "embedded" in timing:
+        speed = (f"{timing['embed_images_per_s']:.0f} images/s" if timing.get("embed_images_per_s")
+                 else "all from cache")
+        out.print(f"embedded {timing['embedded']} images ({speed}), {timing['cached']} from cache; "
+                  f"total {timing['total_s']:.1f} s")
+    else:
+        speed = timing.get("train_images_per_s") or 0
+        out.print(f"trained {metrics['epochs_run']} epochs (best: epoch {metrics['best_epoch']}) at "
+                  f"{speed:.0f} images/s; total {timing['total_s']:.1f} s")
     out.print(f"run directory: [bold]{escape(str(run.dir))}[/]  (model: {escape(str(run.model_dir))})")
 
 
@@ -194,6 +256,37 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
                   highlight=False)
     if bad:
         raise typer.Exit(1)
+
+
+@app.command()
+def summary(target: str = typer.Argument(..., help="A model bundle folder or a backbone name."),
+            strategy: str = typer.Option("finetune", help="For a backbone: the strategy whose "
+                                         "trainable parameters to count."),
+            classes: int = typer.Option(2, help="For a backbone: number of classes."),
+            cut_layer: Optional[str] = typer.Option(None, help="For a backbone: cut it here."),
+            unfreeze: Optional[str] = typer.Option(None, help="For finetune: top blocks to train."),
+            depth: int = typer.Option(2, help="Levels of nested layers to show."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """Layers, output shapes and total / trainable / non-trainable parameters."""
+    from .summary import summarize
+
+    result = summarize(target, depth=depth, strategy=strategy, num_classes=classes,
+                       **_given(cut_layer=cut_layer, unfreeze=unfreeze))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    table = Table(title=escape(result.title))
+    for column in ("layer", "type", "output shape", "parameters"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for row in result.rows:
+        table.add_row(escape(row["name"]), row["type"], escape(str(row["output_shape"])),
+                      f"{row['parameters']:,}")
+    out.print(table)
+    out.print(f"total parameters: {result.total:,}\ntrainable parameters: {result.trainable:,}\n"
+              f"non-trainable parameters: {result.non_trainable:,}")
+    if result.stages:
+        out.print("cut layers (--cut-layer): " + ", ".join(
+            f"{s['index']}={s['module']} ({s['channels']} ch, /{s['stride']})" for s in result.stages))
 
 
 @app.command()

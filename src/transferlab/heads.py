@@ -11,12 +11,15 @@ from torch import nn
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """Enough to rebuild a head before loading its weights: Linear layers with ReLU between them."""
+    """Enough to rebuild a head before loading its weights: optional pooling of a feature map ("avg" or
+    "flatten"; "" when the backbone already gives vectors), then Linear layers with ReLU (and dropout)
+    between them."""
 
     in_features: int
     num_classes: int
     hidden: tuple[int, ...] = ()
     dropout: float = 0.0
+    pool: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -24,11 +27,18 @@ class HeadSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "HeadSpec":
         return cls(int(data["in_features"]), int(data["num_classes"]), tuple(data.get("hidden", ())),
-                   float(data.get("dropout", 0.0)))
+                   float(data.get("dropout", 0.0)), str(data.get("pool", "")))
+
+
+POOLS = ("avg", "flatten")
 
 
 def build_head(spec: HeadSpec) -> nn.Sequential:
     layers: list[nn.Module] = []
+    if spec.pool == "avg":
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    elif spec.pool == "flatten":
+        layers.append(nn.Flatten())
     width = spec.in_features
     for hidden in spec.hidden:
         layers += [nn.Linear(width, hidden), nn.ReLU()]

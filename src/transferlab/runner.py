@@ -47,15 +47,18 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+PRECISIONS = {"auto": "auto", "bf16": "bf16", "bf16-mixed": "bf16", "32": "32", "32-true": "32"}
+
+
 def resolve_precision(precision: str) -> str:
-    """'auto' -> 'bf16' where the hardware supports it, else '32'."""
-    if precision == "auto":
-        return "bf16" if cpu_has_native_bf16() else "32"
-    if precision not in ("bf16", "32"):
+    """'auto' -> 'bf16' where the hardware supports it, else '32'; Lightning's names are accepted."""
+    if precision not in PRECISIONS:
         from .errors import ConfigError
 
-        raise ConfigError(f"precision={precision!r}: use 'auto', 'bf16' or '32'")
-    return precision
+        raise ConfigError(f"precision={precision!r}: use auto, bf16 (or bf16-mixed) or 32")
+    if PRECISIONS[precision] == "auto":
+        return "bf16" if cpu_has_native_bf16() else "32"
+    return PRECISIONS[precision]
 
 
 def default_workers() -> int:

@@ -1,65 +1,126 @@
-"""Training strategies as small recipes over data, backbones, embeddings, heads and bundles.
+"""train(): every strategy through one entry point, one configuration and one run directory.
 
-`extract`: a frozen backbone embeds every image once (cached), a scikit-learn classifier is fitted on
-the embeddings and transplanted into a torch head, and backbone + head are saved as one network.
+`extract` (extract.py) fits a classifier on cached embeddings; `head`, `finetune` and `scratch`
+(recipes.py) train a network with Lightning. All of them end the same way: a bundle, val/test metrics
+computed from the saved bundle's predictions, and metrics.json.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import __version__
 from .atomic import write_json
-from .backbones import DEFAULT_BACKBONE, count_parameters, create_backbone, resolve_name
-from .bundle import ClassifierNet, save_model
-from .data import SPLITS, ImageFolderData
+from .backbones import DEFAULT_BACKBONE, CutBackbone, count_parameters, resolve_name
+from .bundle import Predictor, save_model
 from .cache import default_cache_dir
-from .embeddings import embed_files
+from .data import ImageFolderData
 from .errors import ConfigError, DataError
-from .heads import head_from_sklearn
-from .metrics import classification_metrics
+from .extract import CLASSIFIERS, evaluate_probabilities, fit_extract
+from .heads import POOLS
+from .module import OPTIMIZERS, SCHEDULES
+from .recipes import RECIPES, train_network
 from .runner import resolve_precision
-from .transforms import Preprocessing
+from .transforms import AUGMENTATIONS
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("extract",)
-CLASSIFIERS = ("logistic", "mlp")
-PARITY_IMAGES = 64  # images re-embedded in fp32 to check that bf16 changes no prediction
+STRATEGIES = ("extract", *RECIPES)
+PARITY_IMAGES = 64  # validation images predicted in fp32 too, to check that bf16 changes nothing
+RUN_DIR_ENV = "TRANSFERLAB_RUN_DIR"  # lets the processes of a distributed run share one directory
+RESUMABLE_OPTIONS = {"epochs", "workers", "early_stopping", "devices", "num_nodes", "accelerator",
+                     "distributed"}
 
 
 @dataclass
 class TrainConfig:
-    """Everything that decides a run; written to run.json."""
+    """Everything that decides a run; written, resolved, to run.json. None means the strategy's
+    default (see recipes.RECIPES)."""
 
     strategy: str = "extract"
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    classifier: str = "logistic"
+    backbone: str | None = None
+    weights: str | None = None
     seed: int = 0
     batch_size: int = 32
     workers: int | None = None
     precision: str = "auto"
     cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
+    # extract
+    classifier: str = "logistic"
+    # head, finetune, scratch
+    epochs: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str | None = None
+    grad_clip: float | None = None
+    augment: str | None = None
+    class_weights: str | None = None
+    early_stopping: int | None = None
+    cut_layer: str | None = None
+    head_dim: int = 256
+    dropout: float = 0.5
+    head_pool: str = "avg"
+    unfreeze: str = "all"
+    unfreeze_from: str | None = None
+    warmup_epochs: int = 1
+    backbone_lr_scale: float = 0.1
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    distributed: str = "auto"
 
-    def validate(self) -> None:
+    def resolved(self) -> "TrainConfig":
+        """The strategy's defaults filled in and the input checked, naming any bad value."""
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy={self.strategy!r}: available strategies are "
                               f"{', '.join(STRATEGIES)}")
-        if self.classifier not in CLASSIFIERS:
-            raise ConfigError(f"classifier={self.classifier!r}: use one of {', '.join(CLASSIFIERS)}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size}: must be at least 1")
-        resolve_precision(self.precision)
+        config = replace(self, precision=resolve_precision(self.precision))
+        recipe = RECIPES.get(self.strategy)
+        if recipe is None:
+            config = replace(config, backbone=config.backbone or DEFAULT_BACKBONE,
+                             weights=config.weights or "imagenet")
+        else:
+            defaults = {"backbone": recipe.backbone or DEFAULT_BACKBONE, "weights": recipe.weights,
+                        "epochs": recipe.epochs, "optimizer": recipe.optimizer, "lr": recipe.lr,
+                        "schedule": recipe.schedule, "augment": recipe.augment}
+            config = replace(config, **{name: value for name, value in defaults.items()
+                                        if getattr(config, name) is None})
+        config._check()
+        return config
+
+    def _check(self) -> None:
+        choices = {"classifier": CLASSIFIERS, "optimizer": OPTIMIZERS + (None,),
+                   "schedule": SCHEDULES + (None,), "augment": AUGMENTATIONS + (None,),
+                   "head_pool": POOLS, "class_weights": ("balanced", None)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                listed = ", ".join(str(a) for a in allowed if a is not None)
+                raise ConfigError(f"{name}={getattr(self, name)!r}: use one of {listed}")
+        for name in ("batch_size", "epochs", "head_dim", "devices", "num_nodes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value}: must be at least 1")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr={self.lr}: the learning rate must be positive, such as 1e-3")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout}: must be in [0, 1)")
+        if self.strategy == "scratch" and self.weights != "none":
+            raise ConfigError(f"weights={self.weights!r}: scratch trains from random weights; drop "
+                              "--weights or use --strategy finetune")
+        if self.unfreeze != "all" and not str(self.unfreeze).isdigit():
+            raise ConfigError(f"unfreeze={self.unfreeze!r}: a number of top blocks, or 'all'")
         resolve_name(self.backbone)
 
 
@@ -78,129 +139,131 @@ def default_run_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.strategy}-{config.backbone.replace('/', '_')}-{stamp}"
 
 
-def train(data: ImageFolderData | str | os.PathLike, strategy: str = "extract",
-          backbone: str = DEFAULT_BACKBONE, *, out: str | os.PathLike | None = None,
-          show_progress: bool = True, **options) -> Run:
-    """Train `strategy` on `data` and write a run directory (model/, metrics.json, split.json)."""
-    config = TrainConfig(strategy=strategy, backbone=backbone, **options)
-    config.validate()
+def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str = "extract",
+          backbone: str | None = None, *, out: str | os.PathLike | None = None,
+          resume: str | os.PathLike | None = None, show_progress: bool = True, **options) -> Run | None:
+    """Train `strategy` on `data` and write a run directory (model/, metrics.json, split.json, ...).
+
+    `resume` continues the run in that directory from its last checkpoint, with its configuration
+    and split; only `epochs` and how it runs (workers, devices, ...) may change. In a distributed
+    run, processes other than the main one return None.
+    """
+    if resume is not None:
+        data, config, run_dir = _resume(Path(resume), options)
+    else:
+        config = TrainConfig(strategy=strategy, backbone=backbone, **options).resolved()
+        run_dir = Path(out or os.environ.get(RUN_DIR_ENV) or default_run_dir(config))
     if not isinstance(data, ImageFolderData):
+        if data is None:
+            raise ConfigError("data: give the folder of labelled images to train on")
         data = ImageFolderData(data, seed=config.seed, cache_dir=config.cache_dir)
-    run_dir = Path(out) if out else default_run_dir(config)
     _check_writable(run_dir)
 
     started = time.perf_counter()
     data.split  # scan, find duplicates and split now, so their cost is timed on its own
     scan_s = time.perf_counter() - started
     _log_data(data)
-    write_json(run_dir / "split.json", data.split_record())
-    write_json(run_dir / "run.json", {"config": asdict(config), "data": str(data.root),
+    if resume is None:
+        write_json(run_dir / "split.json", data.split_record())
+    write_json(run_dir / "run.json", {"config": asdict(config), "data": _data_options(data),
                                       "command": sys.argv, "transferlab_version": __version__})
-
-    metrics = _extract(data, config, run_dir, show_progress)
-    metrics["timing"].update(scan_s=round(scan_s, 3),
-                             total_s=round(time.perf_counter() - started, 3))
+    if config.strategy == "extract":
+        result = fit_extract(data, config, show_progress)
+    else:
+        os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+        try:
+            result = train_network(data, config, run_dir, show_progress)
+        finally:
+            os.environ.pop(RUN_DIR_ENV, None)
+        if result is None:
+            return None
+    metrics = _finish(data, config, run_dir, result)
+    metrics["timing"].update(scan_s=round(scan_s, 3), total_s=round(time.perf_counter() - started, 3))
     write_json(run_dir / "metrics.json", metrics)
     return Run(run_dir, metrics)
 
 
-def _extract(data: ImageFolderData, config: TrainConfig, run_dir: Path, show_progress: bool) -> dict:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    torch.manual_seed(config.seed)
-    precision = resolve_precision(config.precision)
-    backbone = create_backbone(config.backbone, config.weights).eval()
-    pre = Preprocessing.from_model(backbone)
-    order = [i for name in SPLITS for i in data.split[name]]
-    images = [data.scan.images[i] for i in order]
-    embeddings, stats = embed_files(
-        backbone, [im.path for im in images], [im.sha256 for im in images], pre,
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-        batch_size=config.batch_size, workers=config.workers, precision=precision,
-        show_progress=show_progress)
-    features, labels, start = {}, {}, 0
-    for name in SPLITS:
-        count = len(data.split[name])
-        features[name] = embeddings[start:start + count]
-        labels[name] = np.array(data.labels(name), dtype=np.int64)
-        start += count
-    if len(set(labels["train"].tolist())) < 2:
-        raise DataError(f"{data.root}: the training split holds only one class; add images")
-
-    fit_started = time.perf_counter()
-    if config.classifier == "mlp":
-        classifier = MLPClassifier(hidden_layer_sizes=(250, 100), random_state=config.seed, max_iter=300)
-    else:
-        classifier = LogisticRegression(max_iter=3000)
-    estimator = make_pipeline(StandardScaler(), classifier).fit(features["train"], labels["train"])
-    fit_s = time.perf_counter() - fit_started
-    spec, head = head_from_sklearn(estimator, num_classes=len(data.classes))
-    net = ClassifierNet(backbone, head.eval())
-
-    def head_proba(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return head(torch.as_tensor(x, dtype=torch.float32)).softmax(1).numpy()
-
-    transplant_error = float(np.abs(head_proba(features["train"]) -
-                                    estimator.predict_proba(features["train"])).max())
-    if transplant_error > 1e-4:
-        raise RuntimeError(f"torch head differs from the fitted classifier by {transplant_error:.2e}")
-
-    results = {name: classification_metrics(labels[name], head_proba(features[name]), data.classes)
-               for name in ("val", "test")}
-    parity = _precision_parity(backbone, head_proba, data, features, pre, config, precision)
-
-    total, trainable = count_parameters(net), count_parameters(head)
+def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, result: dict) -> dict:
+    """Evaluate on val and test (through the Predictor that serves the bundle, unless extract already
+    has the probabilities), save the bundle and assemble metrics.json."""
+    net, pre = result["net"], result["preprocessing"]
+    predictor = Predictor(net, {"classes": data.classes, "preprocessing": pre.to_dict()})
+    probabilities = result.get("probabilities") or {
+        name: predictor.predict_proba(data.files(name), batch_size=config.batch_size,
+                                      precision=config.precision)[0] for name in ("val", "test")}
+    results = evaluate_probabilities(data, probabilities)
+    extra = result["extra"]
+    extra.setdefault("precision", {}).update(_precision_parity(predictor, data, probabilities["val"],
+                                                               config))
+    short = {name: {k: results[name].get(k) for k in ("accuracy", "loss", "macro_f1")}
+             for name in results}
+    total = count_parameters(net)
+    params = {"total": total, "trainable": result["trainable"], "non_trainable": total - result["trainable"]}
     save_model(net, run_dir / "model", backbone=resolve_name(config.backbone), classes=data.classes,
-               head=spec, preprocessing=pre,
-               training={"strategy": "extract", "classifier": config.classifier,
-                         "weights": config.weights, "val": _short(results["val"]),
-                         "test": _short(results["test"])})
-    return {
-        "strategy": "extract", "backbone": config.backbone, "weights": config.weights,
-        "classifier": config.classifier, "classes": data.classes, "split": data.summary(),
-        "val": results["val"], "test": results["test"],
-        "timing": {"embed_s": round(stats.seconds, 3), "embed_images_per_s":
-                   round(stats.images_per_s, 1) if stats.images_per_s else None,
-                   "embedded": stats.embedded, "cached": stats.cached, "train_s": round(fit_s, 3)},
-        "params": {"total": total, "trainable": trainable, "non_trainable": total - trainable},
-        "precision": {"embedding": precision, **parity, "transplant_max_abs_diff": transplant_error},
-        "preprocessing": pre.to_dict(),
-    }
+               head=result["head"], preprocessing=pre,
+               cut_layer=net.backbone.index if isinstance(net.backbone, CutBackbone) else None,
+               training={"strategy": config.strategy, "weights": config.weights, "params": params,
+                         **short})
+    return {"strategy": config.strategy, "backbone": config.backbone, "weights": config.weights,
+            "classes": data.classes, "split": data.summary(), "val": results["val"],
+            "test": results["test"], "timing": result["timing"],
+            "params": params, "preprocessing": pre.to_dict(), **extra}
 
 
-def _precision_parity(backbone, head_proba, data, features, pre, config, precision) -> dict:
-    """Re-embed a few validation images in fp32 and compare predictions with the bf16 ones."""
-    if precision != "bf16":
+def _precision_parity(predictor, data: ImageFolderData, fast: np.ndarray, config: TrainConfig) -> dict:
+    """Predict a few validation images in fp32 and compare with the bf16 predictions."""
+    if config.precision != "bf16":
         return {}
     count = min(PARITY_IMAGES, len(data.split["val"]))
-    sample = [data.scan.images[i] for i in data.split["val"][:count]]
-    reference, _ = embed_files(backbone, [im.path for im in sample], [im.sha256 for im in sample],
-                               pre, cache_dir=None, batch_size=config.batch_size, workers=0,
-                               precision="32", show_progress=False)
-    fast, exact = head_proba(features["val"][:count]), head_proba(reference)
-    agreement = float((fast.argmax(1) == exact.argmax(1)).mean()) if count else 1.0
+    if not count:
+        return {}
+    exact, _ = predictor.predict_proba(data.files("val")[:count], batch_size=config.batch_size,
+                                       precision="32")
+    agreement = float((fast[:count].argmax(1) == exact.argmax(1)).mean())
     if agreement < 0.98:
         log.warning("bf16 and fp32 predictions agree on only %.1f%% of %d validation images; "
                     "consider --precision 32", 100 * agreement, count)
     return {"parity_images": count, "parity_top1_agreement": agreement,
-            "parity_max_abs_prob_diff": float(np.abs(fast - exact).max()) if count else 0.0}
+            "parity_max_abs_prob_diff": float(np.abs(fast[:count] - exact).max())}
 
 
-def _short(result: dict) -> dict:
-    return {k: result.get(k) for k in ("accuracy", "loss", "macro_f1")}
+def _data_options(data: ImageFolderData) -> dict:
+    return {"root": str(data.root.resolve()), "val": data.val, "test": data.test, "seed": data.seed,
+            "near_duplicates": data.near_duplicates, "dedupe_split": data.dedupe_split,
+            "max_pixels": data.max_pixels}
+
+
+def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig, Path]:
+    path = run_dir / "run.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        stored = {f.name: record["config"][f.name] for f in fields(TrainConfig)
+                  if f.name in record["config"]}
+        data_options = record["data"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{run_dir}: not a resumable run directory (run.json: {error}); give the "
+                          "directory of an interrupted `transferlab train`") from None
+    changed = sorted(k for k, v in options.items() if k not in RESUMABLE_OPTIONS and v != stored.get(k))
+    if changed:
+        raise ConfigError(f"--resume continues a run as it was configured; {', '.join(changed)} cannot "
+                          "change (start a new run instead)")
+    config = replace(TrainConfig(**stored), **options).resolved()
+    root = data_options.pop("root")
+    data = ImageFolderData(root, **data_options, cache_dir=config.cache_dir)
+    recorded = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+    for name in ("train", "val", "test"):
+        if [item["file"] for item in recorded[name]] != [data.scan.relative(i) for i in data.split[name]]:
+            raise DataError(f"{root}: the images changed since {run_dir} started ({name} split differs "
+                            "from split.json); start a new run")
+    return data, config, run_dir
 
 
 def _check_writable(run_dir: Path) -> None:
     """Fail before any work if the run directory cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
     except OSError as error:
         raise ConfigError(f"{run_dir}: cannot write the run directory ({error.strerror}); "
                           "choose another --out") from None

@@ -63,3 +63,43 @@ def normalize(batch: torch.Tensor, pre: Preprocessing, channels_last: bool = Tru
     std = torch.tensor(pre.std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     mean = torch.tensor(pre.mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     return torch.addcmul(-mean / std, batch.float(), 1.0 / (255.0 * std))
+
+
+AUGMENTATIONS = ("none", "light", "standard", "strong")
+# Keras's ImageDataGenerator recipe. Its shear_range=0.2 was radians when the recipe was written
+# (Keras 1) and is degrees today, which makes it invisible; we keep the original ~11.5 degrees.
+STANDARD_SHEAR_DEGREES = math.degrees(0.2)
+
+
+def train_transform(pre: Preprocessing, preset: str = "standard"):
+    """PIL image -> augmented uint8 CHW tensor of the model's input size, for training only.
+
+    none: the evaluation transform; light: random crop (80-100% of the area) and horizontal flip;
+    standard: rotation 40 degrees, shifts 0.2, shear 0.2 rad, zoom 0.2, horizontal flip (Keras's
+    classic recipe), filled with the mean colour so filled pixels normalise to zero;
+    strong: random crop (35-100%), flip and RandAugment (2 operations, magnitude 9).
+    """
+    from torchvision.transforms import v2
+
+    if preset not in AUGMENTATIONS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"augment={preset!r}: use one of {', '.join(AUGMENTATIONS)}")
+    if preset == "none":
+        return eval_transform(pre)
+    size = list(pre.input_size[1:])
+    interpolation = v2.InterpolationMode(pre.interpolation)
+    fill = tuple(round(255 * m) for m in pre.mean)
+    if preset == "light":
+        steps = [v2.RandomResizedCrop(size, scale=(0.8, 1.0), interpolation=interpolation),
+                 v2.RandomHorizontalFlip()]
+    elif preset == "standard":
+        steps = [v2.Resize(pre.resize_size, interpolation=interpolation), v2.CenterCrop(size),
+                 v2.RandomAffine(degrees=40, translate=(0.2, 0.2), scale=(0.8, 1.2),
+                                 shear=STANDARD_SHEAR_DEGREES, interpolation=v2.InterpolationMode.BILINEAR,
+                                 fill=fill),
+                 v2.RandomHorizontalFlip()]
+    else:
+        steps = [v2.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=interpolation),
+                 v2.RandomHorizontalFlip(), v2.RandAugment(num_ops=2, magnitude=9, fill=fill)]
+    return v2.Compose([*steps, v2.PILToTensor()])

@@ -1,0 +1,84 @@
+"""The `extract` recipe: a frozen backbone embeds every image once (cached), a scikit-learn classifier
+is fitted on the embeddings and transplanted into a torch head, so the saved model is one network."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import create_backbone
+from .bundle import ClassifierNet
+from .data import SPLITS, ImageFolderData
+from .embeddings import embed_files
+from .errors import DataError
+from .heads import head_from_sklearn
+from .metrics import classification_metrics
+from .runner import resolve_precision
+from .transforms import Preprocessing
+
+CLASSIFIERS = ("logistic", "mlp")
+
+
+def fit_extract(data: ImageFolderData, config, show_progress: bool) -> dict:
+    """Everything the run needs: the network, its head spec and preprocessing, val/test results and
+    the timing of embedding and fitting."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    torch.manual_seed(config.seed)
+    precision = resolve_precision(config.precision)
+    backbone = create_backbone(config.backbone, config.weights).eval()
+    pre = Preprocessing.from_model(backbone)
+    order = [i for name in SPLITS for i in data.split[name]]
+    images = [data.scan.images[i] for i in order]
+    embeddings, stats = embed_files(
+        backbone, [im.path for im in images], [im.sha256 for im in images], pre,
+        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+        batch_size=config.batch_size, workers=config.workers, precision=precision,
+        show_progress=show_progress)
+    features, labels, start = {}, {}, 0
+    for name in SPLITS:
+        count = len(data.split[name])
+        features[name] = embeddings[start:start + count]
+        labels[name] = np.array(data.labels(name), dtype=np.int64)
+        start += count
+    if len(set(labels["train"].tolist())) < 2:
+        raise DataError(f"{data.root}: the training split holds only one class; add images")
+
+    fit_started = time.perf_counter()
+    if config.classifier == "mlp":
+        classifier = MLPClassifier(hidden_layer_sizes=(250, 100), random_state=config.seed, max_iter=300)
+    else:
+        classifier = LogisticRegression(max_iter=3000)
+    estimator = make_pipeline(StandardScaler(), classifier).fit(features["train"], labels["train"])
+    fit_s = time.perf_counter() - fit_started
+    spec, head = head_from_sklearn(estimator, num_classes=len(data.classes))
+
+    def head_proba(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return head(torch.as_tensor(x, dtype=torch.float32)).softmax(1).numpy()
+
+    transplant_error = float(np.abs(head_proba(features["train"]) -
+                                    estimator.predict_proba(features["train"])).max())
+    if transplant_error > 1e-4:
+        raise RuntimeError(f"torch head differs from the fitted classifier by {transplant_error:.2e}")
+    return {
+        "net": ClassifierNet(backbone, head.eval()), "head": spec, "preprocessing": pre,
+        "probabilities": {name: head_proba(features[name]) for name in ("val", "test")},
+        "trainable": sum(p.numel() for p in head.parameters()),
+        "timing": {"embed_s": round(stats.seconds, 3), "embed_images_per_s":
+                   round(stats.images_per_s, 1) if stats.images_per_s else None,
+                   "embedded": stats.embedded, "cached": stats.cached, "train_s": round(fit_s, 3)},
+        "extra": {"classifier": config.classifier, "precision": {
+            "embedding": precision, "transplant_max_abs_diff": transplant_error}},
+    }
+
+
+def evaluate_probabilities(data: ImageFolderData, probabilities: dict) -> dict:
+    return {name: classification_metrics(np.array(data.labels(name)), probabilities[name], data.classes)
+            for name in probabilities}
