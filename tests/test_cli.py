@@ -57,3 +57,21 @@ def test_train_command_writes_a_run(image_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert "run directory" in result.output
+
+
+def test_train_head_then_summary_of_the_bundle_and_of_a_backbone(image_folder, tmp_path):
+    result = runner.invoke(app, ["train", str(image_folder), "--strategy", "head", "--backbone",
+                                 "test_efficientnet", "--weights", "none", "--epochs", "1",
+                                 "--out", str(tmp_path / "run"), "--no-cache", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "trained 1 epochs" in result.output and (tmp_path / "run" / "history.csv").is_file()
+    bundle = runner.invoke(app, ["summary", str(tmp_path / "run" / "model"), "--json"])
+    assert bundle.exit_code == 0, bundle.output
+    report = json.loads(bundle.output)
+    assert report["trainable"] == 256 * 256 + 256 + 2 * 256 + 2
+    assert report["total"] == report["trainable"] + report["non_trainable"]
+    assert any(row["name"] == "head" and row["output_shape"] == [1, 2] for row in report["layers"])
+    table = runner.invoke(app, ["summary", "simple-cnn", "--strategy", "scratch"])
+    assert table.exit_code == 0, table.output
+    assert "[1, 64, 32, 32]" in table.output and "trainable parameters: 150,466" in table.output
+    assert "non-trainable parameters: 0" in table.output

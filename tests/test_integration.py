@@ -69,3 +69,12 @@ def test_shared_set_duplicate_groups():
     assert len(data.duplicates.exact) == 87
     for group in data.duplicates.near:
         assert len({name for name, idx in data.split.items() for i in group if i in idx}) == 1
+
+
+def test_finetune_real_weights_for_one_epoch(small_face_mask, tmp_path):
+    """The whole backbone trains (no warm-up) for one epoch on ~200 training photos."""
+    run = train(small_face_mask, strategy="finetune", out=tmp_path / "finetune", epochs=1,
+                warmup_epochs=0, show_progress=False, cache_dir=None)
+    assert run.metrics["epochs_run"] == 1 and run.metrics["params"]["trainable"] > 3_000_000
+    assert run.metrics["test"]["accuracy"] >= 0.93
+    assert run.metrics["precision"].get("parity_top1_agreement", 1.0) >= 0.98
