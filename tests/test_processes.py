@@ -47,7 +47,7 @@ def test_killed_train_resumes_to_a_complete_run(bright_and_dark, tmp_path):
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "last.ckpt").is_file() and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)  # kill somewhere in the middle of training
+    time.sleep(0.1)  # kill in the middle of a later epoch
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"

@@ -160,3 +160,33 @@ def test_bad_training_options_are_named(image_folder, tmp_path, options, message
     with pytest.raises(ConfigError, match=message):
         train(image_folder, out=tmp_path / "x", **options)
     assert not (tmp_path / "x").exists()
+
+
+def test_cosine_schedule_lowers_the_rate_each_epoch(image_folder, tmp_path):
+    run = train(image_folder, strategy="head", out=tmp_path / "cosine", epochs=3, schedule="cosine",
+                optimizer="adamw", weight_decay=0.01, grad_clip=1.0, **FAST)
+    rates = [float(row["lr"]) for row in history(run.dir)]
+    assert rates[0] > rates[1] > rates[2]
+
+
+def test_balanced_class_weights(tmp_path):
+    from transferlab.recipes import _class_weights
+    from transferlab.synthetic import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", per_class=10, size=32)
+    for path in sorted((root / "squares").iterdir())[:6]:
+        path.unlink()
+    data = ImageFolderData(root, cache_dir=None)
+    counts = [data.labels("train").count(i) for i in range(2)]
+    expected = [sum(counts) / (2 * count) for count in counts]
+    assert torch.allclose(_class_weights(data), torch.tensor(expected))
+
+
+def test_same_seed_same_weights(image_folder, tmp_path):
+    runs = [train(image_folder, strategy="head", out=tmp_path / str(i), epochs=1, seed=3,
+                  precision="32", **FAST) for i in range(2)]
+    from safetensors.torch import load_file
+
+    first, second = (load_file(str(run.model_dir / "model.safetensors")) for run in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert runs[0].metrics["test"] == runs[1].metrics["test"]

@@ -146,7 +146,7 @@ def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-
           workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
           precision: Optional[str] = typer.Option(None, help="auto, bf16 (bf16-mixed) or 32 "
                                                   "[default: auto: bf16 where the CPU has it]."),
-          accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto [default: cpu]."),
+          accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto [default: auto: a GPU when there is one]."),
           devices: Optional[int] = typer.Option(None, help="Devices (processes) per node [default: 1]."),
           num_nodes: Optional[int] = typer.Option(None, help="Machines [default: 1]."),
           distributed: Optional[str] = typer.Option(None, "--distributed", "--strategy-dist",

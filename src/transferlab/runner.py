@@ -50,14 +50,15 @@ def cpu_has_native_bf16() -> bool:
 PRECISIONS = {"auto": "auto", "bf16": "bf16", "bf16-mixed": "bf16", "32": "32", "32-true": "32"}
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, on_gpu: bool = False) -> str:
     """'auto' -> 'bf16' where the hardware supports it, else '32'; Lightning's names are accepted."""
     if precision not in PRECISIONS:
         from .errors import ConfigError
 
         raise ConfigError(f"precision={precision!r}: use auto, bf16 (or bf16-mixed) or 32")
     if PRECISIONS[precision] == "auto":
-        return "bf16" if cpu_has_native_bf16() else "32"
+        supported = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()
+        return "bf16" if supported else "32"
     return PRECISIONS[precision]
 
 

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__
 from .atomic import write_json
@@ -76,7 +77,7 @@ class TrainConfig:
     unfreeze_from: str | None = None
     warmup_epochs: int = 1
     backbone_lr_scale: float = 0.1
-    accelerator: str = "cpu"
+    accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
     distributed: str = "auto"
@@ -86,7 +87,9 @@ class TrainConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy={self.strategy!r}: available strategies are "
                               f"{', '.join(STRATEGIES)}")
-        config = replace(self, precision=resolve_precision(self.precision))
+        on_gpu = self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        config = replace(self, precision=resolve_precision(self.precision, on_gpu and
+                                                           self.strategy != "extract"))
         recipe = RECIPES.get(self.strategy)
         if recipe is None:
             config = replace(config, backbone=config.backbone or DEFAULT_BACKBONE,
