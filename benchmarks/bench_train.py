@@ -9,7 +9,7 @@
 3. fastai (only when it is installed, as in benchmarks/README.md's environment): vision_learner +
    fine_tune on the same split with the same EfficientNet-Lite0 weights; time to 99% val accuracy.
 
-    python benchmarks/bench_train.py [--data DIR] [--out DIR] [--skip accuracy,throughput,fastai]
+    python benchmarks/bench_train.py [--data DIR] [--out DIR] [--reuse] [--skip accuracy,throughput,fastai]
 """
 
 from __future__ import annotations
@@ -39,21 +39,21 @@ def seconds_to_target(history: Path) -> tuple[float | None, int | None]:
     return None, None
 
 
-def accuracy(data, out: Path, strategies: list[str]) -> dict:
+def accuracy(data, out: Path, strategies: list[str], reuse: bool) -> dict:
     from transferlab import train
 
     results = {}
     for strategy in strategies:
-        started = time.perf_counter()
-        run = train(data, strategy=strategy, out=out / strategy, show_progress=False,
-                    cache_dir=None if strategy == "extract" else str(out / "cache"))
-        metrics = run.metrics
+        run_dir = out / strategy
+        if not (reuse and (run_dir / "metrics.json").is_file()):
+            train(data, strategy=strategy, out=run_dir, show_progress=False, cache_dir=None)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
         result = {"test_accuracy": metrics["test"]["accuracy"], "val_accuracy": metrics["val"]["accuracy"],
                   "test_confusion": metrics["test"]["confusion_matrix"],
-                  "wall_s": round(time.perf_counter() - started, 1), "params": metrics["params"],
+                  "total_s": metrics["timing"]["total_s"], "params": metrics["params"],
                   "timing": metrics["timing"]}
         if strategy != "extract":
-            seconds, epoch = seconds_to_target(run.dir / "history.csv")
+            seconds, epoch = seconds_to_target(run_dir / "history.csv")
             result.update(epochs=metrics["epochs_run"], best_epoch=metrics["best_epoch"],
                           seconds_to_val_99=seconds, epoch_reaching_val_99=epoch)
         results[strategy] = result
@@ -161,14 +161,14 @@ def fastai_fine_tune(data, out: Path, epochs: int = 2) -> dict:
 
     from transferlab.backbones import create_backbone
 
-    items = [(str(p), data.classes[y]) for split in ("train", "val")
-             for p, y in zip(data.files(split), data.labels(split))]
-    valid = list(range(len(data.split["train"]), len(items)))
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=lambda item: item[0],
-                      get_y=lambda item: item[1], splitter=IndexSplitter(valid),
+    paths = [str(p) for split in ("train", "val") for p in data.files(split)]
+    labels = [data.classes[y] for split in ("train", "val") for y in data.labels(split)]
+    valid = list(range(len(data.split["train"]), len(paths)))
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=lambda i: paths[i],
+                      get_y=lambda i: labels[i], splitter=IndexSplitter(valid),
                       item_tfms=Resize(224), batch_tfms=[*aug_transforms(),
                                                          Normalize.from_stats([0.5] * 3, [0.5] * 3)])
-    dls = block.dataloaders(items, bs=32, num_workers=0, path=out)
+    dls = block.dataloaders(list(range(len(paths))), bs=32, num_workers=0, path=out)
 
     class Clock(Callback):
         """Wall time from the start of fine_tune (both of its fits) to each epoch's end."""
@@ -190,7 +190,8 @@ def fastai_fine_tune(data, out: Path, epochs: int = 2) -> dict:
     body = learn.model[0].model  # timm's model inside fastai's TimmBody
     body.load_state_dict(create_backbone("efficientnet_lite0").state_dict())
     started = time.perf_counter()
-    learn.fine_tune(epochs)
+    with learn.no_bar(), learn.no_logging():  # stdout carries this script's JSON
+        learn.fine_tune(epochs)
     wall = time.perf_counter() - started
     test_dl = dls.test_dl([str(p) for p in data.files("test")])
     predictions, _ = learn.get_preds(dl=test_dl)
@@ -207,6 +208,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/transferlab-bench-train"))
     parser.add_argument("--strategies", default="extract,head,finetune,scratch")
     parser.add_argument("--skip", default="", help="comma-separated: accuracy, throughput, fastai")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read runs already completed in --out instead of training them again")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
@@ -217,12 +220,16 @@ def main() -> None:
     report = {"data": str(args.data), "split": data.summary(),
               "machine": {"cpu": platform.processor() or platform.machine(),
                           "cores": torch.get_num_threads(), "torch": torch.__version__}}
-    if "accuracy" not in skip:
-        report["accuracy"] = accuracy(data, args.out, args.strategies.split(","))
-    if "throughput" not in skip:
-        report["throughput"] = throughput(data, args.steps, skip=2, rounds=args.rounds)
-    if "fastai" not in skip:
-        report["fastai"] = fastai_fine_tune(data, args.out / "fastai")
+    sections = {"accuracy": lambda: accuracy(data, args.out, args.strategies.split(","), args.reuse),
+                "throughput": lambda: throughput(data, args.steps, skip=2, rounds=args.rounds),
+                "fastai": lambda: fastai_fine_tune(data, args.out / "fastai")}
+    for name, measure in sections.items():
+        if name in skip:
+            continue
+        try:
+            report[name] = measure()
+        except Exception as error:  # one failing section must not lose the others' numbers
+            report[name] = {"error": f"{type(error).__name__}: {error}"}
     print(json.dumps(report, indent=2))
 
 
