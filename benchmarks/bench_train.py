@@ -178,6 +178,8 @@ def fastai_fine_tune(data, out: Path, epochs: int = 2) -> dict:
             self.started = self.started or time.perf_counter()
 
         def after_epoch(self):
+            if not self.learn.recorder.values:  # get_preds runs epochs that record nothing
+                return
             accuracy_now = float(self.learn.recorder.values[-1][2])
             elapsed = round(time.perf_counter() - self.started, 1)
             history.append({"val_acc": accuracy_now, "elapsed_s": elapsed})
@@ -193,6 +195,7 @@ def fastai_fine_tune(data, out: Path, epochs: int = 2) -> dict:
     with learn.no_bar(), learn.no_logging():  # stdout carries this script's JSON
         learn.fine_tune(epochs)
     wall = time.perf_counter() - started
+    learn.remove_cb(clock)
     test_dl = dls.test_dl([str(p) for p in data.files("test")])
     predictions, _ = learn.get_preds(dl=test_dl)
     predicted = [dls.vocab[i] for i in predictions.argmax(1).tolist()]
