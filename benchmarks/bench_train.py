@@ -197,7 +197,8 @@ def fastai_fine_tune(data, out: Path, epochs: int = 2) -> dict:
     wall = time.perf_counter() - started
     learn.remove_cb(clock)
     test_dl = dls.test_dl([str(p) for p in data.files("test")])
-    predictions, _ = learn.get_preds(dl=test_dl)
+    with learn.no_bar():
+        predictions, _ = learn.get_preds(dl=test_dl)
     predicted = [dls.vocab[i] for i in predictions.argmax(1).tolist()]
     truth = [data.classes[y] for y in data.labels("test")]
     return {"recipe": f"vision_learner + fine_tune({epochs}), bs 32, Resize(224), aug_transforms",
