@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import create_backbone
+from .backbones import count_parameters, create_backbone
 from .bundle import ClassifierNet
 from .data import SPLITS, ImageFolderData
 from .embeddings import embed_files
@@ -70,7 +70,7 @@ def fit_extract(data: ImageFolderData, config, show_progress: bool) -> dict:
     return {
         "net": ClassifierNet(backbone, head.eval()), "head": spec, "preprocessing": pre,
         "probabilities": {name: head_proba(features[name]) for name in ("val", "test")},
-        "trainable": sum(p.numel() for p in head.parameters()),
+        "trainable": count_parameters(head),
         "timing": {"embed_s": round(stats.seconds, 3), "embed_images_per_s":
                    round(stats.images_per_s, 1) if stats.images_per_s else None,
                    "embedded": stats.embedded, "cached": stats.cached, "train_s": round(fit_s, 3)},

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backbones import feature_stages
+from .backbones import count_parameters, feature_stages
 
 
 @dataclass
 class Summary:
     title: str
-    rows: list[dict]  # name, type, output shape, parameters, trainable parameters
+    rows: list[dict]  # name, type, output_shape, parameters
     total: int
     trainable: int
     stages: list[dict]  # where --cut-layer can cut
@@ -60,6 +60,4 @@ def summarize(target: str, depth: int = 2, strategy: str = "finetune", num_class
             for name, kind, shape, count in zip(summary.layer_names, summary.layer_types,
                                                 summary.out_sizes, summary.param_nums)
             if name.startswith("net.")]
-    total = sum(p.numel() for p in net.parameters())
-    stages = feature_stages(net.backbone)
-    return Summary(title, rows, total, trainable, stages)
+    return Summary(title, rows, count_parameters(net), trainable, feature_stages(net.backbone))

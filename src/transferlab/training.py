@@ -70,8 +70,8 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
     checkpoint = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", save_last=True,
                                  monitor="val_loss" if has_val else None, mode="min", save_top_k=1,
                                  enable_version_counter=False)
-    history = History(run_dir / "history.csv")
-    behaviours: list[L.Callback] = [checkpoint, history, _Throughput(), *callbacks]
+    timer = _Throughput()
+    behaviours: list[L.Callback] = [checkpoint, History(run_dir / "history.csv"), timer, *callbacks]
     if early_stopping and has_val:
         behaviours.append(EarlyStopping(monitor="val_loss", mode="min", patience=early_stopping))
     if show_progress:
@@ -94,7 +94,6 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
         best_epoch = int(state["epoch"])
-    timer = next(c for c in behaviours if isinstance(c, _Throughput))
     images = len(datamodule.data.split["train"]) * timer.epochs
     return FitResult(epochs=trainer.current_epoch, best_epoch=best_epoch, train_s=timer.seconds,
                      train_images_per_s=images / timer.seconds if timer.seconds else None,
