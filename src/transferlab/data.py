@@ -270,6 +270,12 @@ class ImageFolderData:
                        presplit=self.scan.presplit is not None)
         return summary
 
+    def options(self) -> dict:
+        """The constructor's arguments (cache aside): ImageFolderData(**options) splits the same way."""
+        return {"root": str(self.root.resolve()), "val": self.val, "test": self.test, "seed": self.seed,
+                "near_duplicates": self.near_duplicates, "dedupe_split": self.dedupe_split,
+                "max_pixels": self.max_pixels}
+
     def split_record(self) -> dict:
         """What split.json holds: the exact file lists and the duplicate groups, relative to root."""
         scan = self.scan

@@ -168,7 +168,7 @@ def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str
     _log_data(data)
     if resume is None:
         write_json(run_dir / "split.json", data.split_record())
-    write_json(run_dir / "run.json", {"config": asdict(config), "data": _data_options(data),
+    write_json(run_dir / "run.json", {"config": asdict(config), "data": data.options(),
                                       "command": sys.argv, "transferlab_version": __version__})
     if config.strategy == "extract":
         result = fit_extract(data, config, show_progress)
@@ -230,12 +230,6 @@ def _precision_parity(predictor, data: ImageFolderData, fast: np.ndarray, config
             "parity_max_abs_prob_diff": float(np.abs(fast[:count] - exact).max())}
 
 
-def _data_options(data: ImageFolderData) -> dict:
-    return {"root": str(data.root.resolve()), "val": data.val, "test": data.test, "seed": data.seed,
-            "near_duplicates": data.near_duplicates, "dedupe_split": data.dedupe_split,
-            "max_pixels": data.max_pixels}
-
-
 def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig, Path]:
     path = run_dir / "run.json"
     try:
@@ -251,12 +245,11 @@ def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig,
         raise ConfigError(f"--resume continues a run as it was configured; {', '.join(changed)} cannot "
                           "change (start a new run instead)")
     config = replace(TrainConfig(**stored), **options).resolved()
-    root = data_options.pop("root")
-    data = ImageFolderData(root, **data_options, cache_dir=config.cache_dir)
+    data = ImageFolderData(**data_options, cache_dir=config.cache_dir)
     recorded = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
     for name in ("train", "val", "test"):
         if [item["file"] for item in recorded[name]] != [data.scan.relative(i) for i in data.split[name]]:
-            raise DataError(f"{root}: the images changed since {run_dir} started ({name} split differs "
+            raise DataError(f"{data.root}: the images changed since {run_dir} started ({name} split differs "
                             "from split.json); start a new run")
     return data, config, run_dir
 
