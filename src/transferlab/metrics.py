@@ -1,15 +1,21 @@
-"""Classification metrics in the shape of metrics.json (design §4), computed with scikit-learn."""
+"""Classification metrics in the shape of metrics.json (design §4): scikit-learn for the scores,
+torchmetrics for calibration, scipy for the bootstrap interval."""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, log_loss,
-                             precision_recall_fscore_support)
+                             precision_recall_fscore_support, roc_auc_score)
+
+CALIBRATION_BINS = 15  # the usual choice for expected calibration error (Guo et al., 2017)
+BOOTSTRAP_RESAMPLES = 2000
 
 
-def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
-    """accuracy, loss, macro F1, per-class precision/recall/F1/support and the confusion matrix
-    (rows: true class, columns: predicted class, in `classes` order)."""
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str],
+                           seed: int = 0) -> dict:
+    """accuracy (with a 95% bootstrap interval), loss, macro F1, per-class precision/recall/F1/support,
+    the confusion matrix (rows: true class, columns: predicted class, in `classes` order), ROC-AUC
+    and expected calibration error."""
     y_true = np.asarray(y_true)
     if len(y_true) == 0:
         return {"accuracy": None, "loss": None, "size": 0}
@@ -19,11 +25,48 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
         y_true, predicted, labels=labels, zero_division=0)
     return {
         "accuracy": float(accuracy_score(y_true, predicted)),
+        "accuracy_ci95": accuracy_interval(y_true == predicted, seed),
         "loss": float(log_loss(y_true, np.clip(proba, 1e-7, 1.0), labels=labels)),
         "macro_f1": float(f1_score(y_true, predicted, labels=labels, average="macro", zero_division=0)),
+        "roc_auc": roc_auc(y_true, proba),
+        "ece": expected_calibration_error(y_true, proba),
         "size": int(len(y_true)),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
                              "f1": float(f1[i]), "support": int(support[i])}
                       for i, name in enumerate(classes)},
         "confusion_matrix": confusion_matrix(y_true, predicted, labels=labels).tolist(),
     }
+
+
+def accuracy_interval(correct: np.ndarray, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of the accuracy (percentile, not BCa, because BCa is
+    undefined when every prediction is right, which happens on easy test sets)."""
+    from scipy.stats import bootstrap
+
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.min() == correct.max():
+        return [float(correct[0]), float(correct[0])]
+    result = bootstrap((correct,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=0.95,
+                       method="percentile", rng=seed)
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
+def roc_auc(y_true: np.ndarray, proba: np.ndarray) -> float | None:
+    """Two classes: ROC-AUC of the second class's probability. More: macro one-vs-rest AUC. None
+    when a class is missing from y_true, where AUC is undefined."""
+    num_classes = proba.shape[1]
+    if len(np.unique(y_true)) < num_classes:
+        return None
+    if num_classes == 2:
+        return float(roc_auc_score(y_true, proba[:, 1]))
+    return float(roc_auc_score(y_true, proba, multi_class="ovr", labels=list(range(num_classes))))
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Top-label ECE: |accuracy - confidence| averaged over equal-width confidence bins."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return float(multiclass_calibration_error(
+        torch.as_tensor(proba, dtype=torch.float32), torch.as_tensor(y_true, dtype=torch.long),
+        num_classes=proba.shape[1], n_bins=CALIBRATION_BINS, norm="l1"))
