@@ -64,7 +64,7 @@ def test_unreadable_and_hidden_files_are_skipped(tmp_path, caplog):
 
 def test_bad_folders_and_fractions_are_clear_errors(tmp_path):
     make_image_folder(tmp_path / "one", classes=("circles",), per_class=3, size=32)
-    with pytest.raises(DataError, match="at least two classes"):
+    with pytest.raises(DataError, match="at least 2 classes"):
         ImageFolderData(tmp_path / "one").scan
     with pytest.raises(DataError, match="not a folder"):
         ImageFolderData(tmp_path / "missing").scan

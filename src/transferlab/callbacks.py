@@ -11,8 +11,8 @@ import lightning as L
 from torch import nn
 
 from .atomic import write_text
+from .runfiles import HISTORY_COLUMNS
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
 class UnfreezeSchedule(L.Callback):

@@ -59,9 +59,10 @@ class Duplicates:
 
 def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                cache_dir: str | os.PathLike | None = None) -> Scan:
+                cache_dir: str | os.PathLike | None = None, min_classes: int = 2) -> Scan:
     """Find the class folders under `root` (flat, or under train/ val/ test/) and read every file;
-    with `cache_dir`, files unchanged since the last scan are not read again."""
+    with `cache_dir`, files unchanged since the last scan are not read again. Training needs two
+    classes; evaluating a model on one class's folder needs one (`min_classes`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder; give a folder with one sub-folder per class")
@@ -85,9 +86,9 @@ def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
         ignored.extend(p for p in folder.iterdir() if p.is_file())
 
     classes = sorted({name for _, name, _ in candidates})
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DataError(f"{root}: found {len(classes)} class folder(s) with files "
-                        f"{classes}; at least two classes are needed, one sub-folder each")
+                        f"{classes}; at least {min_classes} classes are needed, one sub-folder each")
 
     cache = ScanCache(Path(cache_dir), root) if cache_dir else None
     known = cache.load() if cache else {}
@@ -210,7 +211,8 @@ class ImageFolderData:
 
     def __init__(self, root: str | os.PathLike, val: float = 0.15, test: float = 0.15, seed: int = 0,
                  near_duplicates: bool = True, dedupe_split: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = "default"):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = "default",
+                 min_classes: int = 2):
         for name, value in (("val", val), ("test", test)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name}={value!r}: must be a fraction in [0, 1), such as 0.15")
@@ -221,12 +223,13 @@ class ImageFolderData:
         self.near_duplicates = near_duplicates
         self.dedupe_split = dedupe_split
         self.max_pixels = max_pixels
+        self.min_classes = min_classes
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
 
     @cached_property
     def scan(self) -> Scan:
         return scan_folder(self.root, near_duplicates=self.near_duplicates, max_pixels=self.max_pixels,
-                           cache_dir=self.cache_dir)
+                           cache_dir=self.cache_dir, min_classes=self.min_classes)
 
     @cached_property
     def duplicates(self) -> Duplicates:
@@ -274,7 +277,7 @@ class ImageFolderData:
         """The constructor's arguments (cache aside): ImageFolderData(**options) splits the same way."""
         return {"root": str(self.root.resolve()), "val": self.val, "test": self.test, "seed": self.seed,
                 "near_duplicates": self.near_duplicates, "dedupe_split": self.dedupe_split,
-                "max_pixels": self.max_pixels}
+                "max_pixels": self.max_pixels, "min_classes": self.min_classes}
 
     def split_record(self) -> dict:
         """What split.json holds: the exact file lists and the duplicate groups, relative to root."""

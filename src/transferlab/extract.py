@@ -74,9 +74,21 @@ def fit_extract(data: ImageFolderData, config, show_progress: bool) -> dict:
         "timing": {"embed_s": round(stats.seconds, 3), "embed_images_per_s":
                    round(stats.images_per_s, 1) if stats.images_per_s else None,
                    "embedded": stats.embedded, "cached": stats.cached, "train_s": round(fit_s, 3)},
-        "extra": {"classifier": config.classifier, "precision": {
+        "extra": {"classifier": config.classifier, "train": _training_fit(estimator, features["train"],
+                                                                           labels["train"]),
+                  "precision": {
             "embedding": precision, "transplant_max_abs_diff": transplant_error}},
     }
+
+
+def _training_fit(estimator, features: np.ndarray, labels: np.ndarray) -> dict:
+    """How well the classifier fits its own training embeddings: with val loss, the overfitting gap."""
+    from sklearn.metrics import log_loss
+
+    proba = estimator.predict_proba(features)
+    return {"loss": float(log_loss(labels, proba, labels=estimator.classes_)),
+            "accuracy": float((estimator.classes_[proba.argmax(1)] == labels).mean()),
+            "measured_on": "training embeddings"}
 
 
 def evaluate_probabilities(data: ImageFolderData, probabilities: dict) -> dict:

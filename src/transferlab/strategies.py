@@ -30,6 +30,9 @@ from .errors import ConfigError, DataError
 from .extract import CLASSIFIERS, evaluate_probabilities, fit_extract
 from .heads import POOLS
 from .module import OPTIMIZERS, SCHEDULES
+from .predictions import FILE as PREDICTIONS_FILE, PredictionTable
+from .runfiles import (HISTORY_FILE, METRICS_FILE, MODEL_DIR, RUN_FILE, SPLIT_FILE, environment,
+                       read_history)
 from .recipes import RECIPES, train_network
 from .runner import resolve_precision
 from .transforms import AUGMENTATIONS
@@ -134,7 +137,7 @@ class Run:
 
     @property
     def model_dir(self) -> Path:
-        return self.dir / "model"
+        return self.dir / MODEL_DIR
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -160,16 +163,17 @@ def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str
         if data is None:
             raise ConfigError("data: give the folder of labelled images to train on")
         data = ImageFolderData(data, seed=config.seed, cache_dir=config.cache_dir)
-    _check_writable(run_dir)
+    check_writable(run_dir)
 
     started = time.perf_counter()
     data.split  # scan, find duplicates and split now, so their cost is timed on its own
     scan_s = time.perf_counter() - started
     _log_data(data)
     if resume is None:
-        write_json(run_dir / "split.json", data.split_record())
-    write_json(run_dir / "run.json", {"config": asdict(config), "data": data.options(),
-                                      "command": sys.argv, "transferlab_version": __version__})
+        write_json(run_dir / SPLIT_FILE, data.split_record())
+    write_json(run_dir / RUN_FILE, {"config": asdict(config), "data": data.options(),
+                                      "command": sys.argv, "transferlab_version": __version__,
+                                      "environment": environment()})
     if config.strategy == "extract":
         result = fit_extract(data, config, show_progress)
     else:
@@ -182,8 +186,20 @@ def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str
             return None
     metrics = _finish(data, config, run_dir, result)
     metrics["timing"].update(scan_s=round(scan_s, 3), total_s=round(time.perf_counter() - started, 3))
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / METRICS_FILE, metrics)
+    _write_report(run_dir)
     return Run(run_dir, metrics)
+
+
+def _write_report(run_dir: Path) -> None:
+    """report.html; the run is complete without it, so a failure here is a warning, not lost work."""
+    from .report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as error:  # noqa: BLE001 - the model and metrics are already safely written
+        log.warning("report.html not written (%s: %s); the run is complete, retry with "
+                    "`transferlab report %s`", type(error).__name__, error, run_dir)
 
 
 def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, result: dict) -> dict:
@@ -195,22 +211,36 @@ def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, result: d
         name: predictor.predict_proba(data.files(name), batch_size=config.batch_size,
                                       precision=config.precision)[0] for name in ("val", "test")}
     results = evaluate_probabilities(data, probabilities)
+    PredictionTable.concat(data.classes, {
+        name: ([data.scan.relative(i) for i in data.split[name]], data.labels(name), probabilities[name])
+        for name in ("val", "test")}).write(run_dir / PREDICTIONS_FILE)
     extra = result["extra"]
+    if "train" not in extra:
+        extra["train"] = _best_epoch_training(run_dir / HISTORY_FILE, extra.get("best_epoch"))
     extra.setdefault("precision", {}).update(_precision_parity(predictor, data, probabilities["val"],
                                                                config))
     short = {name: {k: results[name].get(k) for k in ("accuracy", "loss", "macro_f1")}
              for name in results}
     total = count_parameters(net)
     params = {"total": total, "trainable": result["trainable"], "non_trainable": total - result["trainable"]}
-    save_model(net, run_dir / "model", backbone=resolve_name(config.backbone), classes=data.classes,
+    save_model(net, run_dir / MODEL_DIR, backbone=resolve_name(config.backbone), classes=data.classes,
                head=result["head"], preprocessing=pre,
                cut_layer=net.backbone.index if isinstance(net.backbone, CutBackbone) else None,
                training={"strategy": config.strategy, "weights": config.weights, "params": params,
                          **short})
     return {"strategy": config.strategy, "backbone": config.backbone, "weights": config.weights,
-            "classes": data.classes, "split": data.summary(), "val": results["val"],
+            "classes": data.classes, "data": {"root": str(data.root.resolve())}, "split": data.summary(), "val": results["val"],
             "test": results["test"], "timing": result["timing"],
             "params": params, "preprocessing": pre.to_dict(), **extra}
+
+
+def _best_epoch_training(history: Path, best_epoch: int | None) -> dict:
+    """Training loss and accuracy of the epoch whose weights were kept, as logged during training
+    (averaged over its batches, with augmentation and dropout)."""
+    row = next((r for r in read_history(history) if r["epoch"] == best_epoch), None)
+    if row is None:
+        return {}
+    return {"loss": row["train_loss"], "accuracy": row["train_acc"], "measured_on": "best epoch's batches"}
 
 
 def _precision_parity(predictor, data: ImageFolderData, fast: np.ndarray, config: TrainConfig) -> dict:
@@ -231,7 +261,7 @@ def _precision_parity(predictor, data: ImageFolderData, fast: np.ndarray, config
 
 
 def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig, Path]:
-    path = run_dir / "run.json"
+    path = run_dir / RUN_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         stored = {f.name: record["config"][f.name] for f in fields(TrainConfig)
@@ -246,7 +276,7 @@ def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig,
                           "change (start a new run instead)")
     config = replace(TrainConfig(**stored), **options).resolved()
     data = ImageFolderData(**data_options, cache_dir=config.cache_dir)
-    recorded = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+    recorded = json.loads((run_dir / SPLIT_FILE).read_text(encoding="utf-8"))
     for name in ("train", "val", "test"):
         if [item["file"] for item in recorded[name]] != [data.scan.relative(i) for i in data.split[name]]:
             raise DataError(f"{data.root}: the images changed since {run_dir} started ({name} split differs "
@@ -254,7 +284,7 @@ def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig,
     return data, config, run_dir
 
 
-def _check_writable(run_dir: Path) -> None:
+def check_writable(run_dir: Path) -> None:
     """Fail before any work if the run directory cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

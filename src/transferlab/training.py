@@ -18,6 +18,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .atomic import atomic_path
 from .callbacks import History
+from .runfiles import HISTORY_FILE
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
@@ -71,7 +72,7 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
                                  monitor="val_loss" if has_val else None, mode="min", save_top_k=1,
                                  enable_version_counter=False)
     timer = _Throughput()
-    behaviours: list[L.Callback] = [checkpoint, History(run_dir / "history.csv"), timer, *callbacks]
+    behaviours: list[L.Callback] = [checkpoint, History(run_dir / HISTORY_FILE), timer, *callbacks]
     if early_stopping and has_val:
         behaviours.append(EarlyStopping(monitor="val_loss", mode="min", patience=early_stopping))
     if show_progress:
