@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,6 +19,7 @@ from rich.table import Table
 from .errors import TransferlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # help texts show "[default: ...]" literally
                   help="Train image classifiers by transfer learning from a folder of labelled images.")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # one error, one line
@@ -91,98 +95,178 @@ def _counts(counter: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counter.items(), key=lambda kv: -kv[1]))
 
 
+def _shared_training_options(
+        weights: Optional[str] = typer.Option(None, help="imagenet, none, or a weights file "
+                                              "[default: imagenet; scratch: none]."),
+        val: float = typer.Option(0.15, help="Validation fraction."),
+        test: float = typer.Option(0.15, help="Test fraction."),
+        seed: Optional[int] = typer.Option(None, help="Seed of the split, initialisation and "
+                                           "shuffling [default: 0]."),
+        dedupe_split: bool = typer.Option(True, help="Keep duplicate images within one split "
+                                          "(--no-dedupe-split only to measure how much leakage inflates "
+                                          "test accuracy)."),
+        classifier: Optional[str] = typer.Option(None, help="extract: logistic or mlp "
+                                                 "[default: logistic]."),
+        epochs: Optional[int] = typer.Option(None, help="Training epochs [default: head 5, "
+                                             "finetune 3, scratch 10]."),
+        optimizer: Optional[str] = typer.Option(None, help="sgd, adam, adamw or rmsprop "
+                                                "[default: finetune sgd, else adam]."),
+        lr: Optional[float] = typer.Option(None, help="Learning rate of the head [default: "
+                                           "finetune 1e-3, else 1e-4]."),
+        momentum: Optional[float] = typer.Option(None, help="SGD momentum [default: 0.9]."),
+        weight_decay: Optional[float] = typer.Option(None, help="Weight decay [default: 0]."),
+        schedule: Optional[str] = typer.Option(None, help="constant, cosine or onecycle "
+                                               "[default: constant]."),
+        grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this."),
+        augment: Optional[str] = typer.Option(None, help="none, light, standard or strong "
+                                              "[default: finetune light, else standard]."),
+        class_weights: Optional[str] = typer.Option(None, help="balanced: weight the loss by "
+                                                    "inverse class frequency."),
+        early_stopping: Optional[int] = typer.Option(None, help="Stop after this many epochs "
+                                                     "without a lower val loss."),
+        cut_layer: Optional[str] = typer.Option(None, help="Cut the backbone at this feature stage "
+                                                "(index or name; see `transferlab summary`)."),
+        head_dim: Optional[int] = typer.Option(None, help="Width of the head's hidden Dense layer "
+                                               "[default: 256]."),
+        dropout: Optional[float] = typer.Option(None, help="Dropout of the head [default: 0.5]."),
+        head_pool: Optional[str] = typer.Option(None, help="avg or flatten, for a cut backbone "
+                                                "[default: avg]."),
+        unfreeze: Optional[str] = typer.Option(None, help="finetune: top blocks to train, or all "
+                                               "[default: all]."),
+        unfreeze_from: Optional[str] = typer.Option(None, help="finetune: train every block from "
+                                                    "this layer up (such as blocks.5)."),
+        warmup_epochs: Optional[int] = typer.Option(None, help="finetune: head-only epochs first "
+                                                    "[default: 1]."),
+        backbone_lr_scale: Optional[float] = typer.Option(None, help="finetune: backbone learning "
+                                                          "rate relative to the head's [default: 0.1]."),
+        batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 32]."),
+        workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+        precision: Optional[str] = typer.Option(None, help="auto, bf16 (bf16-mixed) or 32 "
+                                                "[default: auto: bf16 where the CPU has it]."),
+        accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto [default: auto: a "
+                                                  "GPU when there is one]."),
+        devices: Optional[int] = typer.Option(None, help="Devices (processes) per node [default: 1]."),
+        num_nodes: Optional[int] = typer.Option(None, help="Machines [default: 1]."),
+        distributed: Optional[str] = typer.Option(None, "--distributed", "--strategy-dist",
+                                                  help="Lightning's distribution strategy, such "
+                                                  "as ddp [default: auto]."),
+        cache_dir: Optional[Path] = typer.Option(None, help="Cache folder for embeddings and scans "
+                                                 "[default: ~/.cache/transferlab]."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Declarations only: the options `train` and `compare` share, added to both by
+    `_with_training_options` so that they are written once."""
+
+
+def _with_training_options(command):
+    """Add every option of `_shared_training_options` to `command`, which receives them as one
+    dict, `settings`. Typer reads a command's options from its signature, so the wrapper gets the
+    combined one."""
+    shared = inspect.signature(_shared_training_options).parameters
+    hints = {**typing.get_type_hints(_shared_training_options), **typing.get_type_hints(command)}
+    own = [p for name, p in inspect.signature(command).parameters.items() if name != "settings"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        settings = {name: kwargs.pop(name) for name in shared}
+        return command(**kwargs, settings=settings)
+
+    parameters = [p.replace(annotation=hints[p.name]) for p in (*own, *shared.values())]
+    wrapper.__signature__ = inspect.Signature(parameters)
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
+def _split_settings(settings: dict) -> tuple[dict, dict, bool]:
+    """(ImageFolderData's arguments, train()'s options that were given, show progress)."""
+    settings = dict(settings)
+    show_progress = not settings.pop("quiet")
+    no_cache, cache_dir = settings.pop("no_cache"), settings.pop("cache_dir")
+    dataset = {name: settings.pop(name) for name in ("val", "test", "dedupe_split")}
+    options = _given(**settings, cache_dir=str(cache_dir) if cache_dir else None)
+    if no_cache:
+        options["cache_dir"] = None
+    dataset.update(seed=options.get("seed", 0), cache_dir=options.get("cache_dir", "default"))
+    return dataset, options, show_progress
+
+
 @app.command()
+@_with_training_options
 def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-folder per class "
                                                 "(not needed with --resume)."),
           strategy: str = typer.Option("extract", help="extract, head, finetune or scratch."),
           backbone: Optional[str] = typer.Option(None, help="timm model name, alias or simple-cnn "
                                                  "[default: efficientnet_lite0; scratch: simple-cnn]."),
-          weights: Optional[str] = typer.Option(None, help="imagenet, none, or a weights file "
-                                                "[default: imagenet; scratch: none]."),
           out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory "
                                                  "[default: runs/STRATEGY-BACKBONE-TIME]."),
           resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this "
                                                 "directory from its last checkpoint."),
-          val: float = typer.Option(0.15, help="Validation fraction."),
-          test: float = typer.Option(0.15, help="Test fraction."),
-          seed: Optional[int] = typer.Option(None, help="Seed of the split, initialisation and "
-                                             "shuffling [default: 0]."),
-          dedupe_split: bool = typer.Option(True, help="Keep duplicate images within one split."),
-          classifier: Optional[str] = typer.Option(None, help="extract: logistic or mlp "
-                                                   "[default: logistic]."),
-          epochs: Optional[int] = typer.Option(None, help="Training epochs [default: head 5, "
-                                               "finetune 3, scratch 10]."),
-          optimizer: Optional[str] = typer.Option(None, help="sgd, adam, adamw or rmsprop "
-                                                  "[default: finetune sgd, else adam]."),
-          lr: Optional[float] = typer.Option(None, help="Learning rate of the head [default: "
-                                             "finetune 1e-3, else 1e-4]."),
-          momentum: Optional[float] = typer.Option(None, help="SGD momentum [default: 0.9]."),
-          weight_decay: Optional[float] = typer.Option(None, help="Weight decay [default: 0]."),
-          schedule: Optional[str] = typer.Option(None, help="constant, cosine or onecycle "
-                                                 "[default: constant]."),
-          grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this."),
-          augment: Optional[str] = typer.Option(None, help="none, light, standard or strong "
-                                                "[default: finetune light, else standard]."),
-          class_weights: Optional[str] = typer.Option(None, help="balanced: weight the loss by "
-                                                      "inverse class frequency."),
-          early_stopping: Optional[int] = typer.Option(None, help="Stop after this many epochs "
-                                                       "without a lower val loss."),
-          cut_layer: Optional[str] = typer.Option(None, help="Cut the backbone at this feature stage "
-                                                  "(index or name; see `transferlab summary`)."),
-          head_dim: Optional[int] = typer.Option(None, help="Width of the head's hidden Dense layer "
-                                                 "[default: 256]."),
-          dropout: Optional[float] = typer.Option(None, help="Dropout of the head [default: 0.5]."),
-          head_pool: Optional[str] = typer.Option(None, help="avg or flatten, for a cut backbone "
-                                                  "[default: avg]."),
-          unfreeze: Optional[str] = typer.Option(None, help="finetune: top blocks to train, or all "
-                                                 "[default: all]."),
-          unfreeze_from: Optional[str] = typer.Option(None, help="finetune: train every block from "
-                                                      "this layer up (such as blocks.5)."),
-          warmup_epochs: Optional[int] = typer.Option(None, help="finetune: head-only epochs first "
-                                                      "[default: 1]."),
-          backbone_lr_scale: Optional[float] = typer.Option(None, help="finetune: backbone learning "
-                                                            "rate relative to the head's [default: 0.1]."),
-          batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 32]."),
-          workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-          precision: Optional[str] = typer.Option(None, help="auto, bf16 (bf16-mixed) or 32 "
-                                                  "[default: auto: bf16 where the CPU has it]."),
-          accelerator: Optional[str] = typer.Option(None, help="cpu, gpu or auto [default: auto: a GPU when there is one]."),
-          devices: Optional[int] = typer.Option(None, help="Devices (processes) per node [default: 1]."),
-          num_nodes: Optional[int] = typer.Option(None, help="Machines [default: 1]."),
-          distributed: Optional[str] = typer.Option(None, "--distributed", "--strategy-dist",
-                                                    help="Lightning's distribution strategy, such "
-                                                    "as ddp [default: auto]."),
-          cache_dir: Optional[Path] = typer.Option(None, help="Cache folder for embeddings and scans "
-                                                   "[default: ~/.cache/transferlab]."),
-          no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the cache."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
-    """Train a classifier on DATA and write a run directory."""
+          settings: dict = None):
+    """Train a classifier on DATA and write a run directory (model/, metrics.json, report.html, ...)."""
     _setup_logging()
     from .data import ImageFolderData
     from .errors import ConfigError
     from .strategies import train as train_run
 
-    options = _given(classifier=classifier, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
-                     weight_decay=weight_decay, schedule=schedule, grad_clip=grad_clip, augment=augment,
-                     class_weights=class_weights, early_stopping=early_stopping, cut_layer=cut_layer,
-                     head_dim=head_dim, dropout=dropout, head_pool=head_pool, unfreeze=unfreeze,
-                     unfreeze_from=unfreeze_from, warmup_epochs=warmup_epochs,
-                     backbone_lr_scale=backbone_lr_scale, batch_size=batch_size, workers=workers,
-                     precision=precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                     distributed=distributed, cache_dir=str(cache_dir) if cache_dir else None)
-    if no_cache:
-        options["cache_dir"] = None
+    dataset, options, show_progress = _split_settings(settings)
     if resume is not None:
-        run = train_run(resume=resume, show_progress=not quiet, **options)
+        run = train_run(resume=resume, show_progress=show_progress, **options)
     else:
         if data is None:
             raise ConfigError("give DATA, the folder of labelled images, or --resume RUN_DIR")
-        dataset = ImageFolderData(data, val=val, test=test, seed=seed or 0, dedupe_split=dedupe_split,
-                                  cache_dir=options.get("cache_dir", "default"))
-        run = train_run(dataset, strategy=strategy, out=out_dir, show_progress=not quiet,
-                        **_given(backbone=backbone, weights=weights, seed=seed), **options)
+        run = train_run(ImageFolderData(data, **dataset), strategy=strategy, out=out_dir,
+                        show_progress=show_progress, **_given(backbone=backbone), **options)
     if run is not None:  # None on the helper processes of a distributed run
         print_run(run)
+
+
+@app.command()
+@_with_training_options
+def compare(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
+            strategies: str = typer.Option("extract,head,finetune,scratch",
+                                           help="Comma-separated strategies to compare."),
+            backbones: Optional[str] = typer.Option(None, help="Comma-separated backbones "
+                                                    "[default: each strategy's default]."),
+            repeats: int = typer.Option(1, min=1, help="Train each combination with this many seeds "
+                                        "(seed, seed+1, ...) on the same split; report mean ± std."),
+            out_dir: Optional[Path] = typer.Option(None, "--out", help="Comparison folder, one run "
+                                                   "directory per combination [default: "
+                                                   "runs/compare-DATA-TIME]."),
+            settings: dict = None):
+    """Train every strategy × backbone on the same split; write comparison.csv, .md and report.html."""
+    _setup_logging()
+    from .compare import compare as compare_runs
+    from .data import ImageFolderData
+
+    dataset, options, show_progress = _split_settings(settings)
+    comparison = compare_runs(ImageFolderData(data, **dataset), _names(strategies),
+                              _names(backbones) if backbones else [None], repeats=repeats,
+                              out=out_dir, show_progress=show_progress, **options)
+    print_comparison(comparison)
+    if comparison.failed:
+        raise typer.Exit(1)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def print_comparison(comparison) -> None:
+    from .compare import format_row
+
+    rows = [format_row(row) for row in comparison.rows]
+    table = Table(title=f"comparison: {escape(str(comparison.dir))}")
+    columns = ["strategy", "backbone", "epochs", "val accuracy", "test accuracy (95% CI)",
+               "wall time (s)"]  # the rest is in comparison.md; a terminal is narrow
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("strategy", "backbone", "weights", "error")
+                         else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(str(row.get(c, ""))) for c in columns))
+    out.print(table)
+    out.print(f"comparison.csv, comparison.md and report.html in [bold]{escape(str(comparison.dir))}[/]")
+    for run in comparison.failed:
+        err.print(f"[bold red]failed:[/] {escape(run['dir'])}: {escape(run['error'])}", highlight=False)
 
 
 def print_run(run) -> None:
@@ -208,6 +292,70 @@ def print_run(run) -> None:
         out.print(f"trained {metrics['epochs_run']} epochs (best: epoch {metrics['best_epoch']}) at "
                   f"{speed:.0f} images/s; total {timing['total_s']:.1f} s")
     out.print(f"run directory: [bold]{escape(str(run.dir))}[/]  (model: {escape(str(run.model_dir))})")
+
+
+@app.command()
+def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
+             data: Path = typer.Argument(..., help="Labelled folder: one sub-folder per class, named "
+                                         "as the model's classes."),
+             split: str = typer.Option("all", help="all images, or the train, val or test part of "
+                                       "DATA's split (with --seed, --val, --test)."),
+             seed: int = typer.Option(0, help="Seed of DATA's split, for --split."),
+             val: float = typer.Option(0.15, help="Validation fraction, for --split."),
+             test: float = typer.Option(0.15, help="Test fraction, for --split."),
+             out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json, "
+                                                    "predictions.csv and report.html [default: "
+                                                    "runs/evaluate-DATA-TIME]."),
+             batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 32]."),
+             precision: Optional[str] = typer.Option(None, help="auto, bf16 or 32 [default: auto]."),
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")):
+    """Accuracy, loss, F1, per-class scores, confusion matrix, ROC-AUC, calibration and a
+    bootstrap interval of a saved model on a labelled folder."""
+    _setup_logging()
+    from .data import ImageFolderData
+    from .evaluation import EVALUATED, evaluate as evaluate_model
+
+    dataset = ImageFolderData(data, val=val, test=test, seed=seed, min_classes=1 if split == "all" else 2)
+    result = evaluate_model(model, dataset, out=out_dir, split=split, show_progress=not quiet,
+                            **_given(batch_size=batch_size, precision=precision))
+    print_metrics(result.metrics[EVALUATED], result.metrics["classes"],
+                  f"{escape(str(model))} on {escape(str(data))} ({split})")
+    out.print(f"metrics.json, predictions.csv and report.html in [bold]{escape(str(result.dir))}[/]")
+
+
+def print_metrics(metrics: dict, classes: list[str], title: str) -> None:
+    """The evaluation in three tables: headline numbers, per class, confusion matrix."""
+    low, high = metrics["accuracy_ci95"]
+    table = Table(title=title)
+    for column in ("images", "accuracy (95% CI)", "loss", "macro F1", "ROC-AUC", "ECE"):
+        table.add_column(column, justify="right")
+    table.add_row(str(metrics["size"]), f"{metrics['accuracy']:.2%} [{low:.1%}, {high:.1%}]",
+                  f"{metrics['loss']:.4f}", f"{metrics['macro_f1']:.4f}",
+                  "–" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}", f"{metrics['ece']:.4f}")
+    out.print(table)
+    per_class = Table(title="per class")
+    for column in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in metrics["per_class"].items():
+        per_class.add_row(escape(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}",
+                          f"{row['f1']:.3f}", str(row["support"]))
+    out.print(per_class)
+    matrix = Table(title="confusion matrix (rows: true, columns: predicted)")
+    matrix.add_column("")
+    for name in classes:
+        matrix.add_column(escape(name), justify="right")
+    for name, row in zip(classes, metrics["confusion_matrix"]):
+        matrix.add_row(escape(name), *(str(v) for v in row))
+    out.print(matrix)
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="A run, evaluation or comparison folder.")):
+    """(Re)write FOLDER/report.html from the files a run, evaluation or comparison left there."""
+    _setup_logging(verbose=False)
+    from .report import write_report
+
+    out.print(f"wrote [bold]{escape(str(write_report(folder)))}[/]")
 
 
 @app.command()
