@@ -44,3 +44,40 @@ def tiny_run(image_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return train(image_folder, backbone=TINY_BACKBONE, weights="none", out=root / "run",
                  cache_dir=str(root / "cache"), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_head_run(image_folder, tmp_path_factory):
+    """Two epochs of the head strategy: a run with learning curves and checkpoints."""
+    from transferlab import train
+
+    root = tmp_path_factory.mktemp("tiny-head")
+    return train(image_folder, strategy="head", backbone=TINY_BACKBONE, weights="none", epochs=2,
+                 out=root / "run", cache_dir=None, show_progress=False)
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium through Selenium and chromedriver; skipped, saying why, without them
+    (.ci/run installs the packages chromium and chromium-driver)."""
+    if importlib.util.find_spec("selenium") is None:
+        pytest.skip("selenium not installed (pip install -e '.[test]')")
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"Chromium absent ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    # no sandbox as root in CI; no background networking, which this closed network refuses anyway
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-quic"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
