@@ -79,3 +79,20 @@ def test_finetune_real_weights_for_one_epoch(small_face_mask, tmp_path):
     assert run.metrics["epochs_run"] == 1 and run.metrics["params"]["trainable"] > 3_000_000
     assert run.metrics["test"]["accuracy"] >= 0.93
     assert run.metrics["precision"].get("parity_top1_agreement", 1.0) >= 0.98
+
+
+def test_evaluate_reproduces_the_runs_test_metrics_and_reports_real_mistakes(real_run, small_face_mask,
+                                                                              tmp_path):
+    from transferlab.evaluation import evaluate
+
+    result = evaluate(real_run.model_dir, ImageFolderData(small_face_mask, seed=0), split="test",
+                      out=tmp_path / "eval", show_progress=False)
+    own = real_run.metrics["test"]
+    assert result.metrics["test"]["confusion_matrix"] == own["confusion_matrix"]
+    assert result.metrics["test"]["accuracy"] >= 0.95
+    low, high = result.metrics["test"]["accuracy_ci95"]
+    assert low <= result.metrics["test"]["accuracy"] <= high
+    html = (real_run.dir / "report.html").read_text()
+    assert 'id="wrong"' in html and "with_mask" in html
+    mistakes = own["size"] - sum(own["confusion_matrix"][i][i] for i in range(2))
+    assert html.count('class="thumb"') == min(12, mistakes)

@@ -291,7 +291,8 @@ def print_run(run) -> None:
         speed = timing.get("train_images_per_s") or 0
         out.print(f"trained {metrics['epochs_run']} epochs (best: epoch {metrics['best_epoch']}) at "
                   f"{speed:.0f} images/s; total {timing['total_s']:.1f} s")
-    out.print(f"run directory: [bold]{escape(str(run.dir))}[/]  (model: {escape(str(run.model_dir))})")
+    out.print(f"run directory: [bold]{escape(str(run.dir))}[/]  (model: {escape(str(run.model_dir))}, "
+              f"report: {escape(str(run.dir / 'report.html'))})")
 
 
 @app.command()
