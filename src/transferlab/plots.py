@@ -115,13 +115,14 @@ def accuracy_bars(names: list[str], accuracy: list[float], low: list[float | Non
     acc = np.asarray(accuracy, dtype=float)
     below = [a - l if s is None and l is not None else (s or 0.0) for a, l, s in zip(acc, low, std)]
     above = [h - a if s is None and h is not None else (s or 0.0) for a, h, s in zip(acc, high, std)]
-    ax.barh(positions, acc, xerr=[below, above], color="#4c78a8", capsize=3)
-    for y, value in zip(positions, acc):
-        ax.text(value, y, f" {value:.2%}", va="center", ha="left", fontsize=8)
+    ax.barh(positions, acc, xerr=[below, above], color="#4c78a8", ecolor="#1d232b", capsize=3)
+    finite = acc[np.isfinite(acc)]
+    start = max(0.0, (finite.min() if len(finite) else 0.0) - 0.1)
+    for y, value in zip(positions, acc):  # inside the bar's start, clear of the error bars
+        ax.text(start + 0.005, y, f"{value:.2%}", va="center", ha="left", fontsize=8, color="white")
     ax.set_yticks(positions, names)
     ax.invert_yaxis()
-    finite = acc[np.isfinite(acc)]
-    ax.set_xlim(max(0.0, (finite.min() if len(finite) else 0.0) - 0.1), 1.04)
+    ax.set_xlim(start, 1.01)
     ax.set_xlabel("test accuracy")
     ax.spines[["top", "right"]].set_visible(False)
     return figure_uri(fig)
@@ -132,8 +133,13 @@ def accuracy_vs_time(names: list[str], seconds: list[float], accuracy: list[floa
     ax = fig.add_subplot()
     ax.scatter(seconds, accuracy, color="#f58518")
     for name, x, y in zip(names, seconds, accuracy):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 6), fontsize=8, ha="center")
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 100 rather than 10^2; minor ticks unlabelled
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.25, y=0.12)  # room for the labels of the outermost points
     ax.set_xlabel("wall time (s, log scale)")
     ax.set_ylabel("test accuracy")
     ax.spines[["top", "right"]].set_visible(False)

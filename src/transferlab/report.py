@@ -75,7 +75,8 @@ def comparison_context(folder: Path) -> dict:
     record = json.loads((folder / COMPARISON_FILE).read_text(encoding="utf-8"))
     rows = record["rows"]
     done = [r for r in rows if r.get("test_accuracy") is not None]
-    names = [f"{r['strategy']} · {r['backbone']}" for r in done]
+    one_backbone = len({r["backbone"] for r in rows if r["strategy"] != "scratch"}) <= 1
+    names = [r["strategy"] if one_backbone else f"{r['strategy']} · {r['backbone']}" for r in done]
     first = next((folder / run["dir"] for run in record["runs"] if not run.get("error")), None)
     dataset = None
     if first is not None:
