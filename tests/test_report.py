@@ -109,6 +109,9 @@ def test_leaky_split_is_stated_in_the_report(tmp_path):
     html = (leaky.dir / "report.html").read_text()
     assert "Leaky split" in html and "--no-dedupe-split" in html
     assert leaky.metrics["split"]["groups_across_splits"] == 1
+    leak = leaky.metrics["test"]["leakage"]
+    assert leak["images_with_copy_in_train"] >= 1 and f"{leak['images_with_copy_in_train']} test images have a copy" in html
+    assert "leakage" not in kept.metrics["test"]
 
 
 def test_evaluate_on_the_runs_own_test_split_reproduces_its_metrics(tiny_head_run, image_folder, tmp_path):

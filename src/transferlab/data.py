@@ -250,6 +250,13 @@ class ImageFolderData:
         home = {i: name for name, indices in self.split.items() for i in indices}
         return [g for g in self.duplicates.near if len({home[i] for i in g}) > 1]
 
+    def has_copy_in_training(self, split: str) -> list[bool]:
+        """For each image of `split`, whether a duplicate of it is in train: the images whose test
+        result a leaky split inflates."""
+        in_train = set(self.split["train"])
+        copied = {i for group in self.duplicates.near if in_train.intersection(group) for i in group}
+        return [i in copied for i in self.split[split]]
+
     @property
     def classes(self) -> list[str]:
         return self.scan.classes

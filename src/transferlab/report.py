@@ -145,7 +145,8 @@ def _dataset(files: RunFiles, root: Path) -> dict:
         "root": str(root), "classes": classes, "counts": counts,
         "total": {name: sum(values) for name, values in counts.items()},
         "plot": plots.class_counts(classes, counts),
-        "summary": summary, "groups": groups[:GROUPS_SHOWN], "more_groups": max(0, len(groups) - GROUPS_SHOWN),
+        "summary": summary, "leakage": (metrics.get("test") or {}).get("leakage"),
+        "groups": groups[:GROUPS_SHOWN], "more_groups": max(0, len(groups) - GROUPS_SHOWN),
         "unreadable": (split or {}).get("unreadable", []),
         "unreadable_count": summary.get("unreadable", metrics.get("data", {}).get("unreadable", 0)),
     }

@@ -211,6 +211,8 @@ def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, result: d
         name: predictor.predict_proba(data.files(name), batch_size=config.batch_size,
                                       precision=config.precision)[0] for name in ("val", "test")}
     results = evaluate_probabilities(data, probabilities)
+    if data.summary()["groups_across_splits"]:
+        results["test"]["leakage"] = _leakage(data, probabilities["test"])
     PredictionTable.concat(data.classes, {
         name: ([data.scan.relative(i) for i in data.split[name]], data.labels(name), probabilities[name])
         for name in ("val", "test")}).write(run_dir / PREDICTIONS_FILE)
@@ -232,6 +234,19 @@ def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, result: d
             "classes": data.classes, "data": {"root": str(data.root.resolve())}, "split": data.summary(), "val": results["val"],
             "test": results["test"], "timing": result["timing"],
             "params": params, "preprocessing": pre.to_dict(), **extra}
+
+
+def _leakage(data: ImageFolderData, proba: np.ndarray) -> dict:
+    """Test accuracy separately on the images with a copy in training and on the rest: how much a
+    leaky split flatters the model."""
+    copied = np.array(data.has_copy_in_training("test"), dtype=bool)
+    correct = proba.argmax(1) == np.array(data.labels("test"))
+
+    def accuracy(mask: np.ndarray) -> float | None:
+        return float(correct[mask].mean()) if mask.any() else None
+
+    return {"images_with_copy_in_train": int(copied.sum()), "accuracy_on_those": accuracy(copied),
+            "accuracy_on_the_rest": accuracy(~copied)}
 
 
 def _best_epoch_training(history: Path, best_epoch: int | None) -> dict:
