@@ -22,7 +22,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import write_json
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .heads import HeadSpec, build_head
 from .images import sha256_of
 from .runner import TorchEngine, progress_bar, resolve_precision, run_batches
@@ -121,9 +121,21 @@ def load_network(folder: str | Path) -> tuple[ClassifierNet, dict]:
     return net.eval(), config
 
 
-def load_model(folder: str | Path) -> "Predictor":
-    net, config = load_network(folder)
-    return Predictor(net, config)
+BACKENDS = ("torch", "onnx")
+
+
+def load_model(folder: str | Path, backend: str = "torch") -> "Predictor":
+    """A Predictor for the bundle in `folder`: the torch network, or (backend="onnx") its exported
+    model.onnx in onnxruntime (see `transferlab export`). Both predict through the same code."""
+    if backend == "torch":
+        net, config = load_network(folder)
+        return Predictor(net, config)
+    if backend == "onnx":
+        from .export import load_onnx_engine
+
+        engine, config = load_onnx_engine(folder)
+        return Predictor(engine, config)
+    raise ConfigError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
 
 
 @dataclass
@@ -142,7 +154,7 @@ class Predictor:
     """Top-k predictions for image files with a loaded bundle.
 
     `network` is the torch ClassifierNet, or an engine with the same call as `runner.TorchEngine`
-    (normalised NCHW batch, precision) -> logits, Decoding, normalising,
+    (normalised NCHW batch, precision) -> logits, such as `export.OnnxEngine`. Decoding, normalising,
     test-time augmentation and softmax are shared; only running the network differs.
     """
 
