@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -46,9 +46,6 @@ class ExportResult:
     quantization: str | None
     sha256: str
     parity: dict
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "path": str(self.path)}
 
 
 def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantize: str | None = None,
@@ -95,7 +92,8 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
                 f"{out}: not written; onnxruntime's probabilities differ from torch's by up to "
                 f"{parity['max_abs_prob_diff']:.2e} (more than {FP32_TOLERANCE:g}) on "
                 f"{parity['images']} {parity['source']} inputs; the exported {config['backbone']} "
-                "graph does not compute what torch does: try another --opset, or keep the torch backend")
+                "graph does not compute what torch does: try another --opset, or keep using the "
+                "torch backend")
         parity["tolerance"] = None if quantize else FP32_TOLERANCE
         digest = sha256_of(staged)
     result = ExportResult(out, opset, quantize, digest, parity)
