@@ -6,6 +6,7 @@ checked before they are used.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -13,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +22,10 @@ from torch import nn
 
 from . import __version__
 from .atomic import write_json
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .heads import HeadSpec, build_head
 from .images import sha256_of
+from .runner import TorchEngine, progress_bar, resolve_precision, run_batches
 from .transforms import Preprocessing
 
 FORMAT_VERSION = 1
@@ -119,9 +121,21 @@ def load_network(folder: str | Path) -> tuple[ClassifierNet, dict]:
     return net.eval(), config
 
 
-def load_model(folder: str | Path) -> "Predictor":
-    net, config = load_network(folder)
-    return Predictor(net, config)
+BACKENDS = ("torch", "onnx")
+
+
+def load_model(folder: str | Path, backend: str = "torch") -> "Predictor":
+    """A Predictor for the bundle in `folder`: the torch network, or (backend="onnx") its exported
+    model.onnx in onnxruntime (see `transferlab export`). Both predict through the same code."""
+    if backend == "torch":
+        net, config = load_network(folder)
+        return Predictor(net, config)
+    if backend == "onnx":
+        from .export import load_onnx_engine
+
+        engine, config = load_onnx_engine(folder)
+        return Predictor(engine, config)
+    raise ConfigError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
 
 
 @dataclass
@@ -137,28 +151,49 @@ class Prediction:
 
 
 class Predictor:
-    """Top-k predictions for image files with a loaded bundle."""
+    """Top-k predictions for image files with a loaded bundle.
 
-    def __init__(self, net: ClassifierNet, config: dict):
-        self.net = net
+    `network` is the torch ClassifierNet, or an engine with the same call as `runner.TorchEngine`
+    (normalised NCHW batch, precision) -> logits, such as `export.OnnxEngine`. Decoding, normalising,
+    test-time augmentation and softmax are shared; only running the network differs.
+    """
+
+    def __init__(self, network: nn.Module | Callable[[torch.Tensor, str], torch.Tensor], config: dict):
+        self.engine = TorchEngine(network) if isinstance(network, nn.Module) else network
         self.config = config
         self.classes: list[str] = config["classes"]
         self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
 
-    def predict_proba(self, paths: Sequence[str | Path], *, batch_size: int = 32,
-                      workers: int | None = None, precision: str = "auto",
-                      show_progress: bool = False) -> tuple[np.ndarray, list[str]]:
-        """(len(paths), classes) probabilities and a per-file error ("" when it was read)."""
-        from .runner import progress_bar, run_batches
+    def predict_batch(self, batch: torch.Tensor, precision: str = "auto",
+                      tta: bool = False) -> torch.Tensor:
+        """Probabilities for one normalised float NCHW batch (see `transforms.normalize`).
 
+        tta: also predict the horizontally flipped images and average the two probabilities, a
+        two-view ensemble for twice the compute; only for classes that a mirror image keeps.
+        """
+        precision = resolve_precision(precision)
+        proba = self.engine(batch, precision).softmax(dim=1)
+        if tta:
+            flipped = self.engine(batch.flip(dims=(3,)), precision).softmax(dim=1)
+            proba = (proba + flipped) / 2
+        return proba
+
+    def predict_proba(self, paths: Sequence[str | Path], *, batch_size: int = 32,
+                      workers: int | None = None, precision: str = "auto", tta: bool = False,
+                      show_progress: bool = False) -> tuple[np.ndarray, list[str]]:
+        """(len(paths), classes) probabilities and a per-file error ("" when it was read).
+
+        `precision` (auto, bf16 or 32) applies to the torch backend; an ONNX model runs as exported.
+        """
         paths = [Path(p) for p in paths]
         proba = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
         errors = [""] * len(paths)
+        forward = functools.partial(self.predict_batch, tta=tta)
         with progress_bar("predicting", len(paths), show_progress) as advance:
-            for positions, logits, batch_errors in run_batches(
-                    self.net, paths, self.preprocessing, batch_size=batch_size, workers=workers,
+            for positions, batch_proba, batch_errors in run_batches(
+                    forward, paths, self.preprocessing, batch_size=batch_size, workers=workers,
                     precision=precision, progress=advance):
-                proba[positions.start:positions.stop] = logits.softmax(dim=1).numpy()
+                proba[positions.start:positions.stop] = batch_proba.numpy()
                 errors[positions.start:positions.stop] = batch_errors
         return proba, errors
 

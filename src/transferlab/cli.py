@@ -365,20 +365,28 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
             top_k: int = typer.Option(1, "--top-k", min=1, help="Classes to show per image."),
             output_format: str = typer.Option("table", "--format", help="table, json or csv."),
             batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 32]."),
-            precision: Optional[str] = typer.Option(None, help="auto, bf16 or 32 [default: auto].")):
+            precision: Optional[str] = typer.Option(None, help="torch backend: auto, bf16 or 32 "
+                                                    "[default: auto]."),
+            backend: str = typer.Option("torch", help="torch, or onnx: the bundle's model.onnx in "
+                                        "onnxruntime (made by `transferlab export`)."),
+            tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image "
+                                     "and its mirror image (twice the compute).")):
     """Top-k classes with probabilities for images."""
     from .errors import ConfigError
 
     if output_format not in ("table", "json", "csv"):
         raise ConfigError(f"--format {output_format!r}: use table, json or csv")
+    if backend == "onnx" and precision not in (None, "auto", "32"):
+        raise ConfigError(f"--precision {precision}: applies to the torch backend; an ONNX model "
+                          "runs as it was exported, drop --precision")
     _setup_logging(verbose=False)
     from .bundle import expand_inputs, load_model
 
-    predictor = load_model(model)
+    predictor = load_model(model, backend=backend)
     paths = expand_inputs(inputs)
     if not paths:
         raise ConfigError(f"no files match {' '.join(inputs)}")
-    results = predictor.predict(paths, top_k=top_k, show_progress=output_format == "table",
+    results = predictor.predict(paths, top_k=top_k, show_progress=output_format == "table", tta=tta,
                                 **_given(batch_size=batch_size, precision=precision))
     good = [r for r in results if not r.error]
     if output_format == "json":
@@ -405,6 +413,43 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
                   highlight=False)
     if bad:
         raise typer.Exit(1)
+
+
+@app.command()
+def export(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
+           output_format: str = typer.Option("onnx", "--format", help="onnx (the only format)."),
+           out_file: Optional[Path] = typer.Option(None, "--out", help="Output file [default: "
+                                                   "MODEL/model.onnx, or MODEL/model.int8.onnx]."),
+           quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 quantisation "
+                                                  "(smaller; compare its accuracy below)."),
+           opset: Optional[int] = typer.Option(None, help="ONNX opset, 18 or newer [default: 18].")):
+    """Export MODEL's whole network to ONNX, checked against torch, and record it in config.json.
+
+    The check uses the run's validation images when MODEL is a run's model/ folder (64 of them; all
+    of them with --quantize, to measure the accuracy change), random noise otherwise."""
+    from .errors import ConfigError
+
+    if output_format != "onnx":
+        raise ConfigError(f"--format {output_format!r}: only onnx is supported")
+    _setup_logging(verbose=False)
+    from .export import PARITY_IMAGES, export_onnx, run_val_images
+
+    labelled = run_val_images(model, limit=None if quantize else PARITY_IMAGES)
+    images, labels = labelled or (None, None)
+    result = export_onnx(model, out_file, quantize=quantize, images=images, labels=labels,
+                         **_given(opset=opset))
+    parity = result.parity
+    source = ("validation images of the run" if parity["source"] == "images" else
+              "random-noise images (MODEL is not in a run directory with its data)")
+    out.print(f"wrote [bold]{escape(str(result.path))}[/] (opset {result.opset}, "
+              f"{result.quantization or 'fp32'}, sha256 {result.sha256[:12]}…)")
+    out.print(f"parity with torch on {parity['images']} {source}: top-1 agreement "
+              f"{parity['top1_agreement']:.2%}, largest probability difference "
+              f"{parity['max_abs_prob_diff']:.2e} (mean {parity['mean_abs_prob_diff']:.2e})")
+    if "accuracy" in parity:
+        accuracy = parity["accuracy"]
+        out.print(f"accuracy: torch {accuracy['torch']:.2%}, onnx {accuracy['onnx']:.2%} "
+                  f"(change {100 * accuracy['change']:+.2f} points)")
 
 
 @app.command()

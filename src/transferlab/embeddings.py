@@ -23,7 +23,7 @@ import torch
 from .atomic import atomic_path
 from .backbones import weights_fingerprint
 from .errors import DataError
-from .runner import progress_bar, resolve_precision, run_batches
+from .runner import TorchEngine, progress_bar, resolve_precision, run_batches
 from .transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ def embed_files(backbone: torch.nn.Module, paths: Sequence[Path], hashes: Sequen
         pending: dict[str, np.ndarray] = {}
         start = time.perf_counter()
         with progress_bar("embedding", len(todo), show_progress) as advance:
-            batches = run_batches(backbone, [paths[i] for i in todo], pre, batch_size=batch_size,
-                                  workers=workers, precision=precision, progress=advance)
+            batches = run_batches(TorchEngine(backbone), [paths[i] for i in todo], pre,
+                                  batch_size=batch_size, workers=workers, precision=precision,
+                                  progress=advance)
             for positions, outputs, errors in batches:
                 for position, vector, error in zip(positions, outputs.numpy(), errors):
                     if error:

@@ -19,3 +19,7 @@ class WeightsError(TransferlabError):
 
 class BundleError(TransferlabError):
     """A saved model bundle is missing, altered or from an unsupported format version."""
+
+
+class ExportError(TransferlabError):
+    """A model cannot be exported, or the exported model does not compute what the original does."""

@@ -7,7 +7,7 @@ import contextlib
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -79,25 +79,38 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
-def run_batches(model: torch.nn.Module, paths: Sequence[Path], pre: Preprocessing, *,
-                batch_size: int = 32, workers: int | None = None, precision: str = "auto",
-                progress=None, max_pixels: int = DEFAULT_MAX_PIXELS,
+class TorchEngine:
+    """Runs a torch module on normalised batches: eval mode, channels_last, no autograd, and bf16
+    autocast when the resolved precision says so. Other engines (the ONNX one in `export`) take the
+    same call, so decoding and normalising stay in one place, `run_batches`."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module.eval().to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: torch.Tensor, precision: str = "32") -> torch.Tensor:
+        with torch.inference_mode(), autocast(precision):
+            return self.module(batch).float()
+
+
+def run_batches(engine: Callable[[torch.Tensor, str], torch.Tensor], paths: Sequence[Path],
+                pre: Preprocessing, *, batch_size: int = 32, workers: int | None = None,
+                precision: str = "auto", progress=None, max_pixels: int = DEFAULT_MAX_PIXELS,
                 ) -> Iterator[tuple[range, torch.Tensor, list[str]]]:
     """Yield (positions in `paths`, float32 outputs, per-file error or "") batch by batch.
 
+    `engine(normalised NCHW batch, resolved precision)` gives the outputs, such as a `TorchEngine`.
     `progress` is called with the number of files done after each batch.
     """
     precision = resolve_precision(precision)
     if workers is None:  # starting a worker process costs more than decoding a batch or two
         workers = default_workers() if len(paths) > 2 * batch_size else 0
-    model = model.eval().to(memory_format=torch.channels_last)
     loader = DataLoader(ImageFiles(paths, pre, max_pixels), batch_size=batch_size, shuffle=False,
                         num_workers=workers, persistent_workers=False,
                         prefetch_factor=4 if workers else None)
     start = 0
     for images, errors in loader:
-        with torch.inference_mode(), autocast(precision):  # not held across the yield
-            outputs = model(normalize(images, pre)).float()
+        with torch.inference_mode():  # not held across the yield
+            outputs = engine(normalize(images, pre), precision).float()
         positions = range(start, start + len(images))
         start += len(images)
         yield positions, outputs, list(errors)
