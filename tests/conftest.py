@@ -81,3 +81,12 @@ def browser():
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session")
+def tiny_comparison(image_folder, tmp_path_factory):
+    """extract and head (one epoch) compared on one split."""
+    from transferlab.compare import compare
+
+    return compare(image_folder, ["extract", "head"], [TINY_BACKBONE], weights="none", epochs=1,
+                   out=tmp_path_factory.mktemp("compare") / "cmp", cache_dir=None, show_progress=False)
