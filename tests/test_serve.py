@@ -4,6 +4,7 @@ through its page in headless Chromium."""
 import asyncio
 import io
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -22,6 +23,8 @@ from PIL import Image
 import transferlab
 from transferlab import load_model
 from transferlab.batching import MicroBatcher
+from transferlab.errors import BundleError, ConfigError
+from transferlab.export import export_onnx
 from transferlab.serve import create_app
 
 # Small limits, so that refusing an oversize upload or a bomb costs the tests nothing.
@@ -170,6 +173,32 @@ def test_health_model_page_and_docs(client, classes):
 def test_unknown_routes_answer_in_the_same_error_shape(client):
     check_refused(client.get("/nowhere"), 404, "not_found", None)
     check_refused(client.get("/predict"), 405, "method_not_allowed", None)
+
+
+def test_the_onnx_backend_serves_what_torch_serves(tiny_run, classes, tmp_path):
+    bundle = shutil.copytree(tiny_run.model_dir, tmp_path / "model")
+    with pytest.raises(BundleError, match="transferlab export"):
+        create_app(bundle, backend="onnx")
+    export_onnx(bundle)
+    upload = files(("red.jpg", red_jpeg()))
+    answers = {}
+    for backend in ("torch", "onnx"):
+        with TestClient(create_app(bundle, backend=backend, max_batch=1)) as client:
+            answers[backend] = client.post("/predict", files=upload, params={"top_k": 2}).json()
+            assert client.get("/model").json()["backend"] == backend
+    assert answers["onnx"]["model"]["backend"] == "onnx"
+    torch_top, onnx_top = (answers[b]["predictions"][0]["top_k"] for b in ("torch", "onnx"))
+    assert [r["label"] for r in onnx_top] == [r["label"] for r in torch_top]
+    assert [r["probability"] for r in onnx_top] == pytest.approx(
+        [r["probability"] for r in torch_top], abs=2e-2)  # torch ran in bf16 where the CPU has it
+
+
+def test_a_bad_bundle_or_setting_fails_when_the_app_is_made(tiny_run, tmp_path):
+    with pytest.raises(BundleError, match="not a model bundle"):
+        create_app(tmp_path)
+    for setting in ({"max_files": 0}, {"max_upload_bytes": -1}, {"top_k": 0}, {"max_batch": 0}):
+        with pytest.raises(ConfigError, match=next(iter(setting))):
+            create_app(tiny_run.model_dir, **setting)
 
 
 # ---------------------------------------------------------------------------- micro-batching

@@ -482,8 +482,8 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
     _setup_logging(verbose=False)
     from .serve import serve as run_service
 
-    err.print(f"serving {escape(str(model))} ({backend}): try it at http://{host}:{port}/, API docs at "
-              f"http://{host}:{port}/docs", highlight=False)
+    err.print(f"loading {escape(str(model))} ({backend}); once it runs, try it at http://{host}:{port}/ "
+              f"(API docs: http://{host}:{port}/docs)", highlight=False)
     run_service(model, host=host, port=port, workers=workers, backend=backend,
                 max_upload_bytes=round(max_upload_mb * 2**20),
                 **_given(max_pixels=max_pixels, max_files=max_files, top_k=top_k,
