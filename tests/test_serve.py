@@ -355,3 +355,33 @@ def test_a_person_uploads_an_image_through_the_page(browser, server, classes, im
     assert width[0] <= width[1], "the page must not scroll sideways on a phone"
     errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
     assert errors == []
+
+
+@pytest.mark.browser
+def test_the_page_takes_a_dropped_image_and_shows_errors(browser, server, classes, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server}/")
+    browser.execute_script("""  // what a drop of a picture from the desktop delivers
+        const canvas = Object.assign(document.createElement("canvas"), {width: 40, height: 30});
+        canvas.getContext("2d").fillRect(0, 0, 20, 30);
+        canvas.toBlob(blob => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([blob], "dropped.png", {type: "image/png"}));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }, "image/png");""")
+    WebDriverWait(browser, 30).until(
+        expected_conditions.text_to_be_present_in_element((By.ID, "result"), "dropped.png"))
+    assert browser.find_element(By.CSS_SELECTOR, "#result .label").text in classes
+
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(text))
+    WebDriverWait(browser, 30).until(
+        expected_conditions.text_to_be_present_in_element((By.ID, "status"), "not an image"))
+    assert "notes.jpg" in browser.find_element(By.ID, "status").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#result .label") == []
+    assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
