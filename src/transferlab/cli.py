@@ -453,6 +453,44 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
 
 
 @app.command()
+def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every "
+                                   "interface)."),
+          port: int = typer.Option(8000, help="Port to listen on."),
+          workers: int = typer.Option(1, min=1, help="Processes, each with its own copy of the "
+                                      "model; the cores are shared out between them."),
+          backend: str = typer.Option("torch", help="torch, or onnx: the bundle's model.onnx in "
+                                      "onnxruntime (made by `transferlab export`)."),
+          max_upload_mb: float = typer.Option(10.0, help="Largest request body, in MB (2^20 bytes)."),
+          max_pixels: Optional[int] = typer.Option(None, help="Most pixels per image, checked "
+                                                   "before decoding [default: 50,000,000]."),
+          max_files: Optional[int] = typer.Option(None, help="Most images per request "
+                                                  "[default: 16]."),
+          top_k: Optional[int] = typer.Option(None, "--top-k", help="Classes per image when the "
+                                              "request does not say [default: 3]."),
+          max_batch: Optional[int] = typer.Option(None, help="Most images per model call, gathered "
+                                                  "across concurrent requests; 1 turns batching off "
+                                                  "[default: 32]."),
+          batch_window_ms: Optional[float] = typer.Option(None, help="How long a batch waits for "
+                                                          "more images [default: 0].")):
+    """Serve MODEL over HTTP: POST /predict (multipart field `file`), GET /health, GET /model, a
+    page to try it at / and the API docs at /docs."""
+    from .errors import ConfigError
+
+    if max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb {max_upload_mb}: give a positive size")
+    _setup_logging(verbose=False)
+    from .serve import serve as run_service
+
+    err.print(f"loading {escape(str(model))} ({backend}); once it runs, try it at http://{host}:{port}/ "
+              f"(API docs: http://{host}:{port}/docs)", highlight=False)
+    run_service(model, host=host, port=port, workers=workers, backend=backend,
+                max_upload_bytes=round(max_upload_mb * 2**20),
+                **_given(max_pixels=max_pixels, max_files=max_files, top_k=top_k,
+                         max_batch=max_batch, batch_window_ms=batch_window_ms))
+
+
+@app.command()
 def summary(target: str = typer.Argument(..., help="A model bundle folder or a backbone name."),
             strategy: str = typer.Option("finetune", help="For a backbone: the strategy whose "
                                          "trainable parameters to count."),

@@ -6,6 +6,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,6 +32,10 @@ class ImageInfo:
 
 class UnreadableImage(Exception):
     """The file is not an image we can decode; the message says why, in a few words."""
+
+
+class TooManyPixels(UnreadableImage):
+    """The header claims more pixels than allowed: refused before decoding (decompression bomb)."""
 
 
 def sha256_of(path: Path) -> str:
@@ -59,13 +64,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(path: str | Path, draft_size: int | None = None,
+def open_rgb(path: str | Path | BinaryIO, draft_size: int | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `path` as an RGB image with EXIF orientation applied.
+    """Decode `path` (a file name, or a binary file object such as io.BytesIO of an upload) as an
+    RGB image with EXIF orientation applied.
 
     `draft_size` lets JPEG decoding skip detail finer than needed for that output size, which makes
     decoding large photos several times faster without changing what a resize to that size sees.
-    Raises UnreadableImage with a short reason.
+    Raises UnreadableImage with a short reason; TooManyPixels, before decoding, for more than
+    `max_pixels`.
     """
     try:
         with warnings.catch_warnings():
@@ -79,7 +86,7 @@ def open_rgb(path: str | Path, draft_size: int | None = None,
     except UnreadableImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise UnreadableImage(f"too many pixels ({error})") from None
+        raise TooManyPixels(f"too many pixels ({error})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
         raise UnreadableImage(_reason(error)) from None
 
@@ -113,7 +120,7 @@ def _check_header(image: Image.Image, max_pixels: int) -> None:
         raise UnreadableImage(f"unsupported format {image.format}")
     width, height = image.size
     if width * height > max_pixels:
-        raise UnreadableImage(
+        raise TooManyPixels(
             f"{width}x{height} pixels exceeds the limit of {max_pixels:,} (possible decompression bomb)"
         )
 

@@ -1,0 +1,387 @@
+"""The HTTP service: in-process (TestClient), as a real Uvicorn process on a loopback port, and
+through its page in headless Chromium."""
+
+import asyncio
+import io
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import transferlab
+from transferlab import load_model
+from transferlab.batching import MicroBatcher
+from transferlab.errors import BundleError, ConfigError
+from transferlab.export import export_onnx
+from transferlab.serve import create_app
+
+# Small limits, so that refusing an oversize upload or a bomb costs the tests nothing.
+LIMITS = {"max_upload_bytes": 2**19, "max_pixels": 1_000_000, "max_files": 4}
+
+
+def encoded(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def red_jpeg() -> bytes:
+    return encoded(Image.new("RGB", (64, 48), (200, 30, 30)))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: a decompression bomb's header without the data
+    (decoding would fail on the missing pixels, so only a check of the header refuses it as a bomb)."""
+    data = bytearray(encoded(Image.new("L", (1, 1)), "PNG"))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def files(*items):
+    return [("file", item) for item in items]
+
+
+# (what is wrong, httpx request arguments, status, error code, file named in the error)
+BAD_REQUESTS = [
+    ("empty body", {}, 400, "empty_body", None),
+    ("empty file", {"files": files(("empty.jpg", b"", "image/jpeg"))}, 400, "empty_file", "empty.jpg"),
+    ("no file field", {"files": [("image", ("a.jpg", red_jpeg(), "image/jpeg"))]}, 400, "no_file", None),
+    ("too many files", {"files": files(*[(f"{i}.jpg", red_jpeg()) for i in range(5)])}, 400,
+     "too_many_files", None),
+    ("malformed multipart", {"content": b"--x\r\nnot a part", "headers": {
+        "content-type": "multipart/form-data"}}, 400, "malformed_multipart", None),
+    ("oversize upload", {"files": files(("big.jpg", os.urandom(2**19), "image/jpeg"))}, 413,
+     "too_large", None),
+    ("raw image, not multipart", {"content": red_jpeg(), "headers": {"content-type": "image/jpeg"}},
+     415, "not_multipart", None),
+    ("text file named .jpg", {"files": files(("notes.jpg", b"just some text\n" * 20, "image/jpeg"))},
+     415, "not_an_image", "notes.jpg"),
+    ("truncated jpeg", {"files": files(("cut.jpg", red_jpeg()[:300], "image/jpeg"))}, 415,
+     "not_an_image", "cut.jpg"),
+    ("bomb: real 9-megapixel png", {"files": files(("bomb.png", encoded(Image.new("L", (3000, 3000)),
+                                                                         "PNG")))},
+     422, "too_many_pixels", "bomb.png"),
+    ("bomb: header claims 400 megapixels", {"files": files(("huge.png", png_claiming(20_000, 20_000)))},
+     422, "too_many_pixels", "huge.png"),
+    ("top_k of 0", {"params": {"top_k": 0}, "files": files(("a.jpg", red_jpeg()))}, 422,
+     "invalid_request", None),
+]
+
+
+def check_refused(response: httpx.Response, status: int, code: str, file: str | None) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert (error["code"], error["file"]) == (code, file)
+    assert len(error["message"]) > 10
+
+
+def check_prediction(answer: dict, classes: list[str], names: list[str], top_k: int) -> None:
+    assert [p["file"] for p in answer["predictions"]] == names
+    for prediction in answer["predictions"]:
+        ranked = prediction["top_k"]
+        assert len(ranked) == top_k and {r["label"] for r in ranked} <= set(classes)
+        probabilities = [r["probability"] for r in ranked]
+        assert probabilities == sorted(probabilities, reverse=True)
+        if top_k == len(classes):
+            assert sum(probabilities) == pytest.approx(1, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- in-process
+
+
+@pytest.fixture(scope="module")
+def client(tiny_run):
+    with TestClient(create_app(tiny_run.model_dir, **LIMITS)) as client:  # `with`: the lifespan runs
+        yield client
+
+
+@pytest.fixture(scope="module")
+def classes(tiny_run):
+    return load_model(tiny_run.model_dir).classes
+
+
+def test_a_good_image_gets_its_top_classes(client, classes, tiny_run):
+    answer = client.post("/predict", files=files(("red.jpg", red_jpeg(), "image/jpeg"))).json()
+    check_prediction(answer, classes, ["red.jpg"], top_k=len(classes))  # default 3, capped at 2
+    assert answer["model"]["backbone"] == "test_efficientnet" and answer["model"]["backend"] == "torch"
+
+
+def test_the_service_predicts_what_the_library_predicts_from_a_file(client, classes, tiny_run,
+                                                                     image_folder):
+    path = sorted(image_folder.rglob("*.png"))[0]
+    answer = client.post("/predict", files=files((path.name, path.read_bytes())),
+                         params={"top_k": len(classes)}).json()
+    served = {r["label"]: r["probability"] for r in answer["predictions"][0]["top_k"]}
+    proba, errors = load_model(tiny_run.model_dir).predict_proba([path])
+    assert errors == [""]
+    assert [served[name] for name in classes] == pytest.approx(proba[0].tolist(), abs=1e-3)
+
+
+def test_several_files_in_one_request_keep_their_order(client, classes, image_folder):
+    paths = sorted(image_folder.rglob("*.*"))[:3]
+    answer = client.post("/predict", files=files(*[(p.name, p.read_bytes()) for p in paths]),
+                         params={"top_k": 1})
+    assert answer.status_code == 200
+    check_prediction(answer.json(), classes, [p.name for p in paths], top_k=1)
+
+
+@pytest.mark.parametrize("what, request_args, status, code, file", BAD_REQUESTS,
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_4xx(client, what, request_args, status, code, file):
+    check_refused(client.post("/predict", **request_args), status, code, file)
+
+
+def test_a_bad_file_among_good_ones_is_named(client):
+    response = client.post("/predict", files=files(("good.jpg", red_jpeg()), ("bad.jpg", b"text")))
+    check_refused(response, 415, "not_an_image", "bad.jpg")
+
+
+def test_health_model_page_and_docs(client, classes):
+    assert client.get("/health").json() == {"status": "ok"}
+    model = client.get("/model").json()
+    assert model["classes"] == classes and model["backbone"] == "test_efficientnet"
+    assert model["input_size"] == model["preprocessing"]["input_size"]
+    assert model["training"]["strategy"] == "extract" and "test_accuracy" in model["training"]
+    assert {k: model["limits"][k] for k in LIMITS} == LIMITS
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="result"' in page.text and 'type="file"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text, "the page must be self-contained"
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert client.get("/docs").status_code == 200
+    predict = client.get("/openapi.json").json()["paths"]["/predict"]["post"]
+    form = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["file"]["items"]["format"] == "binary"
+    assert {"200", "400", "413", "415", "422"} <= set(predict["responses"])
+
+
+def test_unknown_routes_answer_in_the_same_error_shape(client):
+    check_refused(client.get("/nowhere"), 404, "not_found", None)
+    check_refused(client.get("/predict"), 405, "method_not_allowed", None)
+
+
+def test_the_onnx_backend_serves_what_torch_serves(tiny_run, classes, tmp_path):
+    bundle = shutil.copytree(tiny_run.model_dir, tmp_path / "model")
+    with pytest.raises(BundleError, match="transferlab export"):
+        create_app(bundle, backend="onnx")
+    export_onnx(bundle)
+    upload = files(("red.jpg", red_jpeg()))
+    answers = {}
+    for backend in ("torch", "onnx"):
+        with TestClient(create_app(bundle, backend=backend, max_batch=1)) as client:
+            answers[backend] = client.post("/predict", files=upload, params={"top_k": 2}).json()
+            assert client.get("/model").json()["backend"] == backend
+    assert answers["onnx"]["model"]["backend"] == "onnx"
+    torch_top, onnx_top = (answers[b]["predictions"][0]["top_k"] for b in ("torch", "onnx"))
+    assert [r["label"] for r in onnx_top] == [r["label"] for r in torch_top]
+    assert [r["probability"] for r in onnx_top] == pytest.approx(
+        [r["probability"] for r in torch_top], abs=2e-2)  # torch ran in bf16 where the CPU has it
+
+
+def test_a_bad_bundle_or_setting_fails_when_the_app_is_made(tiny_run, tmp_path):
+    with pytest.raises(BundleError, match="not a model bundle"):
+        create_app(tmp_path)
+    for setting in ({"max_files": 0}, {"max_upload_bytes": -1}, {"top_k": 0}, {"max_batch": 0}):
+        with pytest.raises(ConfigError, match=next(iter(setting))):
+            create_app(tiny_run.model_dir, **setting)
+
+
+# ---------------------------------------------------------------------------- micro-batching
+
+
+def test_the_batcher_gathers_concurrent_items_and_survives_a_failing_batch():
+    sizes = []
+
+    def run_batch(items):
+        sizes.append(len(items))
+        if "boom" in items:
+            raise ValueError("boom")
+        return [item * 2 for item in items]
+
+    async def scenario():
+        batcher = MicroBatcher(run_batch, max_batch=4)
+        await batcher.start()
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(10))) == [
+            2 * i for i in range(10)]
+        with pytest.raises(ValueError, match="boom"):
+            await batcher.submit("boom")
+        assert await batcher.submit(21) == 42  # the next batch runs as usual
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert sum(sizes[:-2]) == 10 and max(sizes) <= 4 and len(sizes) - 2 < 10  # batched, capped
+
+
+# ---------------------------------------------------------------------------- a real Uvicorn process
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    """`transferlab serve` in its own process on a free loopback port, stopped with SIGTERM."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    source = str(Path(transferlab.__file__).parents[1])  # the code under test, not an installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get(
+        "PYTHONPATH")]))}
+    command = [sys.executable, "-m", "transferlab.cli", "serve", str(tiny_run.model_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--max-upload-mb", "0.5",
+               "--max-pixels", str(LIMITS["max_pixels"]), "--max-files", str(LIMITS["max_files"])]
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the server did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    yield url
+    process.send_signal(signal.SIGTERM)
+    try:  # Uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM), log.read_text()
+        assert "Application shutdown complete" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_the_real_server_answers_a_good_image(server, classes):
+    response = httpx.post(f"{server}/predict", files=files(("red.jpg", red_jpeg(), "image/jpeg")))
+    assert response.status_code == 200
+    check_prediction(response.json(), classes, ["red.jpg"], top_k=len(classes))
+
+
+@pytest.mark.parametrize("what, request_args, status, code, file", BAD_REQUESTS,
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_the_real_server_refuses_bad_input_and_stays_healthy(server, what, request_args, status,
+                                                            code, file):
+    check_refused(httpx.post(f"{server}/predict", timeout=30, **request_args), status, code, file)
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_an_oversize_body_without_a_length_is_counted_and_refused(server):
+    """Chunked transfer: no Content-Length to trust, so the server counts the bytes as they come."""
+    boundary = "xyz"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for _ in range(64):
+            yield b"\0" * 2**14  # 1 MB in all, twice the limit
+
+    response = httpx.post(f"{server}/predict", content=body(), timeout=30,
+                          headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert "content-length" not in response.request.headers
+    check_refused(response, 413, "too_large", None)
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_concurrent_requests_get_their_own_answers(server, image_folder):
+    """Batched together or not, each request gets its images' predictions, and a bad upload fails
+    only its own request."""
+    paths = sorted(image_folder.rglob("*.*"))[:6]
+
+    def ask(payload):
+        name, data = payload
+        response = httpx.post(f"{server}/predict", files=files((name, data)), params={"top_k": 2},
+                              timeout=30)
+        return response.status_code, response.json()
+
+    payloads = [(p.name, p.read_bytes()) for p in paths]
+    alone = [ask(payload) for payload in payloads]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, payloads + [("bad.jpg", b"not an image")] * 2 + payloads))
+    assert [status for status, _ in together] == [200] * 6 + [415] * 2 + [200] * 6
+    for (_, expected), (_, got) in zip(alone * 2, together[:6] + together[8:]):
+        for want, have in zip(expected["predictions"][0]["top_k"], got["predictions"][0]["top_k"]):
+            assert have["label"] == want["label"]
+            assert have["probability"] == pytest.approx(want["probability"], abs=2e-2)  # bf16 batches
+
+
+# ---------------------------------------------------------------------------- the page, in Chromium
+
+
+@pytest.mark.browser
+def test_a_person_uploads_an_image_through_the_page(browser, server, classes, image_folder,
+                                                   tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_window_size(375, 812)  # a phone
+    browser.get_log("browser")  # drop what earlier pages logged
+    browser.get(f"{server}/")
+    WebDriverWait(browser, 20).until(
+        expected_conditions.text_to_be_present_in_element((By.ID, "model"), "test_efficientnet"))
+    image = sorted(image_folder.rglob("*.jpg"))[0]
+    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(image))
+    WebDriverWait(browser, 30).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#result .label")))
+    browser.save_screenshot(str(tmp_path / "serve-page.png"))  # for a person debugging, never the repo
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#result .label")]
+    assert labels and labels[0] in classes and set(labels) <= set(classes)
+    assert image.name in browser.find_element(By.ID, "result").text
+    bars = browser.execute_script("return [...document.querySelectorAll('#result .fill')]"
+                                  ".map(e => parseFloat(e.style.width))")
+    assert len(bars) == len(labels) and bars == sorted(bars, reverse=True) and 0 < bars[0] <= 100
+    width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], "the page must not scroll sideways on a phone"
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+    assert errors == []
+
+
+@pytest.mark.browser
+def test_the_page_takes_a_dropped_image_and_shows_errors(browser, server, classes, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server}/")
+    browser.execute_script("""  // what a drop of a picture from the desktop delivers
+        const canvas = Object.assign(document.createElement("canvas"), {width: 40, height: 30});
+        canvas.getContext("2d").fillRect(0, 0, 20, 30);
+        canvas.toBlob(blob => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([blob], "dropped.png", {type: "image/png"}));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }, "image/png");""")
+    WebDriverWait(browser, 30).until(
+        expected_conditions.text_to_be_present_in_element((By.ID, "result"), "dropped.png"))
+    assert browser.find_element(By.CSS_SELECTOR, "#result .label").text in classes
+
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(text))
+    WebDriverWait(browser, 30).until(
+        expected_conditions.text_to_be_present_in_element((By.ID, "status"), "not an image"))
+    assert "notes.jpg" in browser.find_element(By.ID, "status").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#result .label") == []
+    assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
