@@ -385,3 +385,19 @@ def test_the_page_takes_a_dropped_image_and_shows_errors(browser, server, classe
     assert "notes.jpg" in browser.find_element(By.ID, "status").text
     assert browser.find_elements(By.CSS_SELECTOR, "#result .label") == []
     assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+
+
+@pytest.mark.browser
+def test_the_api_docs_render_offline(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get_log("browser")
+    browser.get(f"{server}/docs")
+    WebDriverWait(browser, 30).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".opblock")))
+    paths = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
+    assert "/predict" in paths and "/health" in paths
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+    assert errors == []

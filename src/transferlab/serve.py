@@ -21,6 +21,7 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -191,7 +192,9 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
             await classifier.batcher.stop()
 
     classes = ", ".join(classifier.predictor.classes)
-    app = FastAPI(title="transferlab", version=__version__, lifespan=lifespan, description=(
+    # FastAPIOffline serves Swagger UI's own files: FastAPI's default /docs fetches them from a
+    # CDN, and shows a blank page on a closed network
+    app = FastAPIOffline(title="transferlab", version=__version__, lifespan=lifespan, description=(
         f"Image classifier: {classifier.summary()['backbone']} over the classes {classes}."))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
