@@ -10,6 +10,7 @@ import functools
 import glob
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import write_json
+from .atomic import DIR_MODE, FILE_MODE, write_json
 from .errors import BundleError, ConfigError
 from .heads import HeadSpec, build_head
 from .images import sha256_of
@@ -57,6 +58,8 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE))
+        os.chmod(staging / WEIGHTS_FILE, FILE_MODE)
+        os.chmod(staging, DIR_MODE)
         config = {"format_version": FORMAT_VERSION, "transferlab_version": __version__,
                   "backbone": backbone, "cut_layer": cut_layer, "head": head.to_dict(),
                   "classes": list(classes), "preprocessing": preprocessing.to_dict(),
