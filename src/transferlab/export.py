@@ -23,6 +23,7 @@ from .atomic import atomic_path, write_json
 from .bundle import CONFIG_FILE, Predictor, load_network, read_config
 from .errors import BundleError, ConfigError, ExportError
 from .images import sha256_of
+from .metrics import probability_agreement
 from .runfiles import SPLIT_FILE
 from .transforms import Preprocessing, normalize
 
@@ -168,10 +169,7 @@ def measure_parity(net: torch.nn.Module, engine: "OnnxEngine", config: dict,
         expected = reference.predict_batch(batch, precision="32").numpy()
         got = candidate.predict_batch(batch).numpy()
         source = "random-noise"
-    parity = {"source": source, "images": len(expected),
-              "max_abs_prob_diff": float(np.abs(expected - got).max()),
-              "mean_abs_prob_diff": float(np.abs(expected - got).mean()),
-              "top1_agreement": float((expected.argmax(1) == got.argmax(1)).mean())}
+    parity = {"source": source, "images": len(expected), **probability_agreement(expected, got)}
     if labels is not None and images:
         truth = np.asarray(labels)[read]
         torch_accuracy = float((expected.argmax(1) == truth).mean())

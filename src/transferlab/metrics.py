@@ -70,3 +70,12 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray) -> float:
     return float(multiclass_calibration_error(
         torch.as_tensor(proba, dtype=torch.float32), torch.as_tensor(y_true, dtype=torch.long),
         num_classes=proba.shape[1], n_bins=CALIBRATION_BINS, norm="l1"))
+
+
+def probability_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """How closely two sets of predictions of the same images agree (an export against torch, bf16
+    against fp32): top-1 agreement and the largest and mean absolute probability difference."""
+    difference = np.abs(reference - candidate)
+    return {"top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+            "max_abs_prob_diff": float(difference.max()),
+            "mean_abs_prob_diff": float(difference.mean())}

@@ -29,6 +29,7 @@ from .data import ImageFolderData
 from .errors import ConfigError, DataError
 from .extract import CLASSIFIERS, evaluate_probabilities, fit_extract
 from .heads import POOLS
+from .metrics import probability_agreement
 from .module import OPTIMIZERS, SCHEDULES
 from .predictions import FILE as PREDICTIONS_FILE, PredictionTable
 from .runfiles import (HISTORY_FILE, METRICS_FILE, MODEL_DIR, RUN_FILE, SPLIT_FILE, environment,
@@ -267,12 +268,11 @@ def _precision_parity(predictor, data: ImageFolderData, fast: np.ndarray, config
         return {}
     exact, _ = predictor.predict_proba(data.files("val")[:count], batch_size=config.batch_size,
                                        precision="32")
-    agreement = float((fast[:count].argmax(1) == exact.argmax(1)).mean())
-    if agreement < 0.98:
+    agreement = probability_agreement(exact, fast[:count])
+    if agreement["top1_agreement"] < 0.98:
         log.warning("bf16 and fp32 predictions agree on only %.1f%% of %d validation images; "
-                    "consider --precision 32", 100 * agreement, count)
-    return {"parity_images": count, "parity_top1_agreement": agreement,
-            "parity_max_abs_prob_diff": float(np.abs(fast[:count] - exact).max())}
+                    "consider --precision 32", 100 * agreement["top1_agreement"], count)
+    return {"parity_images": count, **{f"parity_{key}": value for key, value in agreement.items()}}
 
 
 def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig, Path]:
