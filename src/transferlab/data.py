@@ -264,6 +264,10 @@ class ImageFolderData:
     def files(self, split: str) -> list[Path]:
         return [self.scan.images[i].path for i in self.split[split]]
 
+    def relative_files(self, split: str) -> list[str]:
+        """The files of `split` relative to the folder, as split.json and predictions.csv name them."""
+        return [self.scan.relative(i) for i in self.split[split]]
+
     def labels(self, split: str) -> list[int]:
         return [self.scan.labels[i] for i in self.split[split]]
 

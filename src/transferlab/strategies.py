@@ -212,10 +212,11 @@ def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, result: d
         name: predictor.predict_proba(data.files(name), batch_size=config.batch_size,
                                       precision=config.precision)[0] for name in ("val", "test")}
     results = evaluate_probabilities(data, probabilities)
-    if data.summary()["groups_across_splits"]:
+    split_summary = data.summary()
+    if split_summary["groups_across_splits"]:
         results["test"]["leakage"] = _leakage(data, probabilities["test"])
     PredictionTable.concat(data.classes, {
-        name: ([data.scan.relative(i) for i in data.split[name]], data.labels(name), probabilities[name])
+        name: (data.relative_files(name), data.labels(name), probabilities[name])
         for name in ("val", "test")}).write(run_dir / PREDICTIONS_FILE)
     extra = result["extra"]
     if "train" not in extra:
@@ -232,8 +233,8 @@ def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, result: d
                training={"strategy": config.strategy, "weights": config.weights, "params": params,
                          **short})
     return {"strategy": config.strategy, "backbone": config.backbone, "weights": config.weights,
-            "classes": data.classes, "data": {"root": str(data.root.resolve())}, "split": data.summary(), "val": results["val"],
-            "test": results["test"], "timing": result["timing"],
+            "classes": data.classes, "data": {"root": str(data.root.resolve())}, "split": split_summary,
+            "val": results["val"], "test": results["test"], "timing": result["timing"],
             "params": params, "preprocessing": pre.to_dict(), **extra}
 
 
@@ -293,7 +294,7 @@ def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig,
     data = ImageFolderData(**data_options, cache_dir=config.cache_dir)
     recorded = json.loads((run_dir / SPLIT_FILE).read_text(encoding="utf-8"))
     for name in ("train", "val", "test"):
-        if [item["file"] for item in recorded[name]] != [data.scan.relative(i) for i in data.split[name]]:
+        if [item["file"] for item in recorded[name]] != data.relative_files(name):
             raise DataError(f"{data.root}: the images changed since {run_dir} started ({name} split differs "
                             "from split.json); start a new run")
     return data, config, run_dir
