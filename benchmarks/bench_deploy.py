@@ -62,13 +62,13 @@ def sample_batch(model_dir: Path, size: int) -> torch.Tensor:
     """`size` real validation photos, decoded and normalised as the Predictor does."""
     from transferlab.bundle import read_config
     from transferlab.export import run_val_images
-    from transferlab.images import open_rgb
-    from transferlab.transforms import Preprocessing, eval_transform, normalize
+    from transferlab.runner import ImageFiles
+    from transferlab.transforms import Preprocessing, normalize
 
     pre = Preprocessing.from_dict(read_config(model_dir)["preprocessing"])
     paths = run_val_images(model_dir)[0]
-    transform = eval_transform(pre)
-    pixels = torch.stack([transform(open_rgb(paths[i % len(paths)])) for i in range(size)])
+    files = ImageFiles([paths[i % len(paths)] for i in range(size)], pre)
+    pixels = torch.stack([files[i][0] for i in range(size)])
     return normalize(pixels, pre).contiguous()  # NCHW; the engines convert as they need
 
 
