@@ -50,18 +50,6 @@ def test_presplit_layout_is_respected(tmp_path):
     assert data.classes == ["circles", "squares"]
 
 
-def test_unreadable_and_hidden_files_are_skipped(tmp_path, caplog):
-    root = make_image_folder(tmp_path / "d", per_class=4, size=32)
-    (root / "circles" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    (root / "circles" / ".DS_Store").write_bytes(b"junk")
-    (root / "squares" / "Thumbs.db").write_bytes(b"junk")
-    data = ImageFolderData(root)
-    assert len(data.scan.images) == 8
-    assert [p.name for p, _ in data.scan.unreadable] == ["broken.jpg"]
-    assert len(data.scan.ignored) == 2
-    assert "broken.jpg" in caplog.text
-
-
 def test_bad_folders_and_fractions_are_clear_errors(tmp_path):
     make_image_folder(tmp_path / "one", classes=("circles",), per_class=3, size=32)
     with pytest.raises(DataError, match="at least 2 classes"):

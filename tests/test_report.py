@@ -15,7 +15,6 @@ from transferlab.data import ImageFolderData
 from transferlab.errors import DataError
 from transferlab.evaluation import evaluate
 from transferlab.predictions import PredictionTable
-from transferlab.report import write_report
 from transferlab.synthetic import make_image_folder
 
 from conftest import TINY_BACKBONE

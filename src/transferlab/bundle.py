@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from . import __version__
 from .atomic import DIR_MODE, FILE_MODE, write_json
 from .errors import BundleError, ConfigError
 from .heads import HeadSpec, build_head
-from .images import sha256_of
+from .images import DEFAULT_MAX_PIXELS, sha256_of
 from .runner import TorchEngine, progress_bar, resolve_precision, run_batches
 from .transforms import Preprocessing
 
@@ -183,8 +182,10 @@ class Predictor:
 
     def predict_proba(self, paths: Sequence[str | Path], *, batch_size: int = 32,
                       workers: int | None = None, precision: str = "auto", tta: bool = False,
-                      show_progress: bool = False) -> tuple[np.ndarray, list[str]]:
-        """(len(paths), classes) probabilities and a per-file error ("" when it was read).
+                      show_progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      ) -> tuple[np.ndarray, list[str]]:
+        """(len(paths), classes) probabilities and a per-file error ("" when it was read; images over
+        `max_pixels` are refused unread).
 
         `precision` (auto, bf16 or 32) applies to the torch backend; an ONNX model runs as exported.
         """
@@ -195,7 +196,7 @@ class Predictor:
         with progress_bar("predicting", len(paths), show_progress) as advance:
             for positions, batch_proba, batch_errors in run_batches(
                     forward, paths, self.preprocessing, batch_size=batch_size, workers=workers,
-                    precision=precision, progress=advance):
+                    precision=precision, progress=advance, max_pixels=max_pixels):
                 proba[positions.start:positions.stop] = batch_proba.numpy()
                 errors[positions.start:positions.stop] = batch_errors
         return proba, errors

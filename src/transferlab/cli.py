@@ -44,6 +44,11 @@ def _setup_logging(verbose: bool = True) -> None:
                         handlers=[RichHandler(console=err, show_time=False, show_path=False)])
 
 
+MAX_PIXELS_OPTION = typer.Option(None, min=1, help="Refuse images with more pixels than this, read "
+                                 "from the header before decoding (decompression bombs) "
+                                 "[default: 100,000,000].")
+
+
 def _given(**options) -> dict:
     """Only the options the user set: None never overrides a library default."""
     return {k: v for k, v in options.items() if v is not None}
@@ -52,13 +57,14 @@ def _given(**options) -> dict:
 @app.command()
 def info(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-         duplicates: bool = typer.Option(False, "--duplicates", help="List every duplicate group.")):
+         duplicates: bool = typer.Option(False, "--duplicates", help="List every duplicate group."),
+         max_pixels: Optional[int] = MAX_PIXELS_OPTION):
     """What is in a data folder, and what is wrong with it."""
     _setup_logging(verbose=False)
     from .data import ImageFolderData
     from .inspect import describe
 
-    report = describe(ImageFolderData(data))
+    report = describe(ImageFolderData(data, **_given(max_pixels=max_pixels)))
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -102,6 +108,7 @@ def _shared_training_options(
         test: float = typer.Option(0.15, help="Test fraction."),
         seed: Optional[int] = typer.Option(None, help="Seed of the split, initialisation and "
                                            "shuffling [default: 0]."),
+        max_pixels: Optional[int] = MAX_PIXELS_OPTION,
         dedupe_split: bool = typer.Option(True, help="Keep duplicate images within one split "
                                           "(--no-dedupe-split only to measure how much leakage inflates "
                                           "test accuracy)."),
@@ -183,6 +190,7 @@ def _split_settings(settings: dict) -> tuple[dict, dict, bool]:
     show_progress = not settings.pop("quiet")
     no_cache, cache_dir = settings.pop("no_cache"), settings.pop("cache_dir")
     dataset = {name: settings.pop(name) for name in ("val", "test", "dedupe_split")}
+    dataset.update(_given(max_pixels=settings.pop("max_pixels")))
     options = _given(**settings, cache_dir=str(cache_dir) if cache_dir else None)
     if no_cache:
         options["cache_dir"] = None
@@ -309,6 +317,7 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
                                                     "runs/evaluate-DATA-TIME]."),
              batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 32]."),
              precision: Optional[str] = typer.Option(None, help="auto, bf16 or 32 [default: auto]."),
+             max_pixels: Optional[int] = MAX_PIXELS_OPTION,
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")):
     """Accuracy, loss, F1, per-class scores, confusion matrix, ROC-AUC, calibration and a
     bootstrap interval of a saved model on a labelled folder."""
@@ -316,7 +325,8 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
     from .data import ImageFolderData
     from .evaluation import EVALUATED, evaluate as evaluate_model
 
-    dataset = ImageFolderData(data, val=val, test=test, seed=seed, min_classes=1 if split == "all" else 2)
+    dataset = ImageFolderData(data, val=val, test=test, seed=seed, min_classes=1 if split == "all" else 2,
+                              **_given(max_pixels=max_pixels))
     result = evaluate_model(model, dataset, out=out_dir, split=split, show_progress=not quiet,
                             **_given(batch_size=batch_size, precision=precision))
     print_metrics(result.metrics[EVALUATED], result.metrics["classes"],
@@ -370,7 +380,8 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
             backend: str = typer.Option("torch", help="torch, or onnx: the bundle's model.onnx in "
                                         "onnxruntime (made by `transferlab export`)."),
             tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image "
-                                     "and its mirror image (twice the compute).")):
+                                     "and its mirror image (twice the compute)."),
+            max_pixels: Optional[int] = MAX_PIXELS_OPTION):
     """Top-k classes with probabilities for images."""
     from .errors import ConfigError
 
@@ -387,7 +398,8 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
     if not paths:
         raise ConfigError(f"no files match {' '.join(inputs)}")
     results = predictor.predict(paths, top_k=top_k, show_progress=output_format == "table", tta=tta,
-                                **_given(batch_size=batch_size, precision=precision))
+                                **_given(batch_size=batch_size, precision=precision,
+                                         max_pixels=max_pixels))
     good = [r for r in results if not r.error]
     if output_format == "json":
         print(json.dumps({"predictions": [r.to_dict() for r in results]}, indent=2))

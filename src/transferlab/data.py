@@ -127,9 +127,19 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _files_under(folder: Path, ignored: list[Path]) -> list[Path]:
+    """Every file below `folder`, following linked folders but never into one already visited, so a
+    link back up the tree (a loop) is skipped instead of walked forever."""
     files = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(Path(d)))
+    visited = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if _is_hidden(Path(name)) or real in visited:
+                continue
+            visited.add(real)
+            kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             path = Path(dirpath) / name
             (ignored if _is_hidden(path) else files).append(path)

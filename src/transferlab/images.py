@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import warnings
+import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -75,33 +77,27 @@ def open_rgb(path: str | Path | BinaryIO, draft_size: int | None = None,
     `max_pixels`.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_header(image, max_pixels)
-                if draft_size and image.format == "JPEG":
-                    image.draft("RGB", (draft_size, draft_size))
-                image.seek(0)  # first frame of animations and multi-page files
-                return to_rgb(ImageOps.exif_transpose(image))
+        with _open_checked(path, max_pixels) as image:
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.seek(0)  # first frame of animations and multi-page files
+            return to_rgb(ImageOps.exif_transpose(image))
     except UnreadableImage:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise TooManyPixels(f"too many pixels ({error})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
-        raise UnreadableImage(_reason(error)) from None
+    except _DECODE_ERRORS as error:
+        raise UnreadableImage(_reason(error, path)) from None
 
 
 def read_info(path: Path, with_phash: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Header facts, a content hash and (optionally) a perceptual hash; the file is fully decoded so
     that truncated files are caught here rather than during training."""
     try:
-        with Image.open(path) as image:
-            _check_header(image, max_pixels)
+        with _open_checked(path, max_pixels) as image:
             fmt, mode, (width, height) = image.format, image.mode, image.size
     except UnreadableImage:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
-        raise UnreadableImage(_reason(error)) from None
+    except _DECODE_ERRORS as error:
+        raise UnreadableImage(_reason(error, path)) from None
     # Decoding at 64 px is enough for the 32x32 perceptual hash and proves the data is decodable.
     rgb = open_rgb(path, draft_size=64, max_pixels=max_pixels)
     phash = _phash(rgb) if with_phash else None
@@ -115,18 +111,46 @@ def _phash(image: Image.Image) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def _check_header(image: Image.Image, max_pixels: int) -> None:
-    if image.format not in SUPPORTED_FORMATS:
-        raise UnreadableImage(f"unsupported format {image.format}")
-    width, height = image.size
-    if width * height > max_pixels:
-        raise TooManyPixels(
-            f"{width}x{height} pixels exceeds the limit of {max_pixels:,} (possible decompression bomb)"
-        )
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
-def _reason(error: Exception) -> str:
+@contextmanager
+def _open_checked(path: str | Path | BinaryIO, max_pixels: int):
+    """Image.open with our pixel limit in place of PIL's: the header is read, nothing decoded.
+
+    PIL applies its own global limit inside Image.open (a warning above 89 MP, an error above 179 MP)
+    before we can see the size, which would make `max_pixels` impossible to raise and turns bombs
+    into PIL's messages. So PIL's check is off for the moment of reading a header, under a lock,
+    and ours runs right after, before any pixel is decoded.
+    """
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with image:
+        if image.format not in SUPPORTED_FORMATS:
+            raise UnreadableImage(f"unsupported format {image.format}")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise TooManyPixels(f"{width}x{height} pixels exceeds the limit of {max_pixels:,} (possible "
+                                "decompression bomb; raise --max-pixels / max_pixels to accept it)")
+        yield image
+
+
+def _reason(error: Exception, source: str | Path | BinaryIO) -> str:
     if isinstance(error, UnidentifiedImageError):
-        return "not a recognised image format"
+        return "empty file (0 bytes)" if _is_empty(source) else "not a recognised image format"
     text = str(error).split("\n")[0] or type(error).__name__
     return text[:200]
+
+
+def _is_empty(source: str | Path | BinaryIO) -> bool:
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            return os.stat(source).st_size == 0
+        return source.seek(0, os.SEEK_END) == 0
+    except (OSError, AttributeError, ValueError):
+        return False
