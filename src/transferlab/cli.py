@@ -38,10 +38,17 @@ def main() -> None:
 
 
 def _setup_logging(verbose: bool = True) -> None:
+    """Rich log lines on a terminal; plain "LEVEL: message" lines otherwise, so that a file name in
+    a warning is never wrapped mid-word in a CI log or a redirected file."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_time=False, show_path=False)])
+    if err.is_terminal:
+        handler: logging.Handler = RichHandler(console=err, show_time=False, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 MAX_PIXELS_OPTION = typer.Option(None, min=1, help="Refuse images with more pixels than this, read "
@@ -444,8 +451,10 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
     if output_format != "onnx":
         raise ConfigError(f"--format {output_format!r}: only onnx is supported")
     _setup_logging(verbose=False)
-    from .export import PARITY_IMAGES, export_onnx, run_val_images
+    from .atomic import check_writable
+    from .export import PARITY_IMAGES, export_onnx, export_path, run_val_images
 
+    check_writable(export_path(model, out_file, quantize).parent)  # before reading any image
     labelled = run_val_images(model, limit=None if quantize else PARITY_IMAGES)
     images, labels = labelled or (None, None)
     result = export_onnx(model, out_file, quantize=quantize, images=images, labels=labels,

@@ -26,6 +26,7 @@ _SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}
 # Perceptual hashes (64 bits) this close are the same photo re-encoded, resized or lightly edited.
 NEAR_DUPLICATE_BITS = 4
+MIN_IMAGES_TO_SPLIT = 3  # a class needs one image each for train, val and test
 
 
 @dataclass
@@ -77,18 +78,18 @@ def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
 
     candidates: list[tuple[Path, str, str | None]] = []
     ignored: list[Path] = []
+    folders: dict[str, list[Path]] = {}
     for split_name, folder in layout:
         for class_dir in _subfolders(folder):
             files = _files_under(class_dir, ignored)
-            if not files:
-                log.warning("class folder %s holds no files; ignored", class_dir)
+            folders.setdefault(class_dir.name, []).append(class_dir)
             candidates += [(path, class_dir.name, split_name) for path in files]
         ignored.extend(p for p in folder.iterdir() if p.is_file())
-
-    classes = sorted({name for _, name, _ in candidates})
-    if len(classes) < min_classes:
-        raise DataError(f"{root}: found {len(classes)} class folder(s) with files "
-                        f"{classes}; at least {min_classes} classes are needed, one sub-folder each")
+    if not folders:
+        loose = [p for p in ignored if not _is_hidden(p)]
+        raise DataError(f"{root}: no class folders" + (
+            f", only {len(loose)} loose files; put each class's images in a sub-folder per class, "
+            "such as cats/ and dogs/" if loose else "; give a folder with one sub-folder per class"))
 
     cache = ScanCache(Path(cache_dir), root) if cache_dir else None
     known = cache.load() if cache else {}
@@ -105,18 +106,33 @@ def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         results = list(pool.map(read, candidates))
 
-    scan = Scan(root, classes, [], [], [] if layout[0][0] else None, [], ignored)
-    for (path, class_name, split_name), result in zip(candidates, results):
-        if isinstance(result, UnreadableImage):
-            log.warning("skipped %s: %s", path, result)
-            scan.unreadable.append((path, str(result)))
-            continue
+    unreadable = [(path, str(result)) for (path, _, _), result in zip(candidates, results)
+                  if isinstance(result, UnreadableImage)]
+    for path, reason in unreadable:
+        log.warning("skipped %s: %s", path, reason)
+    readable = [(item, result) for item, result in zip(candidates, results)
+                if not isinstance(result, UnreadableImage)]
+    # A class is a folder with at least one readable image; an empty one is named, not trained on.
+    classes = sorted({class_name for (_, class_name, _), _ in readable})
+    for name in sorted(set(folders) - set(classes)):
+        log.warning("class folder %s holds no readable images; ignored",
+                    " and ".join(str(f) for f in folders[name]))
+    if not readable:
+        raise DataError(f"{root}: no readable images in {len(folders)} class folder(s)"
+                        + (f" ({len(unreadable)} files could not be read, such as {unreadable[0][0].name}: "
+                           f"{unreadable[0][1]})" if unreadable else " (they hold no files)"))
+    if len(classes) < min_classes:
+        empty = sorted(set(folders) - set(classes))
+        raise DataError(f"{root}: found {len(classes)} class folder(s) with images {classes}"
+                        + (f" (none readable in {empty})" if empty else "")
+                        + f"; at least {min_classes} classes are needed, one sub-folder each")
+
+    scan = Scan(root, classes, [], [], [] if layout[0][0] else None, unreadable, ignored)
+    for (path, class_name, split_name), result in readable:
         scan.images.append(result)
         scan.labels.append(classes.index(class_name))
         if scan.presplit is not None:
             scan.presplit.append(split_name)
-    if not scan.images:
-        raise DataError(f"{root}: no readable images found")
     if cache:
         cache.save(scan.images)
     return scan
@@ -190,7 +206,11 @@ def split_groups(labels: list[int], components: list[list[int]], val: float, tes
     """Stratified, seeded split that never separates the members of a component.
 
     Each component counts for the class most of its images have; per class, components are shuffled
-    and dealt to test, then val, until each holds its share of that class's images.
+    and dealt to test, then val, while they fit in that split's share of the class, the rest to
+    train. A group larger than what is left of a share goes to train rather than overfilling it (a
+    class made of one big group of near-duplicates would otherwise land wholly in test). Every class
+    of three or more images gets at least one in val and in test (when their fractions are above
+    zero); smaller classes stay whole in train.
     """
     rng = random.Random(seed)
     by_class: dict[int, list[list[int]]] = {}
@@ -202,14 +222,42 @@ def split_groups(labels: list[int], components: list[list[int]], val: float, tes
         groups = by_class[label]
         rng.shuffle(groups)
         total = sum(len(g) for g in groups)
-        wanted = {"test": round(test * total), "val": round(val * total)}
+        wanted = {"test": _share(test, total), "val": _share(val, total)}
         taken = {"test": 0, "val": 0}
         for group in groups:
-            target = next((name for name in ("test", "val") if taken[name] < wanted[name]), "train")
+            target = next((name for name in ("test", "val") if taken[name] + len(group) <= wanted[name]),
+                          "train")
             if target != "train":
                 taken[target] += len(group)
             split[target].extend(group)
     return {name: sorted(indices) for name, indices in split.items()}
+
+
+def _share(fraction: float, total: int) -> int:
+    """Images of a class of `total` that a split with `fraction` gets."""
+    if fraction == 0 or total < MIN_IMAGES_TO_SPLIT:
+        return 0
+    return max(1, round(fraction * total))
+
+
+def split_notes(classes: list[str], labels: list[int], split: dict[str, list[int]],
+                fractions: dict[str, float]) -> list[str]:
+    """What the split did that a user would not expect: classes absent from val or test, and why."""
+    notes = []
+    for label, name in enumerate(classes):
+        count = sum(1 for value in labels if value == label)
+        missing = [part for part in ("val", "test") if fractions[part] > 0
+                   and not any(labels[i] == label for i in split[part])]
+        if not missing:
+            continue
+        if count < MIN_IMAGES_TO_SPLIT:
+            why = f"has only {count} image{'s' if count > 1 else ''}: all in train"
+        else:
+            why = (f"has {count} images in duplicate groups too large for its val/test share: "
+                   "kept in train")
+        notes.append(f"class {name!r} {why}, none in {' or '.join(missing)}, so its "
+                     f"{' and '.join(missing)} scores are missing")
+    return notes
 
 
 class ImageFolderData:
@@ -252,7 +300,17 @@ class ImageFolderData:
             return {name: [i for i, s in enumerate(scan.presplit) if s == name] for name in SPLITS}
         components = (self.duplicates.components if self.dedupe_split
                       else [[i] for i in range(len(scan.images))])
-        return split_groups(scan.labels, components, self.val, self.test, self.seed)
+        split = split_groups(scan.labels, components, self.val, self.test, self.seed)
+        for note in split_notes(scan.classes, scan.labels, split, {"val": self.val, "test": self.test}):
+            log.warning("%s", note)
+        return split
+
+    def notes(self) -> list[str]:
+        """split_notes of this split (empty for a folder that came pre-split)."""
+        if self.scan.presplit is not None:
+            return []
+        return split_notes(self.scan.classes, self.scan.labels, self.split,
+                           {"val": self.val, "test": self.test})
 
     def groups_across_splits(self) -> list[list[int]]:
         """Duplicate groups whose members sit in different splits: leakage, possible only when the
@@ -311,4 +369,5 @@ class ImageFolderData:
         record["duplicate_group_files"] = scan.relative_groups(self.duplicates.exact)
         record["near_duplicate_group_files"] = scan.relative_groups(self.duplicates.near)
         record["unreadable"] = [{"file": str(p), "reason": r} for p, r in scan.unreadable]
+        record["notes"] = self.notes()
         return record
