@@ -61,20 +61,6 @@ def test_mismatched_weights_name_what_differs(tmp_path):
     assert "bn1.weight: file (3,)" in message
 
 
-def test_pickle_that_runs_code_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    path = tmp_path / "evil.pth"
-    torch.save({"state_dict": Exploit()}, path)
-    with pytest.raises(WeightsError, match="weights_only"):
-        create_backbone(TINY_BACKBONE, weights=str(path))
-    assert not marker.exists()
-
-
 def test_unknown_weights_value_is_a_clear_error():
     with pytest.raises(ConfigError, match="'imagenet', 'none' or the path"):
         create_backbone(TINY_BACKBONE, weights="imagenet21k")

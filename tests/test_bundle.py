@@ -1,11 +1,8 @@
-import json
 
 import numpy as np
-import pytest
 
 from transferlab import load_model
 from transferlab.bundle import expand_inputs
-from transferlab.errors import BundleError
 
 
 def test_round_trip_predicts_like_the_run(tiny_run, image_folder):
@@ -36,25 +33,6 @@ def _copy_bundle(tiny_run, tmp_path):
     target = tmp_path / "model"
     shutil.copytree(tiny_run.model_dir, target)
     return target
-
-
-def test_altered_truncated_or_newer_bundles_are_refused(tiny_run, tmp_path):
-    bundle = _copy_bundle(tiny_run, tmp_path)
-    weights = bundle / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-10])
-    with pytest.raises(BundleError, match="sha256 does not match"):
-        load_model(bundle)
-    bundle = _copy_bundle(tiny_run, tmp_path / "b")
-    config = json.loads((bundle / "config.json").read_text())
-    config["format_version"] = 99
-    (bundle / "config.json").write_text(json.dumps(config))
-    with pytest.raises(BundleError, match="newer than this transferlab"):
-        load_model(bundle)
-    (bundle / "config.json").write_text("{ not json")
-    with pytest.raises(BundleError, match="malformed JSON"):
-        load_model(bundle)
-    with pytest.raises(BundleError, match="not a model bundle"):
-        load_model(tmp_path / "nowhere")
 
 
 def test_saving_over_a_bundle_replaces_it_whole(tiny_run, tmp_path):

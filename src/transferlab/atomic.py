@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import ConfigError
+
 # mkstemp creates files readable by their owner only; finished files get the usual mode instead
 # (0o666 less the umask, as open() would give), read once here because reading it means setting it.
 _UMASK = os.umask(0o022)
@@ -46,3 +48,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Fail before any work if `folder` (created if missing) cannot be written: one clear error
+    instead of a traceback once the work is done."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{folder}: cannot write the output folder ({error.strerror}); choose "
+                          "another --out") from None

@@ -97,7 +97,39 @@ def read_config(folder: str | Path) -> dict:
                if k not in config]
     if missing:
         raise BundleError(f"{path}: missing {', '.join(missing)}")
+    try:
+        _check_fields(config)
+    except (KeyError, TypeError, ValueError) as error:
+        text = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise BundleError(f"{path}: {text}; not a usable transferlab bundle, re-save or re-train "
+                          "the model") from None
     return config
+
+
+def _check_fields(config: dict) -> None:
+    """Every field the loader uses has the type and shape it needs: a config.json may come from
+    anywhere, and a wrong value must be refused here rather than fail somewhere inside torch."""
+    classes = config["classes"]
+    if (not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise ValueError(f"classes={classes!r}: expected a list of distinct class names")
+    for name in ("backbone", "weights_sha256"):
+        if not isinstance(config[name], str):
+            raise ValueError(f"{name}={config[name]!r}: expected text")
+    cut_layer = config.get("cut_layer")
+    if cut_layer is not None and (not isinstance(cut_layer, int) or isinstance(cut_layer, bool)):
+        raise ValueError(f"cut_layer={cut_layer!r}: expected a feature stage index")
+    for name, parse in (("head", HeadSpec.from_dict), ("preprocessing", Preprocessing.from_dict)):
+        if not isinstance(config[name], dict):
+            raise ValueError(f"{name}: expected an object")
+        try:
+            parsed = parse(config[name])
+        except KeyError as error:
+            raise ValueError(f"{name}: missing {error}") from None
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name}: {error}") from None
+        if name == "head" and parsed.num_classes != len(classes):
+            raise ValueError(f"head: {parsed.num_classes} outputs for {len(classes)} classes")
 
 
 def load_network(folder: str | Path) -> tuple[ClassifierNet, dict]:

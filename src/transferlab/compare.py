@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .atomic import write_json, write_text
+from .atomic import check_writable, write_json, write_text
 from .data import ImageFolderData
 from .errors import ConfigError, TransferlabError
 from .runfiles import COMPARISON_FILE, METRICS_FILE, RUN_FILE, environment
-from .strategies import STRATEGIES, TrainConfig, check_writable, train
+from .strategies import STRATEGIES, TrainConfig, train
 
 log = logging.getLogger(__name__)
 

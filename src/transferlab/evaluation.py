@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .atomic import write_json
+from .atomic import check_writable, write_json
 from .bundle import load_model, read_config
 from .data import SPLITS, ImageFolderData
 from .errors import ConfigError, DataError
@@ -44,11 +44,12 @@ def evaluate(model: str | os.PathLike, data: ImageFolderData | str | os.PathLike
     config = read_config(model)
     if not isinstance(data, ImageFolderData):
         data = ImageFolderData(data, min_classes=1 if split == "all" else 2)
+    out = Path(out or Path("runs") / f"evaluate-{data.root.resolve().name}-{datetime.now():%Y%m%d-%H%M%S}")
+    check_writable(out)
     indices = list(range(len(data.scan.images))) if split == "all" else data.split[split]
     if not indices:
         raise DataError(f"{data.root}: no readable images{'' if split == 'all' else ' in ' + split}")
     to_model = _class_mapping(data.classes, config["classes"], data.root, model)
-    out = Path(out or Path("runs") / f"evaluate-{data.root.resolve().name}-{datetime.now():%Y%m%d-%H%M%S}")
 
     predictor = load_model(model)
     files = [data.scan.images[i].path for i in indices]

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, check_writable, write_json
 from .bundle import CONFIG_FILE, Predictor, load_network, read_config
 from .errors import BundleError, ConfigError, ExportError
 from .images import sha256_of
@@ -49,6 +49,11 @@ class ExportResult:
     parity: dict
 
 
+def export_path(model_dir: str | Path, out: str | Path | None = None, quantize: str | None = None) -> Path:
+    """Where an export goes: `out`, else model.onnx (or model.int8.onnx) in the bundle."""
+    return Path(out) if out else Path(model_dir) / (INT8_FILE if quantize else ONNX_FILE)
+
+
 def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantize: str | None = None,
                 images: Sequence[str | Path] | None = None, labels: Sequence[int] | None = None,
                 opset: int = DEFAULT_OPSET, batch_size: int = 32,
@@ -72,8 +77,9 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
     if labels is not None and (images is None or len(labels) != len(images)):
         raise ConfigError(f"labels: {len(labels)} given for {len(images or [])} images; give one "
                           "class index per image")
+    out = export_path(model_dir, out, quantize)
+    check_writable(out.parent)
     net, config = load_network(model_dir)
-    out = Path(out) if out else model_dir / (INT8_FILE if quantize else ONNX_FILE)
     with atomic_path(out) as staged:  # renamed onto `out` only if every check below passes
         if quantize:
             with tempfile.TemporaryDirectory(prefix="transferlab-export-") as scratch:

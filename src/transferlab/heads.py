@@ -26,8 +26,20 @@ class HeadSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HeadSpec":
-        return cls(int(data["in_features"]), int(data["num_classes"]), tuple(data.get("hidden", ())),
-                   float(data.get("dropout", 0.0)), str(data.get("pool", "")))
+        """From a bundle's config.json; a ValueError names any bad field (a bundle may come from
+        anywhere)."""
+        def count(value, name: str) -> int:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive whole number")
+            return value
+
+        dropout, pool = data.get("dropout", 0.0), data.get("pool", "")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout={dropout!r}: expected a number in [0, 1)")
+        if pool not in ("", *POOLS):
+            raise ValueError(f"pool={pool!r}: use {', '.join(POOLS)} or nothing")
+        return cls(count(data["in_features"], "in_features"), count(data["num_classes"], "num_classes"),
+                   tuple(count(width, "hidden") for width in data.get("hidden", ())), float(dropout), pool)
 
 
 POOLS = ("avg", "flatten")

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .atomic import write_json
+from .atomic import check_writable, write_json
 from .backbones import DEFAULT_BACKBONE, CutBackbone, count_parameters, resolve_name
 from .bundle import Predictor, save_model
 from .cache import default_cache_dir
@@ -298,17 +297,6 @@ def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig,
             raise DataError(f"{data.root}: the images changed since {run_dir} started ({name} split differs "
                             "from split.json); start a new run")
     return data, config, run_dir
-
-
-def check_writable(run_dir: Path) -> None:
-    """Fail before any work if the run directory cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise ConfigError(f"{run_dir}: cannot write the run directory ({error.strerror}); "
-                          "choose another --out") from None
 
 
 def _log_data(data: ImageFolderData) -> None:

@@ -18,6 +18,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .atomic import atomic_path
 from .callbacks import History
+from .errors import WeightsError
 from .runfiles import HISTORY_FILE
 
 CHECKPOINTS = "checkpoints"
@@ -54,7 +55,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return read_checkpoint(path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint as tensors and plain data (weights_only=True): anything else, such as
+    a pickle that would run code, is refused with one clear error rather than a traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"{path}: refused to load this checkpoint ({reason}); only plain tensor "
+                           "checkpoints are read (weights_only=True). If it is not yours, delete it; "
+                           "otherwise start a new run") from None
 
 
 def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path, *,
@@ -92,7 +105,7 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
 
     best_epoch = None
     if checkpoint.best_model_path and Path(checkpoint.best_model_path).is_file():
-        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(checkpoint.best_model_path)
         module.load_state_dict(state["state_dict"])
         best_epoch = int(state["epoch"])
     images = len(datamodule.data.split["train"]) * timer.epochs

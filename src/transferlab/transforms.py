@@ -27,9 +27,28 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, config: dict) -> "Preprocessing":
-        return cls(input_size=tuple(config["input_size"]), interpolation=config["interpolation"],
-                   mean=tuple(config["mean"]), std=tuple(config["std"]),
-                   crop_pct=float(config["crop_pct"]), crop_mode=config.get("crop_mode", "center"))
+        """From timm's data config or a bundle's config.json; a ValueError names any bad field
+        (a bundle may come from anywhere)."""
+        def numbers(name: str, kind: type, length: int, positive: bool = True) -> tuple:
+            value = config[name]
+            if (not isinstance(value, (list, tuple)) or len(value) != length
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and (v > 0 or not positive) for v in value)):
+                raise ValueError(f"{name}={value!r}: expected {length} {'positive ' * positive}numbers")
+            return tuple(kind(v) for v in value)
+
+        input_size = numbers("input_size", int, 3)
+        crop_pct = config["crop_pct"]
+        if not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 2:
+            raise ValueError(f"crop_pct={crop_pct!r}: expected a number in (0, 2]")
+        interpolation, crop_mode = config["interpolation"], config.get("crop_mode", "center")
+        if interpolation not in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"):
+            raise ValueError(f"interpolation={interpolation!r}: not an interpolation timm knows")
+        if crop_mode not in ("center", "squash", "border"):
+            raise ValueError(f"crop_mode={crop_mode!r}: use center, squash or border")
+        return cls(input_size=input_size, interpolation=interpolation,
+                   mean=numbers("mean", float, input_size[0], positive=False),
+                   std=numbers("std", float, input_size[0]), crop_pct=float(crop_pct), crop_mode=crop_mode)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -175,6 +175,23 @@ class CliResult:
     stderr: str
 
 
+def run_main(capsys, *args) -> CliResult:
+    """The `transferlab` entry point in this process (seconds faster than run_cli): the same exit
+    code and error line; an unexpected exception propagates, as a traceback would."""
+    from transferlab.cli import main
+
+    argv, sys.argv = sys.argv, ["transferlab", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
 def run_cli(*args, env=None, prefix: list[str] = (), timeout: float = 300) -> CliResult:
     """The `transferlab` entry point in a fresh process, as a user runs it (exit code, stderr)."""
     command = [*prefix, sys.executable, "-c", "from transferlab.cli import main; main()", *map(str, args)]
