@@ -32,4 +32,5 @@ def describe(data: ImageFolderData) -> dict:
         "label_conflicts": scan.relative_groups(conflicts),
         "unreadable": [{"file": str(p), "reason": r} for p, r in scan.unreadable],
         "ignored": len(scan.ignored),
+        "split_notes": data.notes(),
     }

@@ -148,6 +148,7 @@ def _dataset(files: RunFiles, root: Path) -> dict:
         "summary": summary, "leakage": (metrics.get("test") or {}).get("leakage"),
         "groups": groups[:GROUPS_SHOWN], "more_groups": max(0, len(groups) - GROUPS_SHOWN),
         "unreadable": (split or {}).get("unreadable", []),
+        "notes": (split or {}).get("notes", []),
         "unreadable_count": summary.get("unreadable", metrics.get("data", {}).get("unreadable", 0)),
     }
 

@@ -106,6 +106,7 @@ def test_tiny_classes_train_end_to_end(tmp_path):
                      "--out", tmp_path / "run", "--no-cache", "--quiet")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "'two' has only 2 images" in result.stderr
+    assert "&#39;two&#39; has only 2 images" in (tmp_path / "run" / "report.html").read_text()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["classes"] == ["many", "two"] and metrics["test"]["size"] >= 1
 
