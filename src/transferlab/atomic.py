@@ -51,13 +51,17 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def check_writable(folder: str | os.PathLike) -> None:
-    """Fail before any work if `folder` (created if missing) cannot be written: one clear error
-    instead of a traceback once the work is done."""
+    """Fail before any work if `folder` cannot be written (or created): one clear error instead of a
+    traceback once the work is done. Leaves no trace: a missing folder is not created here."""
     folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        # creating something is the only honest test: modes say nothing to root or on read-only mounts
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
     except OSError as error:
         raise ConfigError(f"{folder}: cannot write the output folder ({error.strerror}); choose "
                           "another --out") from None
