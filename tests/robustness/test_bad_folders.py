@@ -15,7 +15,7 @@ from transferlab import ImageFolderData
 from transferlab.errors import DataError
 
 from conftest import TINY_BACKBONE
-from messy import run_cli
+from messy import run_cli, run_main
 
 
 def _images(folder, count, seed=0, size=16):
@@ -50,18 +50,18 @@ def test_empty_class_folder_is_ignored_by_name(tmp_path, caplog):
     assert [path.name for path, _ in data.scan.unreadable] == ["broken.jpg"]
 
 
-def test_a_single_class_is_one_clear_error(tmp_path):
+def test_a_single_class_is_one_clear_error(tmp_path, capsys):
     _images(tmp_path / "data" / "only", 6)
     (tmp_path / "data" / "empty").mkdir()
     with pytest.raises(DataError, match="at least 2 classes"):
         ImageFolderData(tmp_path / "data", cache_dir=None).scan
-    result = run_cli("train", tmp_path / "data", "--out", tmp_path / "run", "--no-cache")
+    result = run_main(capsys, "train", tmp_path / "data", "--out", tmp_path / "run", "--no-cache")
     _one_error_line(result, "at least 2 classes", "only", "empty")
     assert not (tmp_path / "run" / "run.json").exists()
 
 
 @pytest.mark.parametrize("layout", ["nothing", "only text", "images at the top", "broken images"])
-def test_a_folder_without_usable_images_says_what_it_found(tmp_path, layout):
+def test_a_folder_without_usable_images_says_what_it_found(tmp_path, layout, capsys):
     root = tmp_path / "data"
     root.mkdir()
     expected = {"nothing": "no class folders",
@@ -80,7 +80,7 @@ def test_a_folder_without_usable_images_says_what_it_found(tmp_path, layout):
             (root / name / "x.jpg").write_bytes(b"")
     with pytest.raises(DataError, match=expected):
         ImageFolderData(root, cache_dir=None).scan
-    _one_error_line(run_cli("info", root), expected, str(root))
+    _one_error_line(run_main(capsys, "info", root), expected, str(root))
 
 
 def test_classes_with_one_or_two_images_still_split_and_it_is_said(tmp_path, caplog):
@@ -99,13 +99,13 @@ def test_classes_with_one_or_two_images_still_split_and_it_is_said(tmp_path, cap
     assert any("'one'" in note for note in notes) and any("'two'" in note for note in notes)
 
 
-def test_tiny_classes_train_end_to_end(tmp_path):
+def test_tiny_classes_train_end_to_end(tmp_path, capsys, caplog):
     _images(tmp_path / "data" / "many", 12, 0)
     _images(tmp_path / "data" / "two", 2, 2)
-    result = run_cli("train", tmp_path / "data", "--backbone", TINY_BACKBONE, "--weights", "none",
+    result = run_main(capsys, "train", tmp_path / "data", "--backbone", TINY_BACKBONE, "--weights", "none",
                      "--out", tmp_path / "run", "--no-cache", "--quiet")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    assert "'two' has only 2 images" in result.stderr
+    assert "'two' has only 2 images" in caplog.text
     assert "&#39;two&#39; has only 2 images" in (tmp_path / "run" / "report.html").read_text()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["classes"] == ["many", "two"] and metrics["test"]["size"] >= 1

@@ -12,7 +12,8 @@ from transferlab import ImageFolderData, load_model
 from transferlab.images import UnreadableImage, open_rgb, read_info
 
 from conftest import TINY_BACKBONE
-from messy import CASES_BY_NAME, FILE_CASES, huge_jpeg, png_header_only, run_cli, write_cases
+from messy import (CASES_BY_NAME, FILE_CASES, huge_jpeg, png_header_only, run_cli, run_main,
+                   write_cases)
 
 
 @pytest.mark.parametrize("case", FILE_CASES, ids=lambda case: case.name)
@@ -112,9 +113,10 @@ def test_messy_folder_keeps_every_good_image_and_names_every_bad_one(messy_folde
     assert sum(len(files) for files in data.split.values()) == len(scan.images)
 
 
-def test_info_and_train_on_the_messy_folder_name_bad_files_without_a_traceback(messy_folder, tmp_path):
+def test_info_and_train_on_the_messy_folder_name_bad_files_without_a_traceback(messy_folder, tmp_path,
+                                                                               capsys):
     root = messy_folder["root"]
-    info = run_cli("info", root, "--json")
+    info = run_main(capsys, "info", root, "--json")
     assert info.returncode == 0 and "Traceback" not in info.stderr, info.stderr
     report = json.loads(info.stdout)
     assert len(report["unreadable"]) == len(messy_folder["bad"]) + len(messy_folder["unreadable_links"])
@@ -133,7 +135,7 @@ def test_info_and_train_on_the_messy_folder_name_bad_files_without_a_traceback(m
     odd = [root / "brïght café" / name for name in messy_folder["odd"]]
     assert all(not p.error for p in model.predict(odd))
 
-    predicted = run_cli("predict", run_dir / "model", *(root / "dark [old] (2)" / name
+    predicted = run_main(capsys, "predict", run_dir / "model", *(root / "dark [old] (2)" / name
                                                          for name in messy_folder["bad"]), odd[0])
     assert predicted.returncode == 1 and "Traceback" not in predicted.stderr
     errors = [line for line in predicted.stderr.splitlines() if line.startswith("error:")]
@@ -142,14 +144,14 @@ def test_info_and_train_on_the_messy_folder_name_bad_files_without_a_traceback(m
     assert odd[0].name in predicted.stdout
 
 
-def test_max_pixels_option_refuses_big_images_by_name(tmp_path):
+def test_max_pixels_option_refuses_big_images_by_name(tmp_path, capsys):
     root = tmp_path / "data"
     for name, colour in (("a", "red"), ("b", "blue")):
         (root / name).mkdir(parents=True)
         for index in range(3):
             Image.new("RGB", (40, 40), colour).save(root / name / f"{index}.png")
     Image.new("RGB", (200, 100), "red").save(root / "a" / "large.png")
-    result = run_cli("info", root, "--max-pixels", 10_000, "--json")
+    result = run_main(capsys, "info", root, "--max-pixels", 10_000, "--json")
     assert result.returncode == 0, result.stderr
     unreadable = json.loads(result.stdout)["unreadable"]
     assert [os.path.basename(item["file"]) for item in unreadable] == ["large.png"]

@@ -13,7 +13,7 @@ from transferlab.backbones import create_backbone
 from transferlab.errors import BundleError, WeightsError
 
 from conftest import TINY_BACKBONE
-from messy import run_cli, run_main
+from messy import run_main
 
 
 class _Exploit:
@@ -140,7 +140,7 @@ def test_loading_and_predicting_never_unpickle(tiny_run, image_folder, monkeypat
     assert all(not r.error for r in results)
 
 
-def test_a_pth_that_would_run_code_is_refused(image_folder, tmp_path):
+def test_a_pth_that_would_run_code_is_refused(image_folder, tmp_path, capsys):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": _Exploit(marker)}, path)
@@ -148,18 +148,18 @@ def test_a_pth_that_would_run_code_is_refused(image_folder, tmp_path):
         create_backbone(TINY_BACKBONE, weights=str(path))
     assert not marker.exists()
     # and as --weights of a training run, from the command line
-    result = run_cli("train", image_folder, "--backbone", TINY_BACKBONE, "--weights", path,
+    result = run_main(capsys, "train", image_folder, "--backbone", TINY_BACKBONE, "--weights", path,
                      "--out", tmp_path / "run", "--no-cache")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert str(path) in result.stderr and not marker.exists()
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_on_resume(tiny_head_run, tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused_on_resume(tiny_head_run, tmp_path, capsys):
     run_dir = shutil.copytree(tiny_head_run.dir, tmp_path / "run")
     marker = tmp_path / "pwned"
     (run_dir / "metrics.json").unlink()  # an interrupted run, as far as --resume can tell
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     torch.save({"state_dict": _Exploit(marker), "epoch": 0}, checkpoint)
-    result = run_cli("train", "--resume", run_dir, "--epochs", 3, "--quiet")
+    result = run_main(capsys, "train", "--resume", run_dir, "--epochs", 3, "--quiet")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert str(checkpoint) in result.stderr and not marker.exists()
