@@ -313,7 +313,7 @@ def test_resume_before_run_json_is_one_clear_error(state, image_folder, tmp_path
     run_dir = tmp_path / "run"
     if state != "no directory":
         run_dir.mkdir()
-        (run_dir / ".write-test-abc123").write_bytes(b"")  # check_writable's probe, if killed there
+        (run_dir / ".write-test.abc123.tmp").write_bytes(b"")  # check_writable's probe, if killed there
     if state == "split.json only":
         (run_dir / "split.json").write_text(json.dumps(ImageFolderData(image_folder).split_record()))
     monkeypatch.setattr(sys, "argv", ["transferlab", "train", "--resume", str(run_dir), "--quiet"])
