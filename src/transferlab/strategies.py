@@ -284,6 +284,9 @@ def _precision_parity(predictor, data: ImageFolderData, fast: np.ndarray, config
 
 def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig, Path]:
     path = run_dir / RUN_FILE
+    if not path.is_file():  # such as a run killed before it saved its configuration
+        raise ConfigError(f"{run_dir}: nothing to resume, it holds no {RUN_FILE}; start the run again "
+                          f"with `transferlab train DATA --out {run_dir}`")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         stored = {f.name: record["config"][f.name] for f in fields(TrainConfig)
