@@ -2,7 +2,7 @@ import numpy as np
 
 from transferlab.backbones import create_backbone
 from transferlab.data import ImageFolderData
-from transferlab.embeddings import EmbeddingCache, embed_files
+from transferlab.embeddings import embed_files
 from transferlab.transforms import Preprocessing
 
 from conftest import TINY_BACKBONE
@@ -30,16 +30,6 @@ def test_second_call_reads_the_cache(image_folder, tmp_path):
     _, stats = embed_files(other, paths[:2], hashes[:2], pre, cache_dir=tmp_path, show_progress=False,
                            precision="32")
     assert stats.embedded == 2
-
-
-def test_damaged_shard_is_ignored_not_trusted(tmp_path, caplog):
-    cache = EmbeddingCache(tmp_path)
-    cache.save({"a" * 64: np.ones(4, dtype=np.float32)})
-    shard = next(tmp_path.glob("shard-*.safetensors"))
-    shard.write_bytes(shard.read_bytes()[:20])
-    assert cache.load() == {}
-    assert "damaged cache shard" in caplog.text
-    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_bf16_embeddings_stay_close_to_fp32(image_folder):

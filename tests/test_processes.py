@@ -1,12 +1,11 @@
-"""Real processes: a train killed with SIGKILL and resumed, and a 2-process DDP run on CPU (gloo)."""
+"""Real processes: a 2-process DDP run on CPU (gloo). Trains killed with SIGKILL and resumed are in
+robustness/test_interruptions.py."""
 
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -37,31 +36,6 @@ def bright_and_dark(tmp_path_factory):
 def epochs_in(run_dir) -> list[int]:
     with open(run_dir / "history.csv", newline="") as handle:
         return [int(row["epoch"]) for row in csv.DictReader(handle)]
-
-
-def test_killed_train_resumes_to_a_complete_run(bright_and_dark, tmp_path):
-    run_dir = tmp_path / "run"
-    command = cli("train", bright_and_dark, "--strategy", "scratch", "--epochs", 30, "--batch-size", 8,
-                  "--out", run_dir, "--no-cache", "--quiet")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "last.ckpt").is_file() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.1)  # kill in the middle of a later epoch
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
-    done = epochs_in(run_dir)
-    assert done and done == list(range(len(done)))
-
-    resumed = subprocess.run(cli("train", "--resume", run_dir, "--quiet"), capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert epochs_in(run_dir) == list(range(30))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 30 and metrics["test"]["accuracy"] is not None
-    assert not list(run_dir.rglob("*.tmp")), "a half-written file was left behind"
-    load_model(run_dir / "model")
 
 
 def test_two_process_ddp_predicts_like_a_single_process(bright_and_dark, tmp_path):

@@ -1,9 +1,15 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+A write goes to a temporary beside its target and is renamed onto it when complete. A process killed
+before the rename leaves the temporary behind; temporaries are therefore named so that nothing mistakes
+them for data (hidden, ending in .tmp) and remove_temporaries can find them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,12 +25,29 @@ FILE_MODE = 0o666 & ~_UMASK
 DIR_MODE = 0o777 & ~_UMASK  # mkdtemp makes owner-only folders too
 
 
+def temporary_beside(path: str | os.PathLike) -> dict:
+    """tempfile's prefix, suffix and dir for a temporary file or folder standing in for `path`:
+    `.NAME.XXXXXXXX.tmp` in the same folder (so the final rename stays on one file system)."""
+    path = Path(path)
+    return {"prefix": f".{path.name}.", "suffix": ".tmp", "dir": path.parent}
+
+
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporaries that killed writes left directly in `folder`. Only when no write into
+    `folder` can be under way: a temporary in use would vanish before its rename."""
+    for path in Path(folder).glob(".*.tmp"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(**temporary_beside(path))
     os.close(fd)
     os.chmod(tmp, FILE_MODE)
     tmp_path = Path(tmp)
@@ -61,7 +84,7 @@ def check_writable(folder: str | os.PathLike) -> None:
         if not existing.is_dir():
             raise NotADirectoryError(20, "Not a directory", str(existing))
         # creating something is the only honest test: modes say nothing to root or on read-only mounts
-        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+        os.rmdir(tempfile.mkdtemp(**temporary_beside(existing / "write-test")))
     except OSError as error:
         raise ConfigError(f"{folder}: cannot write the output folder ({error.strerror}); choose "
                           "another --out") from None

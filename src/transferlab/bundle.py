@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import DIR_MODE, FILE_MODE, write_json
+from .atomic import DIR_MODE, FILE_MODE, temporary_beside, write_json
 from .errors import BundleError, ConfigError
 from .heads import HeadSpec, build_head
 from .images import DEFAULT_MAX_PIXELS, sha256_of
@@ -53,7 +53,7 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(**temporary_beside(folder)))
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE))
@@ -65,7 +65,7 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
                   "training": training or {}, "weights_sha256": sha256_of(staging / WEIGHTS_FILE)}
         write_json(staging / CONFIG_FILE, config)
         if folder.exists():
-            retired = folder.with_name(f".{folder.name}.old")
+            retired = folder.with_name(f".{folder.name}.old.tmp")  # a temporary too, if killed here
             shutil.rmtree(retired, ignore_errors=True)
             folder.rename(retired)
             staging.rename(folder)

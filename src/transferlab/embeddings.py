@@ -3,7 +3,7 @@
 A cache entry is keyed by (backbone, weights, preprocessing, precision) and by each file's sha256,
 so renaming or moving files keeps the cache warm and editing an image invalidates only that image.
 Entries are written in safetensors shards, each shard atomically, so a killed run leaves every
-finished shard usable and never a half-written one.
+finished shard usable and never a half-written one (at worst a hidden temporary, which load skips).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from .transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
-SHARD_SIZE = 1024  # images per shard: how much work a kill can lose
+# A shard is saved every SHARD_SIZE images or SHARD_SECONDS, whichever comes first: a kill loses at
+# most that much work, also with a backbone that takes minutes for 1024 images.
+SHARD_SIZE = 1024
+SHARD_SECONDS = 60.0
 
 
 class EmbeddingCache:
@@ -92,7 +95,7 @@ def embed_files(backbone: torch.nn.Module, paths: Sequence[Path], hashes: Sequen
     vectors: dict[str, np.ndarray] = {h: known[h] for h in hashes if h in known}
     if todo:
         pending: dict[str, np.ndarray] = {}
-        start = time.perf_counter()
+        start = saved = time.perf_counter()
         with progress_bar("embedding", len(todo), show_progress) as advance:
             batches = run_batches(TorchEngine(backbone), [paths[i] for i in todo], pre,
                                   batch_size=batch_size, workers=workers, precision=precision,
@@ -102,10 +105,10 @@ def embed_files(backbone: torch.nn.Module, paths: Sequence[Path], hashes: Sequen
                     if error:
                         raise DataError(f"{paths[todo[position]]}: became unreadable ({error}); rerun")
                     pending[hashes[todo[position]]] = vector
-                if cache and len(pending) >= SHARD_SIZE:
+                if cache and (len(pending) >= SHARD_SIZE or time.perf_counter() - saved >= SHARD_SECONDS):
                     cache.save(pending)
                     vectors.update(pending)
-                    pending = {}
+                    pending, saved = {}, time.perf_counter()
         if cache:
             cache.save(pending)
         vectors.update(pending)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .atomic import check_writable, write_json
+from .atomic import check_writable, remove_temporaries, write_json
 from .backbones import DEFAULT_BACKBONE, CutBackbone, count_parameters, resolve_name
 from .bundle import Predictor, save_model
 from .cache import default_cache_dir
@@ -35,6 +35,7 @@ from .runfiles import (HISTORY_FILE, METRICS_FILE, MODEL_DIR, RUN_FILE, SPLIT_FI
                        read_history)
 from .recipes import RECIPES, train_network
 from .runner import resolve_precision
+from .training import CHECKPOINTS
 from .transforms import AUGMENTATIONS
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,9 @@ def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str
     """Train `strategy` on `data` and write a run directory (model/, metrics.json, split.json, ...).
 
     `resume` continues the run in that directory from its last checkpoint, with its configuration
-    and split; only `epochs` and how it runs (workers, devices, ...) may change. In a distributed
-    run, processes other than the main one return None.
+    and split; only `epochs` and how it runs (workers, devices, ...) may change. extract has no
+    checkpoint: it starts again, and its embedding cache keeps the images a killed run embedded.
+    In a distributed run, processes other than the main one return None.
     """
     if resume is not None:
         data, config, run_dir = _resume(Path(resume), options)
@@ -188,6 +190,10 @@ def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str
     metrics["timing"].update(scan_s=round(scan_s, 3), total_s=round(time.perf_counter() - started, 3))
     write_json(run_dir / METRICS_FILE, metrics)
     _write_report(run_dir)
+    # A run killed earlier in this directory may have left temporaries (killed between a write and
+    # its rename). Removed here, by the main process of a complete run: nothing can be writing one.
+    for folder in (run_dir, run_dir / CHECKPOINTS):
+        remove_temporaries(folder)
     return Run(run_dir, metrics)
 
 
@@ -277,6 +283,9 @@ def _precision_parity(predictor, data: ImageFolderData, fast: np.ndarray, config
 
 def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig, Path]:
     path = run_dir / RUN_FILE
+    if not path.is_file():  # such as a run killed before it saved its configuration
+        raise ConfigError(f"{run_dir}: nothing to resume, it holds no {RUN_FILE}; start the run again "
+                          f"with `transferlab train DATA --out {run_dir}`")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         stored = {f.name: record["config"][f.name] for f in fields(TrainConfig)

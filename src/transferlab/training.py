@@ -75,7 +75,13 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
         early_stopping: int | None = None, callbacks: list[L.Callback] = (),
         show_progress: bool = True) -> FitResult:
     """Train, resuming from run_dir/checkpoints/last.ckpt when it exists, then load the weights of the
-    epoch with the lowest validation loss into `module`."""
+    epoch with the lowest validation loss into `module`.
+
+    What this writes into run_dir is replaced atomically (checkpoints, history.csv), except logs/:
+    TensorBoard's event files are an append-only record stream, read while it grows, so a kill can
+    tear the last record of the killed process's file. TensorBoard's reader stops at a torn record,
+    and a resumed run appends to a new event file, so nothing is lost that was whole. (Lightning also
+    writes logs/hparams.yaml once, plainly; it holds only "{}", as no hyperparameters are logged.)"""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
