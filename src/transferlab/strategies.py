@@ -291,8 +291,10 @@ def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig,
         stored = {f.name: record["config"][f.name] for f in fields(TrainConfig)
                   if f.name in record["config"]}
         data_options = record["data"]
+        recorded = {name: [item["file"] for item in json.loads(
+            (run_dir / SPLIT_FILE).read_text(encoding="utf-8"))[name]] for name in ("train", "val", "test")}
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"{run_dir}: not a resumable run directory (run.json: {error}); give the "
+        raise ConfigError(f"{run_dir}: not a resumable run directory ({error}); give the "
                           "directory of an interrupted `transferlab train`") from None
     changed = sorted(k for k, v in options.items() if k not in RESUMABLE_OPTIONS and v != stored.get(k))
     if changed:
@@ -300,9 +302,8 @@ def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, TrainConfig,
                           "change (start a new run instead)")
     config = replace(TrainConfig(**stored), **options).resolved()
     data = ImageFolderData(**data_options, cache_dir=config.cache_dir)
-    recorded = json.loads((run_dir / SPLIT_FILE).read_text(encoding="utf-8"))
     for name in ("train", "val", "test"):
-        if [item["file"] for item in recorded[name]] != data.relative_files(name):
+        if recorded[name] != data.relative_files(name):
             raise DataError(f"{data.root}: the images changed since {run_dir} started ({name} split differs "
                             "from split.json); start a new run")
     return data, config, run_dir

@@ -333,6 +333,19 @@ def test_resume_before_run_json_is_one_clear_error(state, image_folder, tmp_path
     assert str(run_dir) in stderr and "run.json" in stderr and "--out" in stderr, stderr
 
 
+def test_resume_with_run_json_but_no_split_json_is_one_clear_error(tiny_head_run, tmp_path, monkeypatch,
+                                                                   capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_bytes((tiny_head_run.dir / "run.json").read_bytes())
+    monkeypatch.setattr(sys, "argv", ["transferlab", "train", "--resume", str(run_dir), "--quiet"])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    stderr = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in stderr
+    assert "not a resumable run directory" in stderr and "split.json" in stderr, stderr
+
+
 # --- the embedding cache ------------------------------------------------------------------------------
 
 DIM, PER_SHARD = 256, 128  # 128 kB shards
