@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 import torch
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from .images import TooManyPixels, UnreadableImage, open_rgb
 
@@ -73,6 +73,11 @@ def parse_uploads(body: bytes, content_type: str | None, max_files: int) -> list
     except FormParserError as error:
         raise UploadError(400, "malformed_multipart", f"the multipart body cannot be parsed ({error})"
                           ) from None
+    # python-multipart's finalize() does not check that the body reached its closing boundary: a body
+    # cut inside its second file gave the first file alone, answered 200 as if it were all.
+    if parser.state != MultipartState.END:
+        raise UploadError(400, "malformed_multipart", "the multipart body ends before its closing "
+                          "boundary: it was cut short")
     if not parts.uploads:
         raise UploadError(400, "no_file", f"no field named {FIELD!r} in the form: send each image "
                           f"as a field named {FIELD!r}")
