@@ -217,6 +217,7 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
         body = await read_body(request.stream(), limits.max_upload_bytes,
                                request.headers.get("content-length"))
         uploads = parse_uploads(body, request.headers.get("content-type"), limits.max_files)
+        del body  # the uploads are copies: one copy of each file in memory while it is decoded
         return {"predictions": await classifier.predict(uploads, top_k),
                 "model": classifier.summary()}
 

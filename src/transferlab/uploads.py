@@ -39,12 +39,15 @@ async def read_body(chunks: AsyncIterator[bytes], limit: int, declared: str | No
     limit is refused before reading; a smaller one is not trusted, the bytes are counted."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit, int(declared))
-    body = bytearray()
+    # The chunks are joined once at the end: a growing bytearray reallocated at every chunk and then
+    # copied into bytes held up to three copies of a large body at once, in blocks of ever new sizes.
+    received, size = [], 0
     async for chunk in chunks:
-        body += chunk
-        if len(body) > limit:
+        size += len(chunk)
+        if size > limit:
             raise _too_large(limit)
-    return bytes(body)
+        received.append(chunk)
+    return b"".join(received)
 
 
 def _too_large(limit: int, size: int | None = None) -> UploadError:
@@ -98,7 +101,7 @@ class _FileParts:
                 "on_part_data": self._part_data, "on_part_end": self._end}
 
     def _begin(self) -> None:
-        self._field, self._filename, self._data = "", "", bytearray()
+        self._field, self._filename, self._data = "", "", []
         self._header, self._header_value = bytearray(), bytearray()
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
@@ -119,12 +122,12 @@ class _FileParts:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._field == FIELD:  # other fields are skipped, not kept
-            self._data += data[start:end]
+            self._data.append(data[start:end])  # usually the whole file in one piece: one copy
 
     def _end(self) -> None:
         if self._field == FIELD:
             name = self._filename or f"upload {len(self.uploads) + 1}"
-            self.uploads.append(Upload(name, bytes(self._data)))
+            self.uploads.append(Upload(name, b"".join(self._data)))
 
 
 def decode_upload(upload: Upload, transform, draft_size: int, max_pixels: int) -> torch.Tensor:
