@@ -34,20 +34,20 @@ class Upload:
     data: bytes
 
 
-async def read_body(chunks: AsyncIterator[bytes], limit: int, declared: str | None = None) -> bytes:
+async def read_body(chunks: AsyncIterator[bytes], limit: int, declared: str | None = None
+                    ) -> bytearray:
     """The whole body, refused with 413 as soon as it passes `limit` bytes. A Content-Length above the
     limit is refused before reading; a smaller one is not trusted, the bytes are counted."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit, int(declared))
-    # The chunks are joined once at the end: a growing bytearray reallocated at every chunk and then
-    # copied into bytes held up to three copies of a large body at once, in blocks of ever new sizes.
-    received, size = [], 0
+    # Returned as the bytearray it was read into: a large one grows in place (glibc remaps it), and
+    # copying it into bytes held two copies of the body at once.
+    body = bytearray()
     async for chunk in chunks:
-        size += len(chunk)
-        if size > limit:
+        body += chunk
+        if len(body) > limit:
             raise _too_large(limit)
-        received.append(chunk)
-    return b"".join(received)
+    return body
 
 
 def _too_large(limit: int, size: int | None = None) -> UploadError:
@@ -56,7 +56,7 @@ def _too_large(limit: int, size: int | None = None) -> UploadError:
                        f"bytes ({limit / 2**20:g} MB): send smaller or fewer images per request")
 
 
-def parse_uploads(body: bytes, content_type: str | None, max_files: int) -> list[Upload]:
+def parse_uploads(body: bytes | bytearray, content_type: str | None, max_files: int) -> list[Upload]:
     """The `file` fields of a multipart/form-data body, in order; other fields are ignored."""
     if not body:
         raise UploadError(400, "empty_body", f"the request body is empty: send the image as a "
@@ -122,7 +122,7 @@ class _FileParts:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._field == FIELD:  # other fields are skipped, not kept
-            self._data.append(data[start:end])  # usually the whole file in one piece: one copy
+            self._data.append(bytes(memoryview(data)[start:end]))  # one copy; usually the whole file
 
     def _end(self) -> None:
         if self._field == FIELD:
