@@ -8,9 +8,11 @@ never go to a temporary file (Starlette's own form parser spools parts over 1 MB
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import anyio
 import torch
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
@@ -34,19 +36,25 @@ class Upload:
     data: bytes
 
 
-async def read_body(chunks: AsyncIterator[bytes], limit: int, declared: str | None = None
-                    ) -> bytearray:
-    """The whole body, refused with 413 as soon as it passes `limit` bytes. A Content-Length above the
-    limit is refused before reading; a smaller one is not trusted, the bytes are counted."""
+async def read_body(chunks: AsyncIterator[bytes], limit: int, declared: str | None = None,
+                    timeout: float = math.inf) -> bytearray:
+    """The whole body, refused with 413 as soon as it passes `limit` bytes, and with 408 if it has
+    not all arrived after `timeout` seconds. A Content-Length above the limit is refused before
+    reading; a smaller one is not trusted, the bytes are counted."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit, int(declared))
     # Returned as the bytearray it was read into: a large one grows in place (glibc remaps it), and
     # copying it into bytes held two copies of the body at once.
     body = bytearray()
-    async for chunk in chunks:
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in chunks:
+                body += chunk
+                if len(body) > limit:
+                    raise _too_large(limit)
+    except TimeoutError:
+        raise UploadError(408, "body_timeout", f"the body had not all arrived after {timeout:g} s "
+                          f"({len(body):,} bytes came): send it faster, or smaller") from None
     return body
 
 

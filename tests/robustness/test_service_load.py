@@ -10,6 +10,7 @@ warm-up to the end of the load.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -31,7 +32,7 @@ import pytest
 from PIL import Image
 
 import transferlab
-from transferlab import load_model, train
+from transferlab import load_model, serve, train
 
 from conftest import TINY_BACKBONE
 from messy import FILE_CASES
@@ -438,3 +439,54 @@ def test_500_mixed_requests_from_8_clients(server, bundle, tmp_path):
     assert after["VmHWM"] - before["VmHWM"] < MAX_PEAK_GROWTH_MB, (
         f"the server's peak RSS grew from {before['VmHWM']:.0f} to {after['VmHWM']:.0f} MB in "
         f"{REQUESTS} requests")
+
+
+def test_past_max_concurrent_a_request_waits_then_gets_503_and_a_stalled_body_gets_408(
+        bundle, monkeypatch):
+    """Two turns (max_concurrent 2), both held by uploads whose bodies have not all arrived: a third
+    request waits BUSY_WAIT_S for a turn, then gets 503 with Retry-After, and both held ones are
+    answered once their bodies come. A body that stalls gets 408 after BODY_TIMEOUT_S, which frees
+    its turn. Both waits are shortened here; nothing is timed."""
+    monkeypatch.setattr(serve, "BUSY_WAIT_S", 0.2)
+    app = serve.create_app(bundle, max_concurrent=2, max_batch=1)  # no batcher: no lifespan to run
+    image = good_images()[0]
+    body = multipart([("file", image.name, image.data)])
+    headers = {"content-type": MULTIPART}
+
+    async def scenario():
+        reading = [asyncio.Event(), asyncio.Event()]
+        release, never = asyncio.Event(), asyncio.Event()
+
+        async def held(started: asyncio.Event, until: asyncio.Event):
+            yield body[:100]
+            started.set()  # the server reads the body, so it holds a turn
+            await until.wait()
+            yield body[100:]
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            holders = [asyncio.create_task(client.post("/predict", content=held(started, release),
+                                                       headers=headers)) for started in reading]
+            for started in reading:
+                await started.wait()
+            busy = await client.post("/predict", content=body, headers=headers)
+            release.set()
+            answered = await asyncio.gather(*holders)
+
+            monkeypatch.setattr(serve, "BODY_TIMEOUT_S", 0.2)
+            stalled = await asyncio.gather(*(client.post(
+                "/predict", content=held(asyncio.Event(), never), headers=headers) for _ in range(2)))
+            after = await client.post("/predict", content=body, headers=headers)
+        return busy, answered, stalled, after
+
+    async def at_most_a_minute():  # a server that never answers fails here instead of hanging
+        async with asyncio.timeout(60):
+            return await scenario()
+
+    busy, answered, stalled, after = asyncio.run(at_most_a_minute())
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert busy.json()["error"]["code"] == "busy" and busy.json()["error"]["file"] is None
+    assert [r.status_code for r in answered] == [200, 200]
+    assert [r.json()["predictions"][0]["file"] for r in answered] == [image.name] * 2
+    assert [(r.status_code, r.json()["error"]["code"]) for r in stalled] == [(408, "body_timeout")] * 2
+    assert after.status_code == 200, after.text  # the stalled requests gave their turns back
