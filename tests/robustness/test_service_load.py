@@ -5,7 +5,7 @@ Asserted: no 5xx and no connection the server breaks; each bad request refused w
 4xx and the JSON error {"error": {"code", "message", "file"}}; each good request answered with what
 the library predicts offline for the same bytes (top class and probabilities) and, for a model that
 separates bright from dark images, the true class; the server's memory flat from the end of a
-warm-up to the end of the load.
+warm-up to the end of the load. And, in process, what happens past --max-concurrent requests.
 """
 
 from __future__ import annotations
@@ -157,14 +157,11 @@ def make_calls(count: int, seed: int, url: str, images: list[Good]) -> list[Call
     rng = random.Random(seed)
     bright_dark = [image for image in images if image.label]
 
-    def some_good(most: int = MAX_FILES) -> list[Good]:
-        return rng.sample(images, rng.randint(1, most))
-
     def fields(good: list[Good]) -> list:
         return [("file", (image.name, image.data)) for image in good]
 
     def good_request() -> Call:
-        good, top_k = some_good(), rng.choice([None, 1, 2, 5])
+        good, top_k = rng.sample(images, rng.randint(1, MAX_FILES)), rng.choice([None, 1, 2, 5])
         return Call("good", post(fields(good), None if top_k is None else {"top_k": top_k}),
                     good=good, top_k=min(top_k or 3, len(CLASSES)))
 
