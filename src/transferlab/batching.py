@@ -19,12 +19,13 @@ class MicroBatcher:
 
     Batches hold 1, 2, 4, 8, ... items: of 13 waiting, 8 run and 5 start the next batch, which
     newcomers join. A network on the CPU keeps memory for each batch shape it has seen (oneDNN's
-    kernels, and a heap fragmented by activations of every size): with every size from 1 to 32, the
-    server of tests/robustness/test_service_load.py grew by 72-81 MB in 500 requests after its
-    warm-up, and one serving EfficientNet-Lite0 grew by 350-550 MB in 2,400 requests and was still
-    growing. With six sizes the first stays within a few MB, and Lite0 levels off within 1,000
-    requests, 300-700 MB lower. Splitting each batch into power-of-two parts instead (13 = 8 + 4 + 1)
-    cost a quarter of the requests/s of 8 one-image clients on Lite0; carrying the rest over does not.
+    kernels, and a heap fragmented by activations of every size). With every size from 1 to 32, the
+    server of tests/robustness/test_service_load.py grew by 72-81 MB in 500 requests after a
+    200-request warm-up and was still growing after 3,000; one serving EfficientNet-Lite0 grew by
+    350-550 MB in 2,400 requests, still growing. With six sizes both level off within about 1,000
+    requests, 100 MB and 300-700 MB lower. Splitting each batch into power-of-two parts instead
+    (13 = 8 + 4 + 1) cost a quarter of the requests/s of 8 one-image clients on Lite0; carrying the
+    rest over does not.
     """
 
     def __init__(self, run_batch: Callable[[list], Sequence], max_batch: int = 32,
