@@ -487,6 +487,9 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
                                                    "before decoding [default: 50,000,000]."),
           max_files: Optional[int] = typer.Option(None, help="Most images per request "
                                                   "[default: 16]."),
+          max_concurrent: Optional[int] = typer.Option(None, help="Most /predict requests "
+                                                       "holding uploads in memory at once; more "
+                                                       "wait 3 s, then get 503 [default: 16]."),
           top_k: Optional[int] = typer.Option(None, "--top-k", help="Classes per image when the "
                                               "request does not say [default: 3]."),
           max_batch: Optional[int] = typer.Option(None, help="Most images per model call, gathered "
@@ -507,8 +510,8 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
               f"(API docs: http://{host}:{port}/docs)", highlight=False)
     run_service(model, host=host, port=port, workers=workers, backend=backend,
                 max_upload_bytes=round(max_upload_mb * 2**20),
-                **_given(max_pixels=max_pixels, max_files=max_files, top_k=top_k,
-                         max_batch=max_batch, batch_window_ms=batch_window_ms))
+                **_given(max_pixels=max_pixels, max_files=max_files, max_concurrent=max_concurrent,
+                         top_k=top_k, max_batch=max_batch, batch_window_ms=batch_window_ms))
 
 
 @app.command()

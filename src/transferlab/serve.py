@@ -42,16 +42,30 @@ DEFAULT_TOP_K = 3
 # either way, and a lone client saw no difference (25-29 ms a request). So: on, without a window.
 DEFAULT_MAX_BATCH = 32
 DEFAULT_WINDOW_MS = 0.0
+# /predict requests beyond max_concurrent wait this long for a turn, then get 503 with Retry-After:
+# long enough to ride out a burst (the 2-core machine serves about 100 Lite0 images/s), short enough
+# that a client with httpx's default 5 s timeout hears "come back" instead of nothing.
+BUSY_WAIT_S = 3.0
+RETRY_AFTER_S = 1
+# A request holds its turn while its body arrives, so the body has this long: a few stalled or
+# trickling clients cannot keep every turn. 10 MB at 2 Mbit/s takes 40 s.
+BODY_TIMEOUT_S = 60.0
 SETTINGS_ENV = "TRANSFERLAB_SERVE_SETTINGS"  # create_app's arguments for uvicorn's worker processes
 
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    """What one request may send. Each is refused with a 4xx JSON error naming the limit."""
+    """What one request may send, each refused with a 4xx JSON error naming the limit, and how many
+    requests may hold their uploads in memory at once (the others wait, see BUSY_WAIT_S)."""
 
     max_upload_bytes: int = 10 * 2**20  # the whole request body, counted while it is read
     max_pixels: int = 50_000_000  # per image, from its header, before decoding (a 50 MP photo)
     max_files: int = 16  # `file` fields per request
+    # /predict requests being read, decoded or predicted at once. Each holds up to about twice
+    # max_upload_bytes while its body is parsed: 16 x 10 MB x 2 = 320 MB at most. 64 clients each
+    # holding an 8 MB upload unfinished took the server from 753 to 1,315 MB without a cap (and more
+    # clients take more), to 906 MB with 16. Batching's gain was measured with 8 clients.
+    max_concurrent: int = 16
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -82,6 +96,10 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class ServiceBusy(Exception):
+    """Every turn to send uploads stayed taken for BUSY_WAIT_S: 503 with Retry-After."""
 
 
 class Classifier:
@@ -160,27 +178,48 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-d
                            "description": "One image per field; repeat the field for several."}}}}}}}
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "empty body, no `file` field, an empty file, too many files or malformed multipart",
+    408: f"the body took longer than {BODY_TIMEOUT_S:g} s to arrive",
     413: "request body larger than max_upload_bytes",
     415: "not multipart/form-data, or a file that is not an image this service reads",
     422: "an image with more pixels than max_pixels (refused before decoding), or a bad parameter",
+    503: f"max_concurrent requests were being served for the {BUSY_WAIT_S:g} s this one waited: "
+         "retry after the seconds in the Retry-After header",
 }.items()}
 
 
 def create_app(model_dir: str | Path, backend: str = "torch", *,
                max_upload_bytes: int = ServiceLimits.max_upload_bytes,
                max_pixels: int = ServiceLimits.max_pixels, max_files: int = ServiceLimits.max_files,
-               top_k: int = DEFAULT_TOP_K, max_batch: int = DEFAULT_MAX_BATCH,
+               max_concurrent: int = ServiceLimits.max_concurrent, top_k: int = DEFAULT_TOP_K,
+               max_batch: int = DEFAULT_MAX_BATCH,
                batch_window_ms: float = DEFAULT_WINDOW_MS) -> FastAPI:
     """The service for the bundle in `model_dir` (loaded now, so a bad bundle fails here).
 
+    max_concurrent: /predict requests holding their uploads in memory at once; more wait;
     max_batch: images per model call across concurrent requests (1: no batching across requests);
     batch_window_ms: how long a batch waits for more images after its first.
     """
-    limits = ServiceLimits(max_upload_bytes, max_pixels, max_files)
+    limits = ServiceLimits(max_upload_bytes, max_pixels, max_files, max_concurrent)
     if top_k < 1:
         raise ConfigError(f"top_k={top_k}: give 1 or more")
     classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms)
+    turns = anyio.Semaphore(limits.max_concurrent)  # first come, first served
     default_k = top_k
+
+    @contextlib.asynccontextmanager
+    async def turn():
+        """One of the max_concurrent turns to hold uploads in memory, waited for BUSY_WAIT_S at most."""
+        try:
+            with anyio.fail_after(BUSY_WAIT_S):
+                await turns.acquire()
+        except TimeoutError:
+            raise ServiceBusy(f"{limits.max_concurrent} requests are being served and more are "
+                              f"waiting: retry in {RETRY_AFTER_S} s") from None
+        try:
+            yield
+        finally:
+            turns.release()
+
     page = (resources.files("transferlab") / "templates" / "serve.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
@@ -214,11 +253,13 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
     async def predict(request: Request, top_k: int = Query(default_k, ge=1, description=(
             "Classes per image, most probable first (at most the number of classes)."))) -> dict:
         """Top classes of each image sent as a multipart field named `file`."""
-        body = await read_body(request.stream(), limits.max_upload_bytes,
-                               request.headers.get("content-length"))
-        uploads = parse_uploads(body, request.headers.get("content-type"), limits.max_files)
-        return {"predictions": await classifier.predict(uploads, top_k),
-                "model": classifier.summary()}
+        async with turn():
+            body = await read_body(request.stream(), limits.max_upload_bytes,
+                                   request.headers.get("content-length"), BODY_TIMEOUT_S)
+            uploads = parse_uploads(body, request.headers.get("content-type"), limits.max_files)
+            del body  # the uploads are copies: one copy of each file in memory while it is decoded
+            return {"predictions": await classifier.predict(uploads, top_k),
+                    "model": classifier.summary()}
 
     _add_error_handlers(app)
     return app
@@ -232,12 +273,18 @@ _PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsa
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's, in the same shape: {"error": {code, message, file}}."""
 
-    def answer(status: int, code: str, message: str, file: str | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"code": code, "message": message, "file": file}}, status)
+    def answer(status: int, code: str, message: str, file: str | None = None,
+               headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"code": code, "message": message, "file": file}}, status,
+                            headers)
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, error: UploadError) -> JSONResponse:
         return answer(error.status, error.code, error.message, error.file)
+
+    @app.exception_handler(ServiceBusy)
+    async def busy(request: Request, error: ServiceBusy) -> JSONResponse:
+        return answer(503, "busy", str(error), headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -8,12 +8,14 @@ never go to a temporary file (Starlette's own form parser spools parts over 1 MB
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import anyio
 import torch
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from .images import TooManyPixels, UnreadableImage, open_rgb
 
@@ -34,17 +36,26 @@ class Upload:
     data: bytes
 
 
-async def read_body(chunks: AsyncIterator[bytes], limit: int, declared: str | None = None) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit` bytes. A Content-Length above the
-    limit is refused before reading; a smaller one is not trusted, the bytes are counted."""
+async def read_body(chunks: AsyncIterator[bytes], limit: int, declared: str | None = None,
+                    timeout: float = math.inf) -> bytearray:
+    """The whole body, refused with 413 as soon as it passes `limit` bytes, and with 408 if it has
+    not all arrived after `timeout` seconds. A Content-Length above the limit is refused before
+    reading; a smaller one is not trusted, the bytes are counted."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit, int(declared))
+    # Returned as the bytearray it was read into: a large one grows in place (glibc remaps it), and
+    # copying it into bytes held two copies of the body at once.
     body = bytearray()
-    async for chunk in chunks:
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
-    return bytes(body)
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in chunks:
+                body += chunk
+                if len(body) > limit:
+                    raise _too_large(limit)
+    except TimeoutError:
+        raise UploadError(408, "body_timeout", f"the body had not all arrived after {timeout:g} s "
+                          f"({len(body):,} bytes came): send it faster, or smaller") from None
+    return body
 
 
 def _too_large(limit: int, size: int | None = None) -> UploadError:
@@ -53,7 +64,7 @@ def _too_large(limit: int, size: int | None = None) -> UploadError:
                        f"bytes ({limit / 2**20:g} MB): send smaller or fewer images per request")
 
 
-def parse_uploads(body: bytes, content_type: str | None, max_files: int) -> list[Upload]:
+def parse_uploads(body: bytes | bytearray, content_type: str | None, max_files: int) -> list[Upload]:
     """The `file` fields of a multipart/form-data body, in order; other fields are ignored."""
     if not body:
         raise UploadError(400, "empty_body", f"the request body is empty: send the image as a "
@@ -73,6 +84,11 @@ def parse_uploads(body: bytes, content_type: str | None, max_files: int) -> list
     except FormParserError as error:
         raise UploadError(400, "malformed_multipart", f"the multipart body cannot be parsed ({error})"
                           ) from None
+    # python-multipart's finalize() does not check that the body reached its closing boundary: a body
+    # cut inside its second file gave the first file alone, answered 200 as if it were all.
+    if parser.state != MultipartState.END:
+        raise UploadError(400, "malformed_multipart", "the multipart body ends before its closing "
+                          "boundary: it was cut short")
     if not parts.uploads:
         raise UploadError(400, "no_file", f"no field named {FIELD!r} in the form: send each image "
                           f"as a field named {FIELD!r}")
@@ -93,7 +109,7 @@ class _FileParts:
                 "on_part_data": self._part_data, "on_part_end": self._end}
 
     def _begin(self) -> None:
-        self._field, self._filename, self._data = "", "", bytearray()
+        self._field, self._filename, self._data = "", "", []
         self._header, self._header_value = bytearray(), bytearray()
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
@@ -114,12 +130,12 @@ class _FileParts:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._field == FIELD:  # other fields are skipped, not kept
-            self._data += data[start:end]
+            self._data.append(bytes(memoryview(data)[start:end]))  # one copy; usually the whole file
 
     def _end(self) -> None:
         if self._field == FIELD:
             name = self._filename or f"upload {len(self.uploads) + 1}"
-            self.uploads.append(Upload(name, bytes(self._data)))
+            self.uploads.append(Upload(name, b"".join(self._data)))
 
 
 def decode_upload(upload: Upload, transform, draft_size: int, max_pixels: int) -> torch.Tensor:
