@@ -84,6 +84,9 @@ def open_rgb(path: str | Path | BinaryIO, draft_size: int | None = None,
             return to_rgb(ImageOps.exif_transpose(image))
     except UnreadableImage:
         raise
+    except Image.DecompressionBombError as error:
+        # PIL's TIFF decoder repeats PIL's own check (179 MP) while loading, outside _open_checked
+        raise TooManyPixels(f"too many pixels for PIL's decoder of this format ({error})") from None
     except _DECODE_ERRORS as error:
         raise UnreadableImage(_reason(error, path)) from None
 

@@ -50,6 +50,10 @@ def test_pixel_limit_is_configurable_and_checked_before_decoding(tmp_path):
     with pytest.raises(UnreadableImage, match="20000x20000 pixels exceeds the limit of 100,000,000"):
         open_rgb(huge)
     assert open_rgb(huge, max_pixels=400_000_000, draft_size=256).mode == "RGB"  # JPEG draft: small
+    big_tiff = tmp_path / "big.tif"  # PIL's TIFF decoder checks PIL's own limit once more
+    Image.new("1", (14_000, 14_000)).save(big_tiff, compression="group4")
+    with pytest.raises(UnreadableImage, match="too many pixels"):
+        open_rgb(big_tiff, max_pixels=400_000_000)
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header_only(60_000, 60_000))  # more than PIL's own bomb limit, too
     with pytest.raises(UnreadableImage, match="exceeds the limit of 1,000"):
