@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +97,48 @@ def tiny_comparison(image_folder, tmp_path_factory):
 
     return compare(image_folder, ["extract", "head"], [TINY_BACKBONE], weights="none", epochs=1,
                    out=tmp_path_factory.mktemp("compare") / "cmp", cache_dir=None, show_progress=False)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(bundle: Path, log: Path, *options: str):
+    """`transferlab serve BUNDLE OPTIONS` in its own process on a free loopback port, with this
+    checkout's code, logging to `log`: yields (url, process); stopped with SIGTERM, which must shut
+    it down gracefully."""
+    import httpx
+
+    import transferlab
+
+    port = free_port()
+    source = str(Path(transferlab.__file__).parents[1])  # the code under test, not an installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get(
+        "PYTHONPATH")]))}
+    command = [sys.executable, "-m", "transferlab.cli", "serve", str(bundle), "--port", str(port),
+               *options]
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the server did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    yield url, process
+    process.send_signal(signal.SIGTERM)
+    try:  # Uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM), log.read_text()
+        assert "Application shutdown complete" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()

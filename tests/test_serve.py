@@ -5,26 +5,21 @@ import asyncio
 import io
 import os
 import shutil
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
-from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import transferlab
 from transferlab import load_model
 from transferlab.batching import MicroBatcher
 from transferlab.errors import BundleError, ConfigError
 from transferlab.export import export_onnx
 from transferlab.serve import create_app
+
+from conftest import running_server
 
 # Small limits, so that refusing an oversize upload or a bomb costs the tests nothing.
 LIMITS = {"max_upload_bytes": 2**19, "max_pixels": 1_000_000, "max_files": 4}
@@ -230,45 +225,13 @@ def test_the_batcher_gathers_concurrent_items_and_survives_a_failing_batch():
 # ---------------------------------------------------------------------------- a real Uvicorn process
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
     """`transferlab serve` in its own process on a free loopback port, stopped with SIGTERM."""
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    source = str(Path(transferlab.__file__).parents[1])  # the code under test, not an installed copy
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get(
-        "PYTHONPATH")]))}
-    command = [sys.executable, "-m", "transferlab.cli", "serve", str(tiny_run.model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--max-upload-mb", "0.5",
-               "--max-pixels", str(LIMITS["max_pixels"]), "--max-files", str(LIMITS["max_files"])]
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield url
-    process.send_signal(signal.SIGTERM)
-    try:  # Uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM
-        assert process.wait(timeout=30) in (0, -signal.SIGTERM), log.read_text()
-        assert "Application shutdown complete" in log.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
+    with running_server(tiny_run.model_dir, log, "--max-upload-mb", "0.5", "--max-pixels",
+                        str(LIMITS["max_pixels"]), "--max-files", str(LIMITS["max_files"])) as (url, _):
+        yield url
 
 
 # Bad input, chunked bodies, clients that leave and concurrent requests on the real server, all at

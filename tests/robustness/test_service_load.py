@@ -16,10 +16,7 @@ import json
 import os
 import random
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,10 +28,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import transferlab
 from transferlab import load_model, serve, train
 
-from conftest import TINY_BACKBONE
+from conftest import TINY_BACKBONE, running_server
 from messy import FILE_CASES
 
 REQUESTS, CLIENTS, WARM_UP = 500, 8, 1000
@@ -269,43 +265,13 @@ def make_calls(count: int, seed: int, url: str, images: list[Good]) -> list[Call
 # ---------------------------------------------------------------------------- the server and clients
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
     """`transferlab serve` on a free loopback port: (url, process, log file)."""
-    port, log = free_port(), tmp_path_factory.mktemp("serve-load") / "server.log"
-    source = str(Path(transferlab.__file__).parents[1])  # the code under test, not an installed copy
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get(
-        "PYTHONPATH")]))}
-    command = [sys.executable, "-m", "transferlab.cli", "serve", str(bundle), "--port", str(port),
-               "--max-upload-mb", str(MAX_UPLOAD / 2**20), "--max-pixels", str(MAX_PIXELS),
-               "--max-files", str(MAX_FILES)]
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield url, process, log
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    log = tmp_path_factory.mktemp("serve-load") / "server.log"
+    with running_server(bundle, log, "--max-upload-mb", str(MAX_UPLOAD / 2**20), "--max-pixels",
+                        str(MAX_PIXELS), "--max-files", str(MAX_FILES)) as (url, process):
+        yield url, process, log
 
 
 def memory_mb(pid: int) -> dict[str, float]:
