@@ -46,7 +46,7 @@ def make_bundle(out: Path) -> Path:
 
 
 def exported(model_dir: Path) -> dict:
-    from transferlab.export import export_onnx, run_val_images
+    from transferlab.deploy.export import export_onnx, run_val_images
 
     images, labels = run_val_images(model_dir) or (None, None)
     results = {}
@@ -60,10 +60,10 @@ def exported(model_dir: Path) -> dict:
 
 def sample_batch(model_dir: Path, size: int) -> torch.Tensor:
     """`size` real validation photos, decoded and normalised as the Predictor does."""
-    from transferlab.bundle import read_config
-    from transferlab.export import run_val_images
-    from transferlab.runner import ImageFiles
-    from transferlab.transforms import Preprocessing, normalize
+    from transferlab.inference.bundle import read_config
+    from transferlab.deploy.export import run_val_images
+    from transferlab.inference.batches import ImageFiles
+    from transferlab.data.transforms import Preprocessing, normalize
 
     pre = Preprocessing.from_dict(read_config(model_dir)["preprocessing"])
     paths = run_val_images(model_dir)[0]
@@ -74,9 +74,9 @@ def sample_batch(model_dir: Path, size: int) -> torch.Tensor:
 
 def engines(model_dir: Path, only: str | None) -> dict:
     """name -> call(batch); with `only`, just that engine is built (the others are None)."""
-    from transferlab.bundle import load_network
-    from transferlab.export import INT8_FILE, ONNX_FILE, OnnxEngine
-    from transferlab.runner import TorchEngine, resolve_precision
+    from transferlab.inference.bundle import load_network
+    from transferlab.deploy.export import INT8_FILE, ONNX_FILE, OnnxEngine
+    from transferlab.inference.batches import TorchEngine, resolve_precision
 
     precision = resolve_precision("auto")
 

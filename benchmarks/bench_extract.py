@@ -38,12 +38,12 @@ from pathlib import Path
 
 import torch
 
-from transferlab.backbones import create_backbone
-from transferlab.data import ImageFolderData
-from transferlab.embeddings import embed_files
-from transferlab.runner import autocast, resolve_precision
-from transferlab.strategies import TrainConfig, train
-from transferlab.transforms import Preprocessing
+from transferlab.models.backbones import create_backbone
+from transferlab.data.folder import ImageFolderData
+from transferlab.inference.embeddings import embed_files
+from transferlab.inference.batches import autocast, resolve_precision
+from transferlab.workflows.train import TrainConfig, train
+from transferlab.data.transforms import Preprocessing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "face-mask"

@@ -72,7 +72,7 @@ async def load(url: str, images: list[bytes], requests: int, clients: int) -> di
 
 
 def service(model_dir: Path, requests: int = REQUESTS, clients: int = CLIENTS) -> dict:
-    from transferlab.export import run_val_images
+    from transferlab.deploy.export import run_val_images
 
     images = [path.read_bytes() for path in run_val_images(model_dir)[0][:32]]
     results = {}

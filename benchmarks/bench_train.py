@@ -77,10 +77,10 @@ class StepTimer:
 def ours(data, steps: int, skip: int) -> float:
     import lightning as L
 
-    from transferlab.datamodule import ImageFolderDataModule
-    from transferlab.module import ClassifierModule, Optimization
-    from transferlab.recipes import build_network, plan
-    from transferlab.strategies import TrainConfig
+    from transferlab.data.loaders import ImageFolderDataModule
+    from transferlab.training.module import ClassifierModule, Optimization
+    from transferlab.training.recipes import build_network, plan
+    from transferlab.workflows.train import TrainConfig
 
     config = TrainConfig(strategy="finetune", warmup_epochs=0).resolved()
     net, _, pre = build_network(config, len(data.classes))
@@ -108,7 +108,7 @@ def naive(data, steps: int, skip: int) -> float:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms as T
 
-    from transferlab.backbones import create_backbone
+    from transferlab.models.backbones import create_backbone
 
     backbone = create_backbone("efficientnet_lite0")
     model = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, len(data.classes)))
@@ -159,7 +159,7 @@ def fastai_fine_tune(data, out: Path, epochs: int = 2) -> dict:
     except ImportError as error:
         return {"skipped": f"fastai not installed here ({error}); see benchmarks/README.md"}
 
-    from transferlab.backbones import create_backbone
+    from transferlab.models.backbones import create_backbone
 
     paths = [str(p) for split in ("train", "val") for p in data.files(split)]
     labels = [data.classes[y] for split in ("train", "val") for y in data.labels(split)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from transferlab.synthetic import make_image_folder
+from transferlab.data.synthetic import make_image_folder
 
 TINY_BACKBONE = "test_efficientnet"  # timm's 0.1M-parameter test model, random weights here
 SHARED_FACE_MASK = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "face-mask"
@@ -93,7 +93,7 @@ def browser():
 @pytest.fixture(scope="session")
 def tiny_comparison(image_folder, tmp_path_factory):
     """extract and head (one epoch) compared on one split."""
-    from transferlab.compare import compare
+    from transferlab.workflows.compare import compare
 
     return compare(image_folder, ["extract", "head"], [TINY_BACKBONE], weights="none", epochs=1,
                    out=tmp_path_factory.mktemp("compare") / "cmp", cache_dir=None, show_progress=False)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from transferlab.backbones import ALIASES, create_backbone, resolve_name, weights_fingerprint
+from transferlab.models.backbones import ALIASES, create_backbone, resolve_name, weights_fingerprint
 from transferlab.errors import ConfigError, WeightsError
-from transferlab.transforms import Preprocessing
+from transferlab.data.transforms import Preprocessing
 
 from conftest import TINY_BACKBONE
 

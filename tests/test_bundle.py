@@ -2,7 +2,7 @@
 import numpy as np
 
 from transferlab import load_model
-from transferlab.bundle import expand_inputs
+from transferlab.inference.bundle import expand_inputs
 
 
 def test_round_trip_predicts_like_the_run(tiny_run, image_folder):
@@ -36,9 +36,9 @@ def _copy_bundle(tiny_run, tmp_path):
 
 
 def test_saving_over_a_bundle_replaces_it_whole(tiny_run, tmp_path):
-    from transferlab.bundle import load_network, save_model
-    from transferlab.heads import HeadSpec
-    from transferlab.transforms import Preprocessing
+    from transferlab.inference.bundle import load_network, save_model
+    from transferlab.models.heads import HeadSpec
+    from transferlab.data.transforms import Preprocessing
 
     net, config = load_network(tiny_run.model_dir)
     target = _copy_bundle(tiny_run, tmp_path)

@@ -1,9 +1,9 @@
 import numpy as np
 
-from transferlab.backbones import create_backbone
-from transferlab.data import ImageFolderData
-from transferlab.embeddings import embed_files
-from transferlab.transforms import Preprocessing
+from transferlab.models.backbones import create_backbone
+from transferlab.data.folder import ImageFolderData
+from transferlab.inference.embeddings import embed_files
+from transferlab.data.transforms import Preprocessing
 
 from conftest import TINY_BACKBONE
 

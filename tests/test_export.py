@@ -7,11 +7,11 @@ import torch
 from typer.testing import CliRunner
 
 from transferlab import load_model
-from transferlab.bundle import load_network
+from transferlab.inference.bundle import load_network
 from transferlab.cli import app
 from transferlab.errors import BundleError, ConfigError, ExportError
-from transferlab.export import FP32_TOLERANCE, OnnxEngine, export_onnx
-from transferlab.transforms import Preprocessing, normalize
+from transferlab.deploy.export import FP32_TOLERANCE, OnnxEngine, export_onnx
+from transferlab.data.transforms import Preprocessing, normalize
 
 
 def _copy_bundle(tiny_run, folder):

@@ -6,7 +6,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from transferlab.heads import HeadSpec, build_head, head_from_sklearn
+from transferlab.models.heads import HeadSpec, build_head, head_from_sklearn
 
 
 @pytest.mark.parametrize("classes", [2, 3])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.images import UnreadableImage, read_info, to_rgb
+from transferlab.data.decode import UnreadableImage, read_info, to_rgb
 
 
 def _save(path, image, **kwargs):

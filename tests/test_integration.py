@@ -83,7 +83,7 @@ def test_finetune_real_weights_for_one_epoch(small_face_mask, tmp_path):
 
 def test_evaluate_reproduces_the_runs_test_metrics_and_reports_real_mistakes(real_run, small_face_mask,
                                                                               tmp_path):
-    from transferlab.evaluation import evaluate
+    from transferlab.workflows.evaluate import evaluate
 
     result = evaluate(real_run.model_dir, ImageFolderData(small_face_mask, seed=0), split="test",
                       out=tmp_path / "eval", show_progress=False)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from transferlab.metrics import accuracy_interval, classification_metrics, expected_calibration_error
+from transferlab.evaluation.metrics import accuracy_interval, classification_metrics, expected_calibration_error
 
 
 def test_metrics_of_a_known_binary_case():

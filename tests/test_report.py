@@ -10,12 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from transferlab.cli import app
-from transferlab.compare import compare
-from transferlab.data import ImageFolderData
+from transferlab.workflows.compare import compare
+from transferlab.data.folder import ImageFolderData
 from transferlab.errors import DataError
-from transferlab.evaluation import evaluate
-from transferlab.predictions import PredictionTable
-from transferlab.synthetic import make_image_folder
+from transferlab.workflows.evaluate import evaluate
+from transferlab.runs.predictions import PredictionTable
+from transferlab.data.synthetic import make_image_folder
 
 from conftest import TINY_BACKBONE
 

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from transferlab import load_model
-from transferlab.batching import MicroBatcher
+from transferlab.deploy.batching import MicroBatcher
 from transferlab.errors import BundleError, ConfigError
-from transferlab.export import export_onnx
-from transferlab.serve import create_app
+from transferlab.deploy.export import export_onnx
+from transferlab.deploy.serve import create_app
 
 from conftest import running_server
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from transferlab import ImageFolderData, load_model, train
-from transferlab.datamodule import ImageFolderDataModule
+from transferlab.data.loaders import ImageFolderDataModule
 from transferlab.errors import ConfigError
-from transferlab.module import ClassifierModule, Optimization
-from transferlab.recipes import build_network, plan
-from transferlab.strategies import TrainConfig
-from transferlab.training import Distribution, fit
+from transferlab.training.module import ClassifierModule, Optimization
+from transferlab.training.recipes import build_network, plan
+from transferlab.workflows.train import TrainConfig
+from transferlab.training.trainer import Distribution, fit
 
 from conftest import TINY_BACKBONE
 
@@ -170,8 +170,8 @@ def test_cosine_schedule_lowers_the_rate_each_epoch(image_folder, tmp_path):
 
 
 def test_balanced_class_weights(tmp_path):
-    from transferlab.recipes import _class_weights
-    from transferlab.synthetic import make_image_folder
+    from transferlab.training.recipes import _class_weights
+    from transferlab.data.synthetic import make_image_folder
 
     root = make_image_folder(tmp_path / "data", per_class=10, size=32)
     for path in sorted((root / "squares").iterdir())[:6]:

@@ -1,6 +1,6 @@
 import torch
 
-from transferlab.transforms import Preprocessing, normalize
+from transferlab.data.transforms import Preprocessing, normalize
 
 
 def test_normalize_matches_the_textbook_formula_in_channels_last():
@@ -20,7 +20,7 @@ def test_augmentation_presets_give_model_sized_uint8_and_vary():
     from PIL import Image
 
     from transferlab.errors import ConfigError
-    from transferlab.transforms import AUGMENTATIONS, train_transform
+    from transferlab.data.transforms import AUGMENTATIONS, train_transform
 
     pre = Preprocessing(input_size=(3, 64, 64))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))

@@ -4,13 +4,13 @@ __version__ = "0.1.0"
 
 # Heavy modules (torch, timm) load on first use, so `transferlab --help` stays instant.
 _EXPORTS = {
-    "ImageFolderData": "data",
-    "train": "strategies",
-    "Run": "strategies",
-    "load_model": "bundle",
-    "save_model": "bundle",
-    "Predictor": "bundle",
-    "create_backbone": "backbones",
+    "ImageFolderData": "data.folder",
+    "train": "workflows.train",
+    "Run": "workflows.train",
+    "load_model": "inference.bundle",
+    "save_model": "inference.bundle",
+    "Predictor": "inference.bundle",
+    "create_backbone": "models.backbones",
     "TransferlabError": "errors",
 }
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from transferlab import ImageFolderData, load_model
-from transferlab.images import UnreadableImage, open_rgb, read_info
+from transferlab.data.decode import UnreadableImage, open_rgb, read_info
 
 from conftest import TINY_BACKBONE
 from messy import (CASES_BY_NAME, FILE_CASES, huge_jpeg, png_header_only, run_cli, run_main,

@@ -36,20 +36,20 @@ import numpy as np
 import pytest
 import torch
 
-import transferlab.bundle
-import transferlab.embeddings
+import transferlab.inference.bundle
+import transferlab.inference.embeddings
 from transferlab import load_model, train
-from transferlab.atomic import atomic_path
-from transferlab.backbones import create_backbone
-from transferlab.bundle import load_network, save_model
+from transferlab.runs.atomic import atomic_path
+from transferlab.models.backbones import create_backbone
+from transferlab.inference.bundle import load_network, save_model
 from transferlab.cli import main
-from transferlab.data import ImageFolderData
-from transferlab.embeddings import EmbeddingCache, embed_files
-from transferlab.heads import HeadSpec
-from transferlab.predictions import PredictionTable
-from transferlab.runfiles import HISTORY_COLUMNS
-from transferlab.synthetic import make_image_folder
-from transferlab.transforms import Preprocessing
+from transferlab.data.folder import ImageFolderData
+from transferlab.inference.embeddings import EmbeddingCache, embed_files
+from transferlab.models.heads import HeadSpec
+from transferlab.runs.predictions import PredictionTable
+from transferlab.runs.layout import HISTORY_COLUMNS
+from transferlab.data.synthetic import make_image_folder
+from transferlab.data.transforms import Preprocessing
 
 from conftest import TINY_BACKBONE
 
@@ -62,7 +62,7 @@ TINY = ["--backbone", TINY_BACKBONE, "--weights", "none", "--quiet"]
 def start_train(*args, log: Path, shard_size: int | None = None) -> subprocess.Popen:
     """`transferlab train ARGS` in a new process (its stderr to `log`); `shard_size` makes the embedding
     cache save a shard every that many images, so a short run saves several and a kill loses few."""
-    setup = f"import transferlab.embeddings as e; e.SHARD_SIZE = {shard_size}; " if shard_size else ""
+    setup = f"import transferlab.inference.embeddings as e; e.SHARD_SIZE = {shard_size}; " if shard_size else ""
     code = setup + "from transferlab.cli import main; main()"
     # one torch thread: the child leaves a core to this process, which watches it for the kill point
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -233,7 +233,7 @@ def _write_half_metrics(run_dir: Path) -> None:
 
 
 def _save_bundle_until_hashing(net, config: dict, folder: Path) -> None:
-    transferlab.bundle.sha256_of = die  # the weights are written into the staging folder by then
+    transferlab.inference.bundle.sha256_of = die  # the weights are written into the staging folder by then
     save_model(net, folder, backbone=config["backbone"], classes=config["classes"],
                head=HeadSpec.from_dict(config["head"]),
                preprocessing=Preprocessing.from_dict(config["preprocessing"]))
@@ -425,7 +425,7 @@ def test_damaged_shard_is_ignored_not_trusted(tmp_path, caplog):
 
 def test_embedding_saves_a_shard_at_least_every_shard_seconds(image_folder, tmp_path, monkeypatch):
     """A slow backbone loses at most SHARD_SECONDS of work to a kill, not SHARD_SIZE images."""
-    monkeypatch.setattr(transferlab.embeddings, "SHARD_SECONDS", 0.0)  # every batch is overdue
+    monkeypatch.setattr(transferlab.inference.embeddings, "SHARD_SECONDS", 0.0)  # every batch is overdue
     backbone = create_backbone(TINY_BACKBONE, "none")
     images = ImageFolderData(image_folder).scan.images[:12]
     embed_files(backbone, [im.path for im in images], [im.sha256 for im in images],

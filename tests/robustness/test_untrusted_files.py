@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from transferlab import load_model
-from transferlab.backbones import create_backbone
+from transferlab.models.backbones import create_backbone
 from transferlab.errors import BundleError, WeightsError
 
 from conftest import TINY_BACKBONE
@@ -38,7 +38,7 @@ def _edit_config(bundle, edit):
 
 def _rehash(bundle):
     """Make config.json vouch for the current weights file, as an attacker editing both would."""
-    from transferlab.images import sha256_of
+    from transferlab.data.decode import sha256_of
 
     _edit_config(bundle, lambda c: c.update(weights_sha256=sha256_of(bundle / "model.safetensors")))
 

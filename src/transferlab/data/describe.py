@@ -1,0 +1,36 @@
+"""`transferlab info`: what a data folder holds and what is wrong with it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from ..data.folder import ImageFolderData
+
+
+def describe(data: ImageFolderData) -> dict:
+    """Per-class counts, formats and modes; image sizes; unreadable files; duplicate groups."""
+    scan, duplicates = data.scan, data.duplicates
+    classes = {}
+    for index, name in enumerate(scan.classes):
+        members = [im for im, label in zip(scan.images, scan.labels) if label == index]
+        classes[name] = {"images": len(members), "formats": dict(Counter(m.format for m in members)),
+                         "modes": dict(Counter(m.mode for m in members))}
+    widths = np.array([im.width for im in scan.images])
+    heights = np.array([im.height for im in scan.images])
+    conflicts = [group for group in duplicates.near if len({scan.labels[i] for i in group}) > 1]
+    return {
+        "root": str(scan.root), "images": len(scan.images), "classes": classes,
+        "layout": "train/val/test folders" if scan.presplit is not None else "class folders",
+        "image_size": {"min_width": int(widths.min()), "max_width": int(widths.max()),
+                       "min_height": int(heights.min()), "max_height": int(heights.max()),
+                       "median": f"{int(np.median(widths))}x{int(np.median(heights))}"},
+        "duplicate_groups": len(duplicates.exact), "near_duplicate_groups": len(duplicates.near),
+        "duplicate_group_files": scan.relative_groups(duplicates.exact),
+        "near_duplicate_group_files": scan.relative_groups(duplicates.near),
+        "label_conflicts": scan.relative_groups(conflicts),
+        "unreadable": [{"file": str(p), "reason": r} for p, r in scan.unreadable],
+        "ignored": len(scan.ignored),
+        "split_notes": data.notes(),
+    }

@@ -1,0 +1,332 @@
+"""The HTTP service of `transferlab serve`: a FastAPI app over one model bundle.
+
+POST /predict takes images as multipart/form-data fields named `file` (design §1) and answers their
+top classes; GET /health, GET /model, GET / (a page to try the model) and the OpenAPI docs at /docs.
+Bad input always gets a 4xx JSON answer, {"error": {"code", "message", "file"}}, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from http import HTTPStatus
+from importlib import resources
+from pathlib import Path
+
+import anyio
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from .. import __version__
+from ..deploy.batching import MicroBatcher
+from ..inference.bundle import load_model
+from ..errors import ConfigError
+from ..data.decode import SUPPORTED_FORMATS
+from ..data.transforms import eval_transform, normalize
+from ..deploy.uploads import FIELD, Upload, UploadError, decode_upload, parse_uploads, read_body
+
+DEFAULT_TOP_K = 3
+# Batching across requests, measured on the 2-core test machine (EfficientNet-Lite0, one worker,
+# 8 concurrent clients x 100 one-image requests, two rounds): the torch backend served 69-70
+# images/s at 115 ms median latency without it, 96-103 images/s at 75-81 ms with max_batch 32 and
+# no window; waiting 2 or 5 ms for more images gave 88-97. The ONNX backend served 131-138 images/s
+# either way, and a lone client saw no difference (25-29 ms a request). So: on, without a window.
+DEFAULT_MAX_BATCH = 32
+DEFAULT_WINDOW_MS = 0.0
+# /predict requests beyond max_concurrent wait this long for a turn, then get 503 with Retry-After:
+# long enough to ride out a burst (the 2-core machine serves about 100 Lite0 images/s), short enough
+# that a client with httpx's default 5 s timeout hears "come back" instead of nothing.
+BUSY_WAIT_S = 3.0
+RETRY_AFTER_S = 1
+# A request holds its turn while its body arrives, so the body has this long: a few stalled or
+# trickling clients cannot keep every turn. 10 MB at 2 Mbit/s takes 40 s.
+BODY_TIMEOUT_S = 60.0
+SETTINGS_ENV = "TRANSFERLAB_SERVE_SETTINGS"  # create_app's arguments for uvicorn's worker processes
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one request may send, each refused with a 4xx JSON error naming the limit, and how many
+    requests may hold their uploads in memory at once (the others wait, see BUSY_WAIT_S)."""
+
+    max_upload_bytes: int = 10 * 2**20  # the whole request body, counted while it is read
+    max_pixels: int = 50_000_000  # per image, from its header, before decoding (a 50 MP photo)
+    max_files: int = 16  # `file` fields per request
+    # /predict requests being read, decoded or predicted at once. Each holds up to about twice
+    # max_upload_bytes while its body is parsed: 16 x 10 MB x 2 = 320 MB at most. 64 clients each
+    # holding an 8 MB upload unfinished took the server from 753 to 1,315 MB without a cap (and more
+    # clients take more), to 906 MB with 16. Batching's gain was measured with 8 clients.
+    max_concurrent: int = 16
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}: give a positive whole number")
+
+
+class TopClass(BaseModel):
+    label: str
+    probability: float
+
+
+class FilePrediction(BaseModel):
+    file: str
+    top_k: list[TopClass]
+
+
+class PredictResponse(BaseModel):
+    predictions: list[FilePrediction]
+    model: dict
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    file: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ServiceBusy(Exception):
+    """Every turn to send uploads stayed taken for BUSY_WAIT_S: 503 with Retry-After."""
+
+
+class Classifier:
+    """The model behind the service: uploads in, top classes out. Decoding runs in worker threads,
+    at most one per core (each image may hold up to max_pixels in memory while it decodes); the
+    network runs on single images gathered across requests by a MicroBatcher (max_batch > 1), or
+    on each request's images on their own (max_batch == 1)."""
+
+    def __init__(self, model_dir: str | Path, backend: str, limits: ServiceLimits,
+                 max_batch: int, window_ms: float):
+        if max_batch < 1 or window_ms < 0:
+            raise ConfigError(f"max_batch={max_batch}, batch_window_ms={window_ms}: give "
+                              "max_batch >= 1 (1 turns batching off) and batch_window_ms >= 0")
+        self.predictor = load_model(model_dir, backend=backend)
+        self.backend, self.limits = backend, limits
+        self.transform = eval_transform(self.predictor.preprocessing)
+        self.decoders = anyio.CapacityLimiter(os.cpu_count() or 1)
+        self.batcher = MicroBatcher(self.run_batch, max_batch, window_ms) if max_batch > 1 else None
+
+    def run_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Probabilities for uint8 CHW images, one row each (called in a worker thread)."""
+        batch = normalize(torch.stack(images), self.predictor.preprocessing)
+        return list(self.predictor.predict_batch(batch))
+
+    async def predict(self, uploads: list[Upload], top_k: int) -> list[dict]:
+        images = await asyncio.gather(*(self._decode(upload) for upload in uploads),
+                                      return_exceptions=True)
+        for result in images:  # the first bad file, in the order sent
+            if isinstance(result, BaseException):
+                raise result
+        if self.batcher:
+            rows = await asyncio.gather(*(self.batcher.submit(image) for image in images))
+        else:
+            rows = await anyio.to_thread.run_sync(self.run_batch, images)
+        k = min(top_k, len(self.predictor.classes))
+        classes = self.predictor.classes
+        predictions = []
+        for upload, row in zip(uploads, rows):
+            values, indices = row.topk(k)
+            predictions.append({"file": upload.name, "top_k": [
+                {"label": classes[i], "probability": float(v)} for v, i in zip(values, indices)]})
+        return predictions
+
+    async def _decode(self, upload: Upload) -> torch.Tensor:
+        pre = self.predictor.preprocessing
+        return await anyio.to_thread.run_sync(decode_upload, upload, self.transform,
+                                              pre.resize_size, self.limits.max_pixels,
+                                              limiter=self.decoders)
+
+    def summary(self) -> dict:
+        """The short description every prediction carries."""
+        config = self.predictor.config
+        return {"backbone": config["backbone"], "backend": self.backend,
+                "weights_sha256": config["weights_sha256"]}
+
+    def describe(self) -> dict:
+        """GET /model: what the model is, how it was trained and what the service accepts."""
+        config, pre = self.predictor.config, self.predictor.preprocessing
+        training = config.get("training", {})
+        return {**self.summary(), "classes": self.predictor.classes,
+                "input_size": list(pre.input_size), "preprocessing": pre.to_dict(),
+                "transferlab_version": config.get("transferlab_version"),
+                "training": {"strategy": training.get("strategy"), "weights": training.get("weights"),
+                             "val_accuracy": training.get("val", {}).get("accuracy"),
+                             "test_accuracy": training.get("test", {}).get("accuracy")},
+                "limits": {**asdict(self.limits), "formats": sorted(SUPPORTED_FORMATS - {"MPO"})},
+                "batching": {"max_batch": self.batcher.max_batch if self.batcher else 1,
+                             "window_ms": self.batcher.window_s * 1000 if self.batcher else 0.0}}
+
+
+# /predict reads its body itself (to count bytes and keep uploads in memory), so its form is
+# described here for the docs rather than declared as parameters.
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": [FIELD],
+    "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
+                           "description": "One image per field; repeat the field for several."}}}}}}}
+_ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "empty body, no `file` field, an empty file, too many files or malformed multipart",
+    408: f"the body took longer than {BODY_TIMEOUT_S:g} s to arrive",
+    413: "request body larger than max_upload_bytes",
+    415: "not multipart/form-data, or a file that is not an image this service reads",
+    422: "an image with more pixels than max_pixels (refused before decoding), or a bad parameter",
+    503: f"max_concurrent requests were being served for the {BUSY_WAIT_S:g} s this one waited: "
+         "retry after the seconds in the Retry-After header",
+}.items()}
+
+
+def create_app(model_dir: str | Path, backend: str = "torch", *,
+               max_upload_bytes: int = ServiceLimits.max_upload_bytes,
+               max_pixels: int = ServiceLimits.max_pixels, max_files: int = ServiceLimits.max_files,
+               max_concurrent: int = ServiceLimits.max_concurrent, top_k: int = DEFAULT_TOP_K,
+               max_batch: int = DEFAULT_MAX_BATCH,
+               batch_window_ms: float = DEFAULT_WINDOW_MS) -> FastAPI:
+    """The service for the bundle in `model_dir` (loaded now, so a bad bundle fails here).
+
+    max_concurrent: /predict requests holding their uploads in memory at once; more wait;
+    max_batch: images per model call across concurrent requests (1: no batching across requests);
+    batch_window_ms: how long a batch waits for more images after its first.
+    """
+    limits = ServiceLimits(max_upload_bytes, max_pixels, max_files, max_concurrent)
+    if top_k < 1:
+        raise ConfigError(f"top_k={top_k}: give 1 or more")
+    classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms)
+    turns = anyio.Semaphore(limits.max_concurrent)  # first come, first served
+    default_k = top_k
+
+    @contextlib.asynccontextmanager
+    async def turn():
+        """One of the max_concurrent turns to hold uploads in memory, waited for BUSY_WAIT_S at most."""
+        try:
+            with anyio.fail_after(BUSY_WAIT_S):
+                await turns.acquire()
+        except TimeoutError:
+            raise ServiceBusy(f"{limits.max_concurrent} requests are being served and more are "
+                              f"waiting: retry in {RETRY_AFTER_S} s") from None
+        try:
+            yield
+        finally:
+            turns.release()
+
+    page = (resources.files("transferlab.reporting") / "templates" / "serve.html").read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if classifier.batcher:
+            await classifier.batcher.start()
+        yield
+        if classifier.batcher:
+            await classifier.batcher.stop()
+
+    classes = ", ".join(classifier.predictor.classes)
+    # FastAPIOffline serves Swagger UI's own files: FastAPI's default /docs fetches them from a
+    # CDN, and shows a blank page on a closed network
+    app = FastAPIOffline(title="transferlab", version=__version__, lifespan=lifespan, description=(
+        f"Image classifier: {classifier.summary()['backbone']} over the classes {classes}."))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_POLICY})
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    def model() -> dict:
+        return classifier.describe()
+
+    @app.post("/predict", response_model=PredictResponse, responses=_ERRORS,
+              openapi_extra=_PREDICT_BODY)
+    async def predict(request: Request, top_k: int = Query(default_k, ge=1, description=(
+            "Classes per image, most probable first (at most the number of classes)."))) -> dict:
+        """Top classes of each image sent as a multipart field named `file`."""
+        async with turn():
+            body = await read_body(request.stream(), limits.max_upload_bytes,
+                                   request.headers.get("content-length"), BODY_TIMEOUT_S)
+            uploads = parse_uploads(body, request.headers.get("content-type"), limits.max_files)
+            del body  # the uploads are copies: one copy of each file in memory while it is decoded
+            return {"predictions": await classifier.predict(uploads, top_k),
+                    "model": classifier.summary()}
+
+    _add_error_handlers(app)
+    return app
+
+
+# The page is self-contained: no request may leave for another origin.
+_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "img-src blob: data:; connect-src 'self'")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, in the same shape: {"error": {code, message, file}}."""
+
+    def answer(status: int, code: str, message: str, file: str | None = None,
+               headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"code": code, "message": message, "file": file}}, status,
+                            headers)
+
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, error: UploadError) -> JSONResponse:
+        return answer(error.status, error.code, error.message, error.file)
+
+    @app.exception_handler(ServiceBusy)
+    async def busy(request: Request, error: ServiceBusy) -> JSONResponse:
+        return answer(503, "busy", str(error), headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        return answer(422, "invalid_request", problems)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
+        return answer(error.status_code, code, f"{error.detail}: {request.method} {request.url.path}"
+                      "; the API is described at /docs")
+
+    @app.exception_handler(ClientDisconnect)  # nobody reads this answer; it keeps the log quiet
+    async def client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
+        return answer(400, "client_disconnected", "the client left before sending the whole body")
+
+    @app.exception_handler(Exception)  # a bug, not bad input; Starlette still logs the traceback
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        return answer(500, "internal_error", f"the server failed ({type(error).__name__}); see its log")
+
+
+def app_from_env() -> FastAPI:
+    """Uvicorn's app factory for --workers > 1, which starts each worker from an import string:
+    create_app's arguments come as JSON in $TRANSFERLAB_SERVE_SETTINGS, set by `serve`."""
+    return create_app(**json.loads(os.environ[SETTINGS_ENV]))
+
+
+def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          **settings) -> None:
+    """Run the service with Uvicorn until interrupted; `settings` are create_app's options."""
+    import uvicorn
+
+    if workers < 1:
+        raise ConfigError(f"workers={workers}: give 1 or more")
+    settings["model_dir"] = str(Path(model_dir).resolve())
+    app = create_app(**settings)  # loads the model: a bad bundle or option fails here, once
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port)
+        return
+    # Each worker is its own process with its own model; share the cores out between them so
+    # that torch's threads do not fight over them.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    os.environ[SETTINGS_ENV] = json.dumps(settings)
+    del app
+    uvicorn.run("transferlab.deploy.serve:app_from_env", factory=True, host=host, port=port, workers=workers)

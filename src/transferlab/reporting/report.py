@@ -1,0 +1,210 @@
+"""report.html: one self-contained page for a run, an evaluation or a comparison, rendered from the
+files the run wrote (Jinja2 templates in templates/, pictures from plots.py as data URIs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from . import plots
+from ..runs.atomic import write_text
+from ..errors import TransferlabError
+from ..runs.layout import COMPARISON_FILE, REPORT_FILE, RunFiles
+
+log = logging.getLogger(__name__)
+
+WRONG_SHOWN = 12  # most confidently wrong test images in the thumbnail grid
+GROUPS_SHOWN = 30  # duplicate groups listed by name
+
+
+def write_report(folder: str | Path) -> Path:
+    """Render `folder`'s report.html (a run, evaluation or compare folder) and return its path."""
+    folder = Path(folder)
+    if (folder / COMPARISON_FILE).is_file():
+        html = render("comparison.html", comparison_context(folder))
+    else:
+        html = render("run.html", run_context(RunFiles.read(folder)))
+    write_text(folder / REPORT_FILE, html)
+    return folder / REPORT_FILE
+
+
+def render(template: str, context: dict) -> str:
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    environment = Environment(loader=PackageLoader("transferlab.reporting", "templates"), autoescape=True,
+                              undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    environment.filters.update(pct=_pct, num=_num, count=lambda v: "–" if v is None else f"{v:,}")
+    return environment.get_template(template).render(
+        **context, generated=datetime.now().isoformat(timespec="seconds"))
+
+
+def run_context(files: RunFiles) -> dict:
+    metrics = files.metrics
+    evaluation = "model" in metrics  # written by `evaluate`, not by `train`
+    classes = metrics["classes"]
+    test = metrics.get("test") or {}
+    root = Path(metrics.get("data", {}).get("root") or (files.split or {}).get("root", "."))
+    model_dir = Path(metrics["model"]) if evaluation else files.model_dir
+    title = (f"Evaluation of {metrics.get('strategy') or 'a'} · {metrics['backbone']} model on {root.name}"
+             if evaluation else f"{metrics['strategy']} · {metrics['backbone']} on {root.name}")
+    return {
+        "title": title, "evaluation": evaluation, "metrics": metrics, "classes": classes,
+        "test": test, "val": metrics.get("val") or {}, "headline": _headline(metrics),
+        "dataset": _dataset(files, root),
+        "curves": [plots.learning_curve(files.history, metric, metrics.get("best_epoch"))
+                   for metric in ("loss", "acc")] if files.history else None,
+        "history": files.history,
+        "results": _results(test, classes, files),
+        "wrong": _confidently_wrong(files, root),
+        "model": _model(model_dir),
+        "command": shlex.join(files.run.get("command") or []) or None,
+        "configuration": json.dumps({k: v for k, v in files.run.items() if k not in ("command",)},
+                                    indent=2, sort_keys=True),
+    }
+
+
+def comparison_context(folder: Path) -> dict:
+    from ..workflows.compare import format_row
+
+    record = json.loads((folder / COMPARISON_FILE).read_text(encoding="utf-8"))
+    rows = record["rows"]
+    done = [r for r in rows if r.get("test_accuracy") is not None]
+    one_backbone = len({r["backbone"] for r in rows if r["strategy"] != "scratch"}) <= 1
+    names = [r["strategy"] if one_backbone else f"{r['strategy']} · {r['backbone']}" for r in done]
+    first = next((folder / run["dir"] for run in record["runs"] if not run.get("error")), None)
+    dataset = None
+    if first is not None:
+        files = RunFiles.read(first)
+        dataset = _dataset(files, Path(record["data"]["root"]))
+    return {
+        "title": f"Comparison on {Path(record['data']['root']).name}", "record": record,
+        "table": [format_row(r) for r in rows],
+        "accuracy_plot": plots.accuracy_bars(names, [r["test_accuracy"] for r in done],
+                                             [r["test_ci_low"] for r in done],
+                                             [r["test_ci_high"] for r in done],
+                                             [r["test_accuracy_std"] for r in done]) if done else None,
+        "time_plot": plots.accuracy_vs_time(names, [r["wall_s"] for r in done],
+                                            [r["test_accuracy"] for r in done]) if done else None,
+        "runs": [{**run, "report": (folder / run["dir"] / REPORT_FILE).is_file()} for run in record["runs"]],
+        "dataset": dataset, "command": shlex.join(record.get("command") or []) or None,
+        "configuration": json.dumps({k: record[k] for k in ("data", "seed", "repeats", "options",
+                                                              "transferlab_version", "environment")},
+                                    indent=2, sort_keys=True),
+    }
+
+
+def _headline(metrics: dict) -> list[tuple[str, str]]:
+    test, val, timing = metrics.get("test") or {}, metrics.get("val") or {}, metrics.get("timing") or {}
+    cards = []
+    if test.get("accuracy") is not None:
+        low, high = test.get("accuracy_ci95") or (None, None)
+        ci = f"95% CI {_pct(low)} – {_pct(high)}" if low is not None else ""
+        cards.append(("test accuracy", _pct(test["accuracy"]), ci))
+        cards.append(("macro F1", _num(test.get("macro_f1")), f"loss {_num(test.get('loss'))}"))
+        if test.get("roc_auc") is not None:
+            cards.append(("ROC-AUC", _num(test["roc_auc"]), ""))
+        cards.append(("calibration error", _num(test.get("ece")), "ECE, 15 bins"))
+    if val.get("accuracy") is not None:
+        cards.append(("val accuracy", _pct(val["accuracy"]), f"loss {_num(val.get('loss'))}"))
+    if metrics.get("epochs_run"):
+        cards.append(("epochs", str(metrics["epochs_run"]), f"kept epoch {metrics['best_epoch'] + 1}"
+                      if metrics.get("best_epoch") is not None else ""))
+    seconds = timing.get("total_s") or timing.get("predict_s")
+    if seconds is not None:
+        speed = timing.get("embed_images_per_s") or timing.get("train_images_per_s") or timing.get("images_per_s")
+        cards.append(("wall time", f"{seconds:.1f} s", f"{speed:.0f} images/s" if speed else ""))
+    if metrics.get("params"):
+        cards.append(("trainable parameters", f"{metrics['params']['trainable']:,}",
+                      f"of {metrics['params']['total']:,}"))
+    return cards
+
+
+def _dataset(files: RunFiles, root: Path) -> dict:
+    """Class counts per split and how duplicate groups were split, from split.json (a run) or the
+    evaluated images (an evaluation)."""
+    split, metrics = files.split, files.metrics
+    classes = (split or metrics)["classes"]
+    if split is not None:
+        counts = {name: [Counter(item["label"] for item in split[name])[c] for c in classes]
+                  for name in ("train", "val", "test")}
+    else:
+        table = files.predictions
+        labels = Counter(table.classes[i] for i in table.labels) if table is not None else Counter()
+        counts = {"evaluated": [labels[c] for c in classes]}
+    summary = metrics.get("split") or {}
+    home = {item["file"]: name for name in ("train", "val", "test") for item in (split or {}).get(name, [])}
+    groups = [[(file, home.get(file, "–")) for file in group]
+              for group in (split or {}).get("near_duplicate_group_files", [])]
+    return {
+        "root": str(root), "classes": classes, "counts": counts,
+        "total": {name: sum(values) for name, values in counts.items()},
+        "plot": plots.class_counts(classes, counts),
+        "summary": summary, "leakage": (metrics.get("test") or {}).get("leakage"),
+        "groups": groups[:GROUPS_SHOWN], "more_groups": max(0, len(groups) - GROUPS_SHOWN),
+        "unreadable": (split or {}).get("unreadable", []),
+        "notes": (split or {}).get("notes", []),
+        "unreadable_count": summary.get("unreadable", metrics.get("data", {}).get("unreadable", 0)),
+    }
+
+
+def _results(test: dict, classes: list[str], files: RunFiles) -> dict | None:
+    if test.get("confusion_matrix") is None:
+        return None
+    result = {"confusion": plots.confusion(test["confusion_matrix"], classes), "roc": None,
+              "reliability": None}
+    table = files.predictions
+    if table is not None:
+        rows = table.select("test")
+        labels, proba = table.labels[rows], table.proba[rows]
+        if len(rows):
+            predicted = proba.argmax(1)
+            result["reliability"] = plots.reliability(predicted == labels, proba.max(1))
+            if len(classes) == 2 and len(np.unique(labels)) == 2:
+                result["roc"] = plots.roc(labels == 1, proba[:, 1], classes[1])
+    return result
+
+
+def _confidently_wrong(files: RunFiles, root: Path) -> list[dict]:
+    table = files.predictions
+    if table is None:
+        return []
+    shown = []
+    for row in table.confidently_wrong("test", WRONG_SHOWN):
+        predicted = int(table.proba[row].argmax())
+        shown.append({"file": table.files[row], "true": table.classes[table.labels[row]],
+                      "predicted": table.classes[predicted], "confidence": float(table.proba[row, predicted]),
+                      "image": plots.thumbnail(root / table.files[row])})
+    return shown
+
+
+def _model(model_dir: Path | None) -> dict | None:
+    """Layer summary and the bundle's configuration; None (with a log line) if it cannot be read."""
+    if model_dir is None or not model_dir.is_dir():
+        return None
+    from ..inference.bundle import read_config
+    from ..models.summary import summarize
+
+    try:
+        config = read_config(model_dir)
+        summary = summarize(str(model_dir), depth=2)
+    except TransferlabError as error:
+        log.warning("report: model summary left out (%s)", error)
+        return None
+    return {"path": str(model_dir), "summary": summary, "backbone": config["backbone"],
+            "cut_layer": config.get("cut_layer"), "head": config["head"],
+            "preprocessing": config["preprocessing"],
+            "weights_sha256": config["weights_sha256"]}
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.2%}"
+
+
+def _num(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"

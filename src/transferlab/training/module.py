@@ -1,0 +1,130 @@
+"""The LightningModule of every trained strategy: a ClassifierNet, its loss, optimizer and schedule.
+
+It holds the model and its optimisation only. Which parameters train and when is decided outside:
+the strategy freezes parameters and passes explicit parameter groups; the fine-tuning schedule is a
+callback that switches `requires_grad` on (see callbacks.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..inference.bundle import ClassifierNet
+from ..errors import ConfigError
+from ..models.freezing import keep_inference_mode
+from ..data.transforms import Preprocessing, normalize
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+
+@dataclass
+class Optimization:
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr!r}: the learning rate must be positive, such as 1e-3")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay!r}: must be 0 or more")
+
+
+@dataclass
+class ParameterGroup:
+    """Parameters trained at `lr_scale` times the base learning rate (discriminative rates)."""
+
+    name: str
+    parameters: list[nn.Parameter]
+    lr_scale: float = 1.0
+
+
+def build_optimizer(groups: list[ParameterGroup], opt: Optimization) -> torch.optim.Optimizer:
+    param_groups = [{"params": g.parameters, "lr": opt.lr * g.lr_scale, "name": g.name}
+                    for g in groups if g.parameters]
+    kwargs = {"lr": opt.lr, "weight_decay": opt.weight_decay}
+    if opt.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, momentum=opt.momentum, **kwargs)
+    if opt.optimizer == "rmsprop":
+        return torch.optim.RMSprop(param_groups, momentum=0.0, **kwargs)
+    if opt.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, **kwargs)
+    return torch.optim.Adam(param_groups, **kwargs)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
+    """A per-step learning-rate schedule over the whole run, or None for a constant rate."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=max(2, total_steps))
+    return None
+
+
+class ClassifierModule(L.LightningModule):
+    """Takes uint8 image batches, normalises them (channels_last) and trains `net` with cross-entropy."""
+
+    def __init__(self, net: ClassifierNet, pre: Preprocessing, groups: list[ParameterGroup],
+                 optimization: Optimization, num_classes: int, freeze_batchnorm: bool = False,
+                 class_weights: torch.Tensor | None = None):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)
+        self.pre = pre
+        self.groups = groups
+        self.optimization = optimization
+        self.freeze_batchnorm = freeze_batchnorm
+        self.loss = nn.CrossEntropyLoss(weight=class_weights)
+        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.example_input_array = torch.zeros((1, *pre.input_size), dtype=torch.uint8)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(normalize(images, self.pre))
+
+    def train(self, mode: bool = True):
+        """Lightning calls this every epoch; frozen parts and (when fine-tuning) BatchNorm must stay in
+        inference mode through it, or running statistics would drift."""
+        super().train(mode)
+        if mode:
+            keep_inference_mode(self.net.backbone, self.freeze_batchnorm)
+        return self
+
+    def training_step(self, batch, batch_index):
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss(logits.float(), labels)
+        self.train_accuracy(logits, labels)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=len(labels), sync_dist=True)
+        self.log("train_acc", self.train_accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_index):
+        images, labels = batch
+        logits = self(images)
+        self.val_accuracy(logits, labels)
+        self.log("val_loss", self.loss(logits.float(), labels), on_epoch=True, prog_bar=True,
+                 batch_size=len(labels), sync_dist=True)
+        self.log("val_acc", self.val_accuracy, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.groups, self.optimization)
+        schedule = build_schedule(optimizer, self.optimization.schedule,
+                                  int(self.trainer.estimated_stepping_batches))
+        if schedule is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
