@@ -3,7 +3,8 @@ import shutil
 import pytest
 from PIL import Image
 
-from transferlab.data.folder import ImageFolderData, split_groups
+from transferlab.data.folder import ImageFolderData
+from transferlab.data.split import split_groups
 from transferlab.errors import ConfigError, DataError
 from transferlab.data.synthetic import make_image_folder
 
@@ -76,15 +77,15 @@ def test_leaky_split_is_reported(tmp_path):
 
 
 def test_scan_cache_skips_unchanged_files_and_rereads_edited_ones(tmp_path, monkeypatch):
-    import transferlab.data.folder
+    import transferlab.data.scan
 
     root = make_image_folder(tmp_path / "d", per_class=4, size=32)
     first = ImageFolderData(root, cache_dir=tmp_path / "cache").scan
     edited = root / "circles" / "circles_000.jpg"
     Image.new("RGB", (40, 30), "green").save(edited, format="JPEG")
     read = []
-    original = transferlab.data.folder.read_info
-    monkeypatch.setattr(transferlab.data.folder, "read_info", lambda path, **kw: read.append(path) or
+    original = transferlab.data.scan.read_info
+    monkeypatch.setattr(transferlab.data.scan, "read_info", lambda path, **kw: read.append(path) or
                         original(path, **kw))
     second = ImageFolderData(root, cache_dir=tmp_path / "cache").scan
     assert read == [edited]

@@ -4,15 +4,16 @@ import csv
 import json
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from transferlab import ImageFolderData, load_model, train
 from transferlab.data.loaders import ImageFolderDataModule
 from transferlab.errors import ConfigError
+from transferlab.runs.predictions import PredictionTable
 from transferlab.training.module import ClassifierModule, Optimization
-from transferlab.training.recipes import build_network, plan
-from transferlab.workflows.train import TrainConfig
+from transferlab.training.strategies import configure
 from transferlab.training.trainer import Distribution, fit
 
 from conftest import TINY_BACKBONE
@@ -44,13 +45,13 @@ class Recorder(L.Callback):
 
 
 def fit_tiny(image_folder, tmp_path, strategy, epochs, extra_callbacks=(), **options):
-    config = TrainConfig(strategy=strategy, backbone=TINY_BACKBONE, weights="none", epochs=epochs,
-                         **options).resolved()
+    chosen, config = configure(strategy, dict(backbone=TINY_BACKBONE, weights="none", epochs=epochs,
+                                              **options))
     data = ImageFolderData(image_folder, cache_dir=None)
     L.seed_everything(0, verbose=False)
-    net, _, pre = build_network(config, len(data.classes))
-    recipe = plan(strategy, net, config)
-    module = ClassifierModule(net, pre, recipe.groups, Optimization(config.optimizer, config.lr),
+    net, _, pre, recipe = chosen.build(config, len(data.classes))
+    module = ClassifierModule(net, pre, recipe.groups, Optimization(config.optimizer, config.lr,
+                                                                    config.momentum),
                               num_classes=2, freeze_batchnorm=recipe.freeze_batchnorm)
     before = snapshot(net)
     result = fit(module, ImageFolderDataModule(data, pre, "light", batch_size=8), tmp_path,
@@ -75,9 +76,13 @@ def test_head_run_directory_and_frozen_backbone(image_folder, tmp_path):
     assert sum(map(sum, metrics["test"]["confusion_matrix"])) == metrics["split"]["test"]
     config = json.loads((run.model_dir / "config.json").read_text())
     assert config["head"]["hidden"] == [256] and config["head"]["dropout"] == 0.5
-    # the bundle predicts like any other: same format as extract
-    predictions = load_model(run.model_dir).predict(ImageFolderData(image_folder).files("test"))
-    assert all(p.top_k[0][0] in ("circles", "squares") for p in predictions)
+    # the bundle predicts like any other, and as the run did: the run's own test predictions
+    table = PredictionTable.read(run.dir / "predictions.csv")
+    rows = table.select("test")
+    predictions = load_model(run.model_dir).predict([image_folder / table.files[i] for i in rows],
+                                                    precision=metrics["precision"]["training"])
+    assert [p.top_k[0][0] for p in predictions] == [table.classes[i] for i in table.proba[rows].argmax(1)]
+    np.testing.assert_allclose([p.top_k[0][1] for p in predictions], table.proba[rows].max(1), atol=1e-5)
 
 
 def test_frozen_parameters_receive_no_update(image_folder, tmp_path):
@@ -170,7 +175,7 @@ def test_cosine_schedule_lowers_the_rate_each_epoch(image_folder, tmp_path):
 
 
 def test_balanced_class_weights(tmp_path):
-    from transferlab.training.recipes import _class_weights
+    from transferlab.training.strategies.trained import class_weights as _class_weights
     from transferlab.data.synthetic import make_image_folder
 
     root = make_image_folder(tmp_path / "data", per_class=10, size=32)

@@ -20,7 +20,8 @@ def test_augmentation_presets_give_model_sized_uint8_and_vary():
     from PIL import Image
 
     from transferlab.errors import ConfigError
-    from transferlab.data.transforms import AUGMENTATIONS, train_transform
+    from transferlab.data.transforms import train_transform
+    from transferlab.options import AUGMENTATIONS
 
     pre = Preprocessing(input_size=(3, 64, 64))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))

@@ -7,9 +7,11 @@ _EXPORTS = {
     "ImageFolderData": "data.folder",
     "train": "workflows.train",
     "Run": "workflows.train",
-    "load_model": "inference.bundle",
+    "compare": "workflows.compare",
+    "evaluate": "workflows.evaluate",
+    "load_model": "inference.backends",
     "save_model": "inference.bundle",
-    "Predictor": "inference.bundle",
+    "Predictor": "inference.predictor",
     "create_backbone": "models.backbones",
     "TransferlabError": "errors",
 }

@@ -45,7 +45,6 @@ from transferlab.inference.bundle import load_network, save_model
 from transferlab.cli import main
 from transferlab.data.folder import ImageFolderData
 from transferlab.inference.embeddings import EmbeddingCache, embed_files
-from transferlab.models.heads import HeadSpec
 from transferlab.runs.predictions import PredictionTable
 from transferlab.runs.layout import HISTORY_COLUMNS
 from transferlab.data.synthetic import make_image_folder
@@ -232,11 +231,10 @@ def _write_half_metrics(run_dir: Path) -> None:
         die()
 
 
-def _save_bundle_until_hashing(net, config: dict, folder: Path) -> None:
+def _save_bundle_until_hashing(net, config, folder: Path) -> None:
     transferlab.inference.bundle.sha256_of = die  # the weights are written into the staging folder by then
-    save_model(net, folder, backbone=config["backbone"], classes=config["classes"],
-               head=HeadSpec.from_dict(config["head"]),
-               preprocessing=Preprocessing.from_dict(config["preprocessing"]))
+    save_model(net, folder, backbone=config.backbone, classes=config.classes, head=config.head,
+               preprocessing=config.preprocessing)
 
 
 def test_extract_killed_while_embedding_resumes_to_the_clean_result(shapes_400, tmp_path):

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab import load_model, serve, train
+from transferlab import load_model, train
+from transferlab.deploy import serve
 
 from conftest import TINY_BACKBONE, running_server
 from messy import FILE_CASES

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +12,11 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+# The plugins of the supported formats, registered by importing them (Image.OPEN below).
+from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, MpoImagePlugin,  # noqa: F401
+                 PngImagePlugin, TiffImagePlugin, WebPImagePlugin)
 
-# The formats the design promises (design §2); anything else PIL opens is treated as "not an image".
+# The formats README promises; anything else is treated as "not an image".
 SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse decompression bombs above this many pixels
 _BACKGROUND = (255, 255, 255)  # transparent pixels become white, not whatever colour they hide
@@ -115,32 +118,54 @@ def _phash(image: Image.Image) -> int:
 
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
-_PIL_LIMIT_LOCK = threading.Lock()
+# What Image.open's own loop treats as "not this format, try the next plugin".
+_NOT_THIS_FORMAT = (SyntaxError, IndexError, TypeError, struct.error)
+# The plugins of the supported formats, in the order Image.open tries them (JPEG's also opens MPO).
+_PLUGINS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 @contextmanager
-def _open_checked(path: str | Path | BinaryIO, max_pixels: int):
-    """Image.open with our pixel limit in place of PIL's: the header is read, nothing decoded.
+def _open_checked(source: str | Path | BinaryIO, max_pixels: int):
+    """The image with only its header read, after our pixel limit; nothing is decoded yet.
 
-    PIL applies its own global limit inside Image.open (a warning above 89 MP, an error above 179 MP)
-    before we can see the size, which would make `max_pixels` impossible to raise and turns bombs
-    into PIL's messages. So PIL's check is off for the moment of reading a header, under a lock,
-    and ours runs right after, before any pixel is decoded.
+    Image.open applies PIL's process-wide limit (a warning above 89 MP, an error above 179 MP) the
+    moment the header is read, so `max_pixels` could not be raised above it, and switching it off
+    for a moment would switch it off for every thread. So the header is read the way Image.open
+    reads it, by the format's own plugin, and our limit replaces PIL's check of the header; PIL's
+    global is never touched (its decoders still apply it to GIF frames and TIFF tiles).
     """
-    with _PIL_LIMIT_LOCK:
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    handle = open(source, "rb") if isinstance(source, (str, os.PathLike)) else source
+    try:
+        image = _identify(handle, os.fspath(source) if handle is not source else "")
+        with image:
+            if image.format not in SUPPORTED_FORMATS:
+                raise UnreadableImage(f"unsupported format {image.format}")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise TooManyPixels(f"{width}x{height} pixels exceeds the limit of {max_pixels:,} "
+                                    "(possible decompression bomb; raise --max-pixels / max_pixels "
+                                    "to accept it)")
+            yield image
+    finally:
+        if handle is not source:
+            handle.close()
+
+
+def _identify(handle: BinaryIO, filename: str) -> Image.Image:
+    """Image.open's identification loop over the supported formats' plugins, without its
+    decompression-bomb check (see _open_checked)."""
+    prefix = handle.read(16)
+    for name in _PLUGINS:
+        factory, accept = Image.OPEN[name]
+        accepted = accept(prefix)
+        if not accepted or isinstance(accepted, str):  # a string: the plugin's codec is missing
+            continue
         try:
-            image = Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-    with image:
-        if image.format not in SUPPORTED_FORMATS:
-            raise UnreadableImage(f"unsupported format {image.format}")
-        width, height = image.size
-        if width * height > max_pixels:
-            raise TooManyPixels(f"{width}x{height} pixels exceeds the limit of {max_pixels:,} (possible "
-                                "decompression bomb; raise --max-pixels / max_pixels to accept it)")
-        yield image
+            handle.seek(0)
+            return factory(handle, filename)
+        except _NOT_THIS_FORMAT:
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
 
 
 def _reason(error: Exception, source: str | Path | BinaryIO) -> str:

@@ -1,12 +1,16 @@
-"""`transferlab info`: what a data folder holds and what is wrong with it."""
+"""What a data folder holds and what is wrong with it: `transferlab info`, and the lines a run logs
+about its split."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import numpy as np
 
-from ..data.folder import ImageFolderData
+from .folder import ImageFolderData
+
+log = logging.getLogger(__name__)
 
 
 def describe(data: ImageFolderData) -> dict:
@@ -34,3 +38,18 @@ def describe(data: ImageFolderData) -> dict:
         "ignored": len(scan.ignored),
         "split_notes": data.notes(),
     }
+
+
+def log_split(data: ImageFolderData) -> None:
+    """The split in a few log lines, with a warning when duplicates span splits."""
+    summary = data.summary()
+    log.info("%d images in %d classes; split train %d / val %d / test %d (seed %d)",
+             len(data.scan.images), len(data.classes), summary["train"], summary["val"],
+             summary["test"], data.seed)
+    log.info("%d groups of identical files, %d of near-identical images", summary["duplicate_groups"],
+             summary["near_duplicate_groups"])
+    if summary["groups_across_splits"]:
+        log.warning("%d duplicate groups have copies in more than one split: test accuracy will be "
+                    "optimistic", summary["groups_across_splits"])
+    elif summary["near_duplicate_groups"]:
+        log.info("every duplicate group is within one split")

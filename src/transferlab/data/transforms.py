@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..options import check
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -84,7 +86,6 @@ def normalize(batch: torch.Tensor, pre: Preprocessing, channels_last: bool = Tru
     return torch.addcmul(-mean / std, batch.float(), 1.0 / (255.0 * std))
 
 
-AUGMENTATIONS = ("none", "light", "standard", "strong")
 # Keras's ImageDataGenerator recipe. Its shear_range=0.2 was radians when the recipe was written
 # (Keras 1) and is degrees today, which makes it invisible; we keep the original ~11.5 degrees.
 STANDARD_SHEAR_DEGREES = math.degrees(0.2)
@@ -100,10 +101,7 @@ def train_transform(pre: Preprocessing, preset: str = "standard"):
     """
     from torchvision.transforms import v2
 
-    if preset not in AUGMENTATIONS:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"augment={preset!r}: use one of {', '.join(AUGMENTATIONS)}")
+    check({"augment": preset})
     if preset == "none":
         return eval_transform(pre)
     size = list(pre.input_size[1:])

@@ -3,13 +3,15 @@ lets a Predictor run it.
 
 The exported graph takes what the torch network takes: a float32 NCHW batch, already resized,
 cropped and normalised ((pixel / 255 - mean) / std). Those preprocessing constants are not baked into
-the graph; they stay in the bundle's config.json, which the Predictor reads for both backends, so
-decoding and resizing (PIL, in `runner.ImageFiles`) are the same code whichever backend runs.
+the graph; they stay in the bundle's config.json, which the Predictor reads for every engine, so
+decoding and resizing (PIL, in `data.loaders.ImageDataset`) are the same code whichever engine runs.
+
+`EXPORT_FORMATS` names the formats `transferlab export --format` offers; each exporter checks its
+file against torch before keeping it and records it in config.json under "exports".
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -19,17 +21,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..runs.atomic import atomic_path, check_writable, write_json
-from ..inference.bundle import CONFIG_FILE, Predictor, load_network, read_config
-from ..errors import BundleError, ConfigError, ExportError
 from ..data.decode import sha256_of
+from ..devices import resolve_device
+from ..errors import ConfigError, ExportError
 from ..evaluation.metrics import probability_agreement
-from ..runs.layout import SPLIT_FILE
-from ..data.transforms import Preprocessing, normalize
+from ..inference.bundle import INT8_FILE, ONNX_FILE, BundleConfig, load_network, read_config, record_export
+from ..inference.engines import OnnxEngine, TorchEngine
+from ..inference.predictor import Predictor
+from ..options import check
+from ..runs.atomic import atomic_path, check_writable
+from ..runs.layout import RunDir, read_json
 
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME, OUTPUT_NAME = OnnxEngine.INPUT, OnnxEngine.OUTPUT
 # The torch.export-based exporter writes opset 18 natively; asking it for 17 runs a version
 # converter that failed on EfficientNet (ReduceMean's axes) and then silently kept opset 18.
 DEFAULT_OPSET = 18
@@ -37,7 +40,6 @@ MIN_OPSET = 18
 FP32_TOLERANCE = 1e-4  # max |probability difference| an fp32 export may show against torch
 QUANTIZATIONS = ("int8",)
 NOISE_IMAGES = 8
-PARITY_IMAGES = 64  # validation images the command line checks an fp32 export on
 
 
 @dataclass
@@ -56,8 +58,8 @@ def export_path(model_dir: str | Path, out: str | Path | None = None, quantize: 
 
 def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantize: str | None = None,
                 images: Sequence[str | Path] | None = None, labels: Sequence[int] | None = None,
-                opset: int = DEFAULT_OPSET, batch_size: int = 32,
-                workers: int | None = None) -> ExportResult:
+                opset: int = DEFAULT_OPSET, batch_size: int = 32, workers: int | None = None,
+                device: str = "auto") -> ExportResult:
     """Export the bundle in `model_dir` to ONNX (default MODEL_DIR/model.onnx, or model.int8.onnx
     with quantize="int8"), check it against the torch network and record it in config.json.
 
@@ -69,11 +71,11 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
     always differ, so their numbers are reported, not judged.
     """
     model_dir = Path(model_dir)
-    if quantize not in (None, *QUANTIZATIONS):
-        raise ConfigError(f"quantize={quantize!r}: use int8, or None for fp32")
+    check({"quantize": quantize, "batch_size": batch_size, "workers": workers})
     if opset < MIN_OPSET:
         raise ConfigError(f"opset={opset}: the torch exporter writes opset {MIN_OPSET} or newer "
                           f"(onnxruntime 1.14 and later run it); use --opset {MIN_OPSET}")
+    check({"opset": opset})
     if labels is not None and (images is None or len(labels) != len(images)):
         raise ConfigError(f"labels: {len(labels)} given for {len(images or [])} images; give one "
                           "class index per image")
@@ -92,13 +94,13 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
         if written != opset:
             raise ExportError(f"{out}: asked for opset {opset}, the exporter wrote {written}; "
                               f"use --opset {written}")
-        parity = measure_parity(net, OnnxEngine(staged), config, images, labels,
-                                batch_size=batch_size, workers=workers)
+        parity = measure_parity(net, OnnxEngine(staged, config.preprocessing), config, images, labels,
+                                batch_size=batch_size, workers=workers, device=resolve_device(device))
         if not quantize and parity["max_abs_prob_diff"] > FP32_TOLERANCE:
             raise ExportError(
                 f"{out}: not written; onnxruntime's probabilities differ from torch's by up to "
                 f"{parity['max_abs_prob_diff']:.2e} (more than {FP32_TOLERANCE:g}) on "
-                f"{parity['images']} {parity['source']} inputs; the exported {config['backbone']} "
+                f"{parity['images']} {parity['source']} inputs; the exported {config.backbone} "
                 "graph does not compute what torch does: try another --opset, or keep using the "
                 "torch backend")
         parity["tolerance"] = None if quantize else FP32_TOLERANCE
@@ -108,11 +110,11 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
     return result
 
 
-def _export_graph(net: torch.nn.Module, config: dict, path: Path, opset: int) -> None:
+def _export_graph(net: torch.nn.Module, config: BundleConfig, path: Path, opset: int) -> None:
     """torch.onnx.export with the torch.export-based ("dynamo") exporter: the TorchScript one works
     on these models too but is deprecated and warns that it will be removed. One file (no external
     data), so its sha256 covers everything; the batch axis is dynamic."""
-    example = torch.zeros(2, *config["preprocessing"]["input_size"])  # a size-1 axis would be fixed
+    example = torch.zeros(2, *config.preprocessing.input_size)  # a size-1 axis would be fixed
     try:
         torch.onnx.export(net, (example,), str(path), dynamo=True, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -120,7 +122,7 @@ def _export_graph(net: torch.nn.Module, config: dict, path: Path, opset: int) ->
                           verbose=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises many types, all fatal here
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ExportError(f"torch.onnx.export failed for backbone {config['backbone']!r} "
+        raise ExportError(f"torch.onnx.export failed for backbone {config.backbone!r} "
                           f"({type(error).__name__}: {first_line})") from None
 
 
@@ -152,11 +154,15 @@ def _opset_of(path: Path) -> int:
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
-def measure_parity(net: torch.nn.Module, engine: "OnnxEngine", config: dict,
+def measure_parity(net: torch.nn.Module, engine: OnnxEngine, config: BundleConfig,
                    images: Sequence[str | Path] | None = None, labels: Sequence[int] | None = None,
-                   *, batch_size: int = 32, workers: int | None = None) -> dict:
-    """How closely `engine` reproduces the torch network's fp32 probabilities (see export_onnx)."""
-    reference, candidate = Predictor(net, config), Predictor(engine, config)
+                   *, batch_size: int = 32, workers: int | None = None,
+                   device: torch.device | str = "cpu") -> dict:
+    """How closely `engine` reproduces the torch network's fp32 probabilities (see export_onnx); the
+    torch reference runs on `device`."""
+    pre = config.preprocessing
+    reference = Predictor(TorchEngine(net, pre, device), config.classes, pre)
+    candidate = Predictor(engine, config.classes, pre)
     if images:
         expected, errors = reference.predict_proba(images, batch_size=batch_size, workers=workers,
                                                    precision="32")
@@ -167,13 +173,11 @@ def measure_parity(net: torch.nn.Module, engine: "OnnxEngine", config: dict,
                               f"(first: {images[0]}: {errors[0]})")
         expected, got, source = expected[read], got[read], "images"
     else:
-        pre = Preprocessing.from_dict(config["preprocessing"])
         generator = torch.Generator().manual_seed(0)
         pixels = torch.randint(0, 256, (NOISE_IMAGES, *pre.input_size), generator=generator,
                                dtype=torch.uint8)
-        batch = normalize(pixels, pre)
-        expected = reference.predict_batch(batch, precision="32").numpy()
-        got = candidate.predict_batch(batch).numpy()
+        expected = reference.predict_batch(pixels, precision="32").numpy()
+        got = candidate.predict_batch(pixels).numpy()
         source = "random-noise"
     parity = {"source": source, "images": len(expected), **probability_agreement(expected, got)}
     if labels is not None and images:
@@ -185,7 +189,7 @@ def measure_parity(net: torch.nn.Module, engine: "OnnxEngine", config: dict,
     return parity
 
 
-def _record_export(model_dir: Path, out: Path, config: dict, result: ExportResult) -> None:
+def _record_export(model_dir: Path, out: Path, config: BundleConfig, result: ExportResult) -> None:
     """Add the export to config.json's "exports" (keyed by file name), keeping everything else."""
     import onnx
     import onnxruntime
@@ -194,54 +198,18 @@ def _record_export(model_dir: Path, out: Path, config: dict, result: ExportResul
         name = out.resolve().relative_to(model_dir.resolve()).as_posix()
     except ValueError:
         name = str(out.resolve())
-    pre = config["preprocessing"]
     record = {"format": "onnx", "opset": result.opset, "quantization": result.quantization,
-              "sha256": result.sha256, "weights_sha256": config["weights_sha256"],
-              "input": {"name": INPUT_NAME, "shape": ["batch", *pre["input_size"]], "dtype": "float32",
+              "sha256": result.sha256, "weights_sha256": config.weights_sha256,
+              "input": {"name": INPUT_NAME, "shape": ["batch", *config.preprocessing.input_size],
+                        "dtype": "float32",
                         "expects": "resized, centre-cropped, (pixel / 255 - mean) / std; see "
                                    "preprocessing"},
-              "output": {"name": OUTPUT_NAME, "shape": ["batch", len(config["classes"])],
+              "output": {"name": OUTPUT_NAME, "shape": ["batch", len(config.classes)],
                          "expects": "logits; softmax gives the probabilities"},
               "parity": result.parity,
               "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                            "onnxruntime": onnxruntime.__version__}}
-    current = read_config(model_dir)  # read again: only "exports" changes
-    current.setdefault("exports", {})[name] = record
-    write_json(model_dir / CONFIG_FILE, current)
-
-
-class OnnxEngine:
-    """Runs an exported model in onnxruntime, called like `runner.TorchEngine`."""
-
-    def __init__(self, path: str | Path):
-        import onnxruntime
-
-        try:  # CPU, as the export check ran; the graph itself runs on any provider
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-            raise BundleError(f"{path}: onnxruntime cannot load it ({error}); export it again with "
-                              "`transferlab export`") from None
-
-    def __call__(self, batch: torch.Tensor, precision: str = "32") -> torch.Tensor:
-        # `precision` is torch's autocast; the graph runs in the types it was exported with
-        array = np.ascontiguousarray(batch.numpy())  # channels_last batches arrive strided
-        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
-
-
-def load_onnx_engine(folder: str | Path) -> tuple[OnnxEngine, dict]:
-    """The engine for FOLDER/model.onnx, after checking it is the export config.json records."""
-    folder = Path(folder)
-    config = read_config(folder)
-    path = folder / ONNX_FILE
-    fix = f"export it with `transferlab export {folder}`"
-    if not path.is_file():
-        raise BundleError(f"{path} is missing: this model has not been exported to ONNX; {fix}")
-    record = config.get("exports", {}).get(ONNX_FILE) or {}
-    if (record.get("sha256") != sha256_of(path)
-            or record.get("weights_sha256") != config["weights_sha256"]):
-        raise BundleError(f"{path}: sha256 does not match the export recorded in {CONFIG_FILE}; the "
-                          f"file was altered or belongs to other weights, {fix} again")
-    return OnnxEngine(path), config
+    record_export(model_dir, name, record)
 
 
 def run_val_images(model_dir: str | Path, limit: int | None = None,
@@ -249,17 +217,17 @@ def run_val_images(model_dir: str | Path, limit: int | None = None,
     """The validation images of the run that holds `model_dir` (MODEL/../split.json) and their class
     indices in the bundle's order; `limit` keeps at most that many, taken evenly along the split
     so that every class is represented. None outside a run directory, or when the data has moved."""
-    split_file = Path(model_dir).resolve().parent / SPLIT_FILE
-    if not split_file.is_file():
+    split = read_json(RunDir(Path(model_dir).resolve().parent).split)
+    if split is None:
         return None
-    try:
-        split = json.loads(split_file.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ConfigError(f"{split_file}: malformed JSON ({error})") from None
-    root, classes = Path(split["root"]), read_config(model_dir)["classes"]
+    root, classes = Path(split["root"]), read_config(model_dir).classes
     rows = [row for row in split.get("val", []) if row["label"] in classes]
     if not root.is_dir() or not rows:
         return None
     if limit and len(rows) > limit:
         rows = rows[::math.ceil(len(rows) / limit)]
     return [root / row["file"] for row in rows], [classes.index(row["label"]) for row in rows]
+
+
+# The formats `transferlab export --format` offers: name -> exporter(model_dir, out, **options).
+EXPORT_FORMATS = {"onnx": export_onnx}

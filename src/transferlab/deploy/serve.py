@@ -1,6 +1,6 @@
 """The HTTP service of `transferlab serve`: a FastAPI app over one model bundle.
 
-POST /predict takes images as multipart/form-data fields named `file` (design §1) and answers their
+POST /predict takes images as multipart/form-data fields named `file` (README) and answers their
 top classes; GET /health, GET /model, GET / (a page to try the model) and the OpenAPI docs at /docs.
 Bad input always gets a 4xx JSON answer, {"error": {"code", "message", "file"}}, never a 500.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -27,12 +28,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..deploy.batching import MicroBatcher
-from ..inference.bundle import load_model
-from ..errors import ConfigError
 from ..data.decode import SUPPORTED_FORMATS
-from ..data.transforms import eval_transform, normalize
-from ..deploy.uploads import FIELD, Upload, UploadError, decode_upload, parse_uploads, read_body
+from ..inference.backends import BACKENDS, load_model
+from ..inference.predictor import Prediction
+from ..options import check
+from .batching import MicroBatcher
+from .uploads import FIELD, Upload, UploadError, decode_upload, parse_uploads, read_body
 
 DEFAULT_TOP_K = 3
 # Batching across requests, measured on the 2-core test machine (EfficientNet-Lite0, one worker,
@@ -68,9 +69,7 @@ class ServiceLimits:
     max_concurrent: int = 16
 
     def __post_init__(self):
-        for name, value in asdict(self).items():
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r}: give a positive whole number")
+        check(asdict(self))
 
 
 class TopClass(BaseModel):
@@ -109,20 +108,16 @@ class Classifier:
     on each request's images on their own (max_batch == 1)."""
 
     def __init__(self, model_dir: str | Path, backend: str, limits: ServiceLimits,
-                 max_batch: int, window_ms: float):
-        if max_batch < 1 or window_ms < 0:
-            raise ConfigError(f"max_batch={max_batch}, batch_window_ms={window_ms}: give "
-                              "max_batch >= 1 (1 turns batching off) and batch_window_ms >= 0")
-        self.predictor = load_model(model_dir, backend=backend)
+                 max_batch: int, window_ms: float, device: str = "auto"):
+        check({"max_batch": max_batch, "batch_window_ms": window_ms})
+        self.predictor = load_model(model_dir, backend=backend, device=device)
         self.backend, self.limits = backend, limits
-        self.transform = eval_transform(self.predictor.preprocessing)
         self.decoders = anyio.CapacityLimiter(os.cpu_count() or 1)
         self.batcher = MicroBatcher(self.run_batch, max_batch, window_ms) if max_batch > 1 else None
 
     def run_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities for uint8 CHW images, one row each (called in a worker thread)."""
-        batch = normalize(torch.stack(images), self.predictor.preprocessing)
-        return list(self.predictor.predict_batch(batch))
+        return list(self.predictor.predict_batch(torch.stack(images)))
 
     async def predict(self, uploads: list[Upload], top_k: int) -> list[dict]:
         images = await asyncio.gather(*(self._decode(upload) for upload in uploads),
@@ -134,34 +129,26 @@ class Classifier:
             rows = await asyncio.gather(*(self.batcher.submit(image) for image in images))
         else:
             rows = await anyio.to_thread.run_sync(self.run_batch, images)
-        k = min(top_k, len(self.predictor.classes))
-        classes = self.predictor.classes
-        predictions = []
-        for upload, row in zip(uploads, rows):
-            values, indices = row.topk(k)
-            predictions.append({"file": upload.name, "top_k": [
-                {"label": classes[i], "probability": float(v)} for v, i in zip(values, indices)]})
-        return predictions
+        return [Prediction(upload.name, self.predictor.top_k(row, top_k)).to_dict()
+                for upload, row in zip(uploads, rows)]
 
     async def _decode(self, upload: Upload) -> torch.Tensor:
-        pre = self.predictor.preprocessing
-        return await anyio.to_thread.run_sync(decode_upload, upload, self.transform,
-                                              pre.resize_size, self.limits.max_pixels,
-                                              limiter=self.decoders)
+        decode = functools.partial(self.predictor.decode, max_pixels=self.limits.max_pixels)
+        return await anyio.to_thread.run_sync(decode_upload, upload, decode, limiter=self.decoders)
 
     def summary(self) -> dict:
         """The short description every prediction carries."""
         config = self.predictor.config
-        return {"backbone": config["backbone"], "backend": self.backend,
-                "weights_sha256": config["weights_sha256"]}
+        return {"backbone": config.backbone, "backend": self.backend,
+                "weights_sha256": config.weights_sha256}
 
     def describe(self) -> dict:
         """GET /model: what the model is, how it was trained and what the service accepts."""
         config, pre = self.predictor.config, self.predictor.preprocessing
-        training = config.get("training", {})
+        training = config.training
         return {**self.summary(), "classes": self.predictor.classes,
                 "input_size": list(pre.input_size), "preprocessing": pre.to_dict(),
-                "transferlab_version": config.get("transferlab_version"),
+                "transferlab_version": config.transferlab_version,
                 "training": {"strategy": training.get("strategy"), "weights": training.get("weights"),
                              "val_accuracy": training.get("val", {}).get("accuracy"),
                              "test_accuracy": training.get("test", {}).get("accuracy")},
@@ -191,36 +178,18 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
                max_upload_bytes: int = ServiceLimits.max_upload_bytes,
                max_pixels: int = ServiceLimits.max_pixels, max_files: int = ServiceLimits.max_files,
                max_concurrent: int = ServiceLimits.max_concurrent, top_k: int = DEFAULT_TOP_K,
-               max_batch: int = DEFAULT_MAX_BATCH,
-               batch_window_ms: float = DEFAULT_WINDOW_MS) -> FastAPI:
-    """The service for the bundle in `model_dir` (loaded now, so a bad bundle fails here).
+               max_batch: int = DEFAULT_MAX_BATCH, batch_window_ms: float = DEFAULT_WINDOW_MS,
+               device: str = "auto") -> FastAPI:
+    """The service for the bundle in `model_dir` (loaded now, so a bad bundle fails here), on
+    `device` (auto: a GPU when there is one).
 
     max_concurrent: /predict requests holding their uploads in memory at once; more wait;
     max_batch: images per model call across concurrent requests (1: no batching across requests);
     batch_window_ms: how long a batch waits for more images after its first.
     """
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files, max_concurrent)
-    if top_k < 1:
-        raise ConfigError(f"top_k={top_k}: give 1 or more")
-    classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms)
-    turns = anyio.Semaphore(limits.max_concurrent)  # first come, first served
-    default_k = top_k
-
-    @contextlib.asynccontextmanager
-    async def turn():
-        """One of the max_concurrent turns to hold uploads in memory, waited for BUSY_WAIT_S at most."""
-        try:
-            with anyio.fail_after(BUSY_WAIT_S):
-                await turns.acquire()
-        except TimeoutError:
-            raise ServiceBusy(f"{limits.max_concurrent} requests are being served and more are "
-                              f"waiting: retry in {RETRY_AFTER_S} s") from None
-        try:
-            yield
-        finally:
-            turns.release()
-
-    page = (resources.files("transferlab.reporting") / "templates" / "serve.html").read_text(encoding="utf-8")
+    check({"top_k": top_k, "backend": backend, "device": device}, {"backend": BACKENDS})
+    classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms, device)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -235,6 +204,37 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
     # CDN, and shows a blank page on a closed network
     app = FastAPIOffline(title="transferlab", version=__version__, lifespan=lifespan, description=(
         f"Image classifier: {classifier.summary()['backbone']} over the classes {classes}."))
+    _add_routes(app, classifier, Turns(limits.max_concurrent), top_k)
+    _add_error_handlers(app)
+    return app
+
+
+class Turns:
+    """The max_concurrent turns to hold uploads in memory, first come, first served; a request
+    waits BUSY_WAIT_S at most for one, then hears ServiceBusy."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.semaphore = anyio.Semaphore(count)
+
+    @contextlib.asynccontextmanager
+    async def take(self):
+        try:
+            with anyio.fail_after(BUSY_WAIT_S):
+                await self.semaphore.acquire()
+        except TimeoutError:
+            raise ServiceBusy(f"{self.count} requests are being served and more are waiting: retry "
+                              f"in {RETRY_AFTER_S} s") from None
+        try:
+            yield
+        finally:
+            self.semaphore.release()
+
+
+def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, default_k: int) -> None:
+    page = (resources.files("transferlab.reporting") / "templates" / "serve.html").read_text(
+        encoding="utf-8")
+    limits = classifier.limits
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -253,16 +253,13 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
     async def predict(request: Request, top_k: int = Query(default_k, ge=1, description=(
             "Classes per image, most probable first (at most the number of classes)."))) -> dict:
         """Top classes of each image sent as a multipart field named `file`."""
-        async with turn():
+        async with turns.take():
             body = await read_body(request.stream(), limits.max_upload_bytes,
                                    request.headers.get("content-length"), BODY_TIMEOUT_S)
             uploads = parse_uploads(body, request.headers.get("content-type"), limits.max_files)
             del body  # the uploads are copies: one copy of each file in memory while it is decoded
             return {"predictions": await classifier.predict(uploads, top_k),
                     "model": classifier.summary()}
-
-    _add_error_handlers(app)
-    return app
 
 
 # The page is self-contained: no request may leave for another origin.
@@ -317,16 +314,31 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     """Run the service with Uvicorn until interrupted; `settings` are create_app's options."""
     import uvicorn
 
-    if workers < 1:
-        raise ConfigError(f"workers={workers}: give 1 or more")
+    check({"host": host, "port": port, "serve_workers": workers})
     settings["model_dir"] = str(Path(model_dir).resolve())
     app = create_app(**settings)  # loads the model: a bad bundle or option fails here, once
     if workers == 1:
         uvicorn.run(app, host=host, port=port)
         return
-    # Each worker is its own process with its own model; share the cores out between them so
-    # that torch's threads do not fight over them.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    os.environ[SETTINGS_ENV] = json.dumps(settings)
     del app
-    uvicorn.run("transferlab.deploy.serve:app_from_env", factory=True, host=host, port=port, workers=workers)
+    # Each worker is its own process with its own model, started from an import string; its
+    # settings and a share of the cores (so that torch's threads do not fight over them) reach it
+    # through the environment it inherits, for the duration of this call only.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
+    with _environment({SETTINGS_ENV: json.dumps(settings), "OMP_NUM_THREADS": threads}):
+        uvicorn.run(f"{__name__}:app_from_env", factory=True, host=host, port=port, workers=workers)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """Environment variables set while the block runs, then restored as they were."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

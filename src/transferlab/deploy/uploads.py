@@ -10,16 +10,16 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, BinaryIO, Callable
 
 import anyio
 import torch
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from ..data.decode import TooManyPixels, UnreadableImage, open_rgb
+from ..data.decode import TooManyPixels, UnreadableImage
 
-FIELD = "file"  # the form field of an image; repeat it for several images (design §1)
+FIELD = "file"  # the form field of an image; repeat it for several images (README, serving)
 
 
 class UploadError(Exception):
@@ -138,17 +138,17 @@ class _FileParts:
             self.uploads.append(Upload(name, b"".join(self._data)))
 
 
-def decode_upload(upload: Upload, transform, draft_size: int, max_pixels: int) -> torch.Tensor:
-    """The upload as the model's uint8 CHW input, through the same decoding as files on disk
-    (`images.open_rgb`: content sniffing, any mode to RGB, EXIF orientation, pixel limit)."""
+def decode_upload(upload: Upload, decode: Callable[[BinaryIO], torch.Tensor]) -> torch.Tensor:
+    """The upload as the model's uint8 CHW input, through `decode` (Predictor.decode: the decoding
+    of files on disk, with content sniffing, any mode to RGB, EXIF orientation, pixel limit)."""
     if not upload.data:
         raise UploadError(400, "empty_file", "the file is empty", upload.name)
     try:
-        image = open_rgb(io.BytesIO(upload.data), draft_size=draft_size, max_pixels=max_pixels)
+        image = decode(io.BytesIO(upload.data))
     except TooManyPixels as error:
         raise UploadError(422, "too_many_pixels", f"refused before decoding: {error}", upload.name
                           ) from None
     except UnreadableImage as error:
         raise UploadError(415, "not_an_image", f"not an image this service reads ({error}); send "
                           "JPEG, PNG, WebP, BMP, GIF or TIFF", upload.name) from None
-    return transform(image)
+    return image

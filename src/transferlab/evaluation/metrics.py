@@ -1,4 +1,4 @@
-"""Classification metrics in the shape of metrics.json (design §4): scikit-learn for the scores,
+"""Classification metrics in the shape of metrics.json (README): scikit-learn for the scores,
 torchmetrics for calibration, scipy for the bootstrap interval."""
 
 from __future__ import annotations

@@ -1,69 +1,110 @@
-"""Model bundles (model.safetensors + config.json) and the Predictor that serves them.
+"""Model bundles: a folder with model.safetensors and config.json, written atomically, read back
+without unpickling anything (backends.py turns one into a Predictor on any engine and device).
 
-Nothing here unpickles: weights are safetensors, configuration is JSON, and the weights' sha256 is
-checked before they are used.
+The weights' sha256 is checked before they are used, and every field of config.json is validated:
+a bundle may come from anywhere. Exports (deploy/export.py) live in the bundle too, each recorded
+under "exports" with its own sha256, which is checked before an engine runs it.
 """
 
 from __future__ import annotations
 
-import functools
-import glob
 import json
-import os
 import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
-
-import numpy as np
-import torch
-from torch import nn
 
 from .. import __version__
-from ..runs.atomic import DIR_MODE, FILE_MODE, temporary_beside, write_json
-from ..errors import BundleError, ConfigError
-from ..models.heads import HeadSpec, build_head
-from ..data.decode import DEFAULT_MAX_PIXELS, sha256_of
-from ..inference.batches import TorchEngine, progress_bar, resolve_precision, run_batches
+from ..data.decode import sha256_of
 from ..data.transforms import Preprocessing
+from ..errors import BundleError
+from ..models.heads import HeadSpec, build_head
+from ..models.network import ClassifierNet
+from ..runs.atomic import temporary_folder_beside, write_json
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 
 
-class ClassifierNet(nn.Module):
-    """The whole model: backbone features -> head logits. Inputs are normalised NCHW batches."""
+@dataclass(frozen=True)
+class BundleConfig:
+    """config.json: what the network is, the classes in output order, the preprocessing its weights
+    expect (timm's pretrained_cfg travels with them), how it was trained, and its exports."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
+    backbone: str
+    classes: list[str]
+    head: HeadSpec
+    preprocessing: Preprocessing
+    weights_sha256: str
+    cut_layer: int | None = None
+    training: dict = field(default_factory=dict)
+    exports: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    transferlab_version: str = __version__
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(head=self.head.to_dict(), preprocessing=self.preprocessing.to_dict())
+        if not self.exports:
+            del data["exports"]  # a bundle lists its exports once it has one
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BundleConfig":
+        """Every field checked for the type and shape it needs (ValueError naming the field)."""
+        classes = data["classes"]
+        if (not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes)
+                or len(set(classes)) != len(classes)):
+            raise ValueError(f"classes={classes!r}: expected a list of distinct class names")
+        for name in ("backbone", "weights_sha256"):
+            if not isinstance(data[name], str):
+                raise ValueError(f"{name}={data[name]!r}: expected text")
+        cut_layer = data.get("cut_layer")
+        if cut_layer is not None and (not isinstance(cut_layer, int) or isinstance(cut_layer, bool)):
+            raise ValueError(f"cut_layer={cut_layer!r}: expected a feature stage index")
+        for name in ("training", "exports"):
+            if not isinstance(data.get(name, {}), dict):
+                raise ValueError(f"{name}: expected an object")
+        head = _parse("head", HeadSpec.from_dict, data)
+        if head.num_classes != len(classes):
+            raise ValueError(f"head: {head.num_classes} outputs for {len(classes)} classes")
+        return cls(backbone=data["backbone"], classes=list(classes), head=head,
+                   preprocessing=_parse("preprocessing", Preprocessing.from_dict, data),
+                   weights_sha256=data["weights_sha256"], cut_layer=cut_layer,
+                   training=data.get("training", {}), exports=data.get("exports", {}),
+                   format_version=data["format_version"],
+                   transferlab_version=data.get("transferlab_version", "unknown"))
+
+
+def _parse(name: str, parse, data: dict):
+    if not isinstance(data[name], dict):
+        raise ValueError(f"{name}: expected an object")
+    try:
+        return parse(data[name])
+    except KeyError as error:
+        raise ValueError(f"{name}: missing {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes: list[str],
-               head: HeadSpec, preprocessing: Preprocessing, cut_layer: int | None = None,
-               training: dict | None = None) -> Path:
+               head: HeadSpec, preprocessing: Preprocessing, training: dict | None = None) -> Path:
     """Write the bundle into `folder`, replacing any bundle there only once the new one is complete."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(**temporary_beside(folder)))
+    staging = temporary_folder_beside(folder)
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE))
-        os.chmod(staging / WEIGHTS_FILE, FILE_MODE)
-        os.chmod(staging, DIR_MODE)
-        config = {"format_version": FORMAT_VERSION, "transferlab_version": __version__,
-                  "backbone": backbone, "cut_layer": cut_layer, "head": head.to_dict(),
-                  "classes": list(classes), "preprocessing": preprocessing.to_dict(),
-                  "training": training or {}, "weights_sha256": sha256_of(staging / WEIGHTS_FILE)}
-        write_json(staging / CONFIG_FILE, config)
+        config = BundleConfig(backbone=backbone, classes=list(classes), head=head,
+                              preprocessing=preprocessing, cut_layer=net.cut_layer,
+                              training=training or {},
+                              weights_sha256=sha256_of(staging / WEIGHTS_FILE))
+        write_config(staging, config)
         if folder.exists():
             retired = folder.with_name(f".{folder.name}.old.tmp")  # a temporary too, if killed here
             shutil.rmtree(retired, ignore_errors=True)
@@ -77,63 +118,47 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
     return folder
 
 
-def read_config(folder: str | Path) -> dict:
+def write_config(folder: str | Path, config: BundleConfig) -> None:
+    write_json(Path(folder) / CONFIG_FILE, config.to_dict())
+
+
+def record_export(folder: str | Path, name: str, record: dict) -> None:
+    """Add an export to config.json's "exports" (keyed by file name), keeping everything else."""
+    config = read_config(folder)  # read again: only "exports" changes
+    write_config(folder, replace(config, exports={**config.exports, name: record}))
+
+
+def read_config(folder: str | Path) -> BundleConfig:
     folder = Path(folder)
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise BundleError(f"{folder}: not a model bundle (no {CONFIG_FILE}); give the model/ folder "
                           "of a run, such as runs/NAME/model")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{path}: malformed JSON ({error})") from None
-    version = config.get("format_version") if isinstance(config, dict) else None
-    if not isinstance(version, int):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise BundleError(f"{path}: malformed JSON ({str(error)[:200]})") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"{path}: no format_version; not a transferlab bundle")
     if version > FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {version} is newer than this transferlab "
                           f"({__version__}, format {FORMAT_VERSION}); upgrade transferlab")
     missing = [k for k in ("backbone", "head", "classes", "preprocessing", "weights_sha256")
-               if k not in config]
+               if k not in data]
     if missing:
         raise BundleError(f"{path}: missing {', '.join(missing)}")
     try:
-        _check_fields(config)
+        return BundleConfig.from_dict(data)
     except (KeyError, TypeError, ValueError) as error:
         text = f"missing {error}" if isinstance(error, KeyError) else str(error)
         raise BundleError(f"{path}: {text}; not a usable transferlab bundle, re-save or re-train "
                           "the model") from None
-    return config
 
 
-def _check_fields(config: dict) -> None:
-    """Every field the loader uses has the type and shape it needs: a config.json may come from
-    anywhere, and a wrong value must be refused here rather than fail somewhere inside torch."""
-    classes = config["classes"]
-    if (not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes)
-            or len(set(classes)) != len(classes)):
-        raise ValueError(f"classes={classes!r}: expected a list of distinct class names")
-    for name in ("backbone", "weights_sha256"):
-        if not isinstance(config[name], str):
-            raise ValueError(f"{name}={config[name]!r}: expected text")
-    cut_layer = config.get("cut_layer")
-    if cut_layer is not None and (not isinstance(cut_layer, int) or isinstance(cut_layer, bool)):
-        raise ValueError(f"cut_layer={cut_layer!r}: expected a feature stage index")
-    for name, parse in (("head", HeadSpec.from_dict), ("preprocessing", Preprocessing.from_dict)):
-        if not isinstance(config[name], dict):
-            raise ValueError(f"{name}: expected an object")
-        try:
-            parsed = parse(config[name])
-        except KeyError as error:
-            raise ValueError(f"{name}: missing {error}") from None
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{name}: {error}") from None
-        if name == "head" and parsed.num_classes != len(classes):
-            raise ValueError(f"head: {parsed.num_classes} outputs for {len(classes)} classes")
-
-
-def load_network(folder: str | Path) -> tuple[ClassifierNet, dict]:
-    """The network with its weights, after checking the weights' hash; no network access."""
+def load_network(folder: str | Path) -> tuple[ClassifierNet, BundleConfig]:
+    """The network with its weights (on the CPU), after checking the weights' hash; no network
+    access."""
     from safetensors.torch import load_file
 
     from ..models.backbones import create_backbone
@@ -143,118 +168,30 @@ def load_network(folder: str | Path) -> tuple[ClassifierNet, dict]:
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{folder}: {WEIGHTS_FILE} is missing")
-    if sha256_of(weights) != config["weights_sha256"]:
+    if sha256_of(weights) != config.weights_sha256:
         raise BundleError(f"{weights}: sha256 does not match config.json; the weights were altered "
                           "or truncated, re-save or re-train the model")
     try:
-        backbone = create_backbone(config["backbone"], "none", config.get("cut_layer"))
-        net = ClassifierNet(backbone, build_head(HeadSpec.from_dict(config["head"])))
+        backbone = create_backbone(config.backbone, "none", config.cut_layer)
+        net = ClassifierNet(backbone, build_head(config.head))
         net.load_state_dict(load_file(str(weights)))
     except Exception as error:
         raise BundleError(f"{folder}: weights do not fit the configured model ({error})") from None
     return net.eval(), config
 
 
-BACKENDS = ("torch", "onnx")
-
-
-def load_model(folder: str | Path, backend: str = "torch") -> "Predictor":
-    """A Predictor for the bundle in `folder`: the torch network, or (backend="onnx") its exported
-    model.onnx in onnxruntime (see `transferlab export`). Both predict through the same code."""
-    if backend == "torch":
-        net, config = load_network(folder)
-        return Predictor(net, config)
-    if backend == "onnx":
-        from ..deploy.export import load_onnx_engine
-
-        engine, config = load_onnx_engine(folder)
-        return Predictor(engine, config)
-    raise ConfigError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
-
-
-@dataclass
-class Prediction:
-    file: str
-    top_k: list[tuple[str, float]]
-    error: str = ""
-
-    def to_dict(self) -> dict:
-        if self.error:
-            return {"file": self.file, "error": self.error}
-        return {"file": self.file, "top_k": [{"label": l, "probability": p} for l, p in self.top_k]}
-
-
-class Predictor:
-    """Top-k predictions for image files with a loaded bundle.
-
-    `network` is the torch ClassifierNet, or an engine with the same call as `runner.TorchEngine`
-    (normalised NCHW batch, precision) -> logits, such as `export.OnnxEngine`. Decoding, normalising,
-    test-time augmentation and softmax are shared; only running the network differs.
-    """
-
-    def __init__(self, network: nn.Module | Callable[[torch.Tensor, str], torch.Tensor], config: dict):
-        self.engine = TorchEngine(network) if isinstance(network, nn.Module) else network
-        self.config = config
-        self.classes: list[str] = config["classes"]
-        self.preprocessing = Preprocessing.from_dict(config["preprocessing"])
-
-    def predict_batch(self, batch: torch.Tensor, precision: str = "auto",
-                      tta: bool = False) -> torch.Tensor:
-        """Probabilities for one normalised float NCHW batch (see `transforms.normalize`).
-
-        tta: also predict the horizontally flipped images and average the two probabilities, a
-        two-view ensemble for twice the compute; only for classes that a mirror image keeps.
-        """
-        precision = resolve_precision(precision)
-        proba = self.engine(batch, precision).softmax(dim=1)
-        if tta:
-            flipped = self.engine(batch.flip(dims=(3,)), precision).softmax(dim=1)
-            proba = (proba + flipped) / 2
-        return proba
-
-    def predict_proba(self, paths: Sequence[str | Path], *, batch_size: int = 32,
-                      workers: int | None = None, precision: str = "auto", tta: bool = False,
-                      show_progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      ) -> tuple[np.ndarray, list[str]]:
-        """(len(paths), classes) probabilities and a per-file error ("" when it was read; images over
-        `max_pixels` are refused unread).
-
-        `precision` (auto, bf16 or 32) applies to the torch backend; an ONNX model runs as exported.
-        """
-        paths = [Path(p) for p in paths]
-        proba = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
-        errors = [""] * len(paths)
-        forward = functools.partial(self.predict_batch, tta=tta)
-        with progress_bar("predicting", len(paths), show_progress) as advance:
-            for positions, batch_proba, batch_errors in run_batches(
-                    forward, paths, self.preprocessing, batch_size=batch_size, workers=workers,
-                    precision=precision, progress=advance, max_pixels=max_pixels):
-                proba[positions.start:positions.stop] = batch_proba.numpy()
-                errors[positions.start:positions.stop] = batch_errors
-        return proba, errors
-
-    def predict(self, paths: Sequence[str | Path], top_k: int = 1, **kwargs) -> list[Prediction]:
-        paths = [Path(p) for p in paths]
-        proba, errors = self.predict_proba(paths, **kwargs)
-        k = max(1, min(top_k, len(self.classes)))
-        results = []
-        for path, row, error in zip(paths, proba, errors):
-            order = np.argsort(-row)[:k]
-            results.append(Prediction(str(path), [(self.classes[i], float(row[i])) for i in order],
-                                      error))
-        return results
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files, folders (every file below, hidden ones skipped) and glob patterns, in a stable order."""
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.exists() or not glob.has_magic(item):
-            paths.append(path)  # a missing file is reported by predict as unreadable
-        else:
-            paths += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-    return paths
+def checked_export(folder: str | Path, file: str = ONNX_FILE) -> Path:
+    """The path of an export in the bundle, after checking it is the file config.json records for
+    these weights."""
+    folder = Path(folder)
+    config = read_config(folder)
+    path = folder / file
+    fix = f"export it with `transferlab export {folder}`"
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: this model has not been exported to ONNX; {fix}")
+    record = config.exports.get(file) or {}
+    if (not isinstance(record, dict) or record.get("sha256") != sha256_of(path)
+            or record.get("weights_sha256") != config.weights_sha256):
+        raise BundleError(f"{path}: sha256 does not match the export recorded in {CONFIG_FILE}; the "
+                          f"file was altered or belongs to other weights, {fix} again")
+    return path

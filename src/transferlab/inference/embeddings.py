@@ -1,6 +1,7 @@
 """Embeddings of image files by a frozen backbone, cached on disk by content.
 
-A cache entry is keyed by (backbone, weights, preprocessing, precision) and by each file's sha256,
+A cache entry is keyed by (the module's layers and weights, preprocessing, device type, precision) and
+by each file's sha256,
 so renaming or moving files keeps the cache warm and editing an image invalidates only that image.
 Entries are written in safetensors shards, each shard atomically, so a killed run leaves every
 finished shard usable and never a half-written one (at worst a hidden temporary, which load skips).
@@ -20,14 +21,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..runs.atomic import atomic_path
-from ..models.backbones import weights_fingerprint
-from ..errors import DataError
-from ..inference.batches import TorchEngine, progress_bar, resolve_precision, run_batches
 from ..data.transforms import Preprocessing
+from ..devices import resolve_precision
+from ..errors import DataError
+from ..models.backbones import weights_fingerprint
+from ..runs.atomic import atomic_path
+from .batches import progress_bar, run_batches
+from .engines import TorchEngine
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by the module's layers and the device type too
 # A shard is saved every SHARD_SIZE images or SHARD_SECONDS, whichever comes first: a kill loses at
 # most that much work, also with a backbone that takes minutes for 1024 images.
 SHARD_SIZE = 1024
@@ -41,11 +44,14 @@ class EmbeddingCache:
         self.folder = Path(folder)
 
     @classmethod
-    def for_model(cls, cache_dir: Path, backbone: torch.nn.Module, pre: Preprocessing,
-                  precision: str) -> "EmbeddingCache":
-        identity = {"format": CACHE_FORMAT, "architecture": type(backbone).__name__,
-                    "weights": weights_fingerprint(backbone), "preprocessing": pre.to_dict(),
-                    "precision": precision}
+    def for_model(cls, cache_dir: Path, module: torch.nn.Module, pre: Preprocessing,
+                  device: torch.device, precision: str) -> "EmbeddingCache":
+        """The cache of `module`'s outputs: its repr names every layer and its settings (a cut
+        backbone and how it is pooled), the fingerprint its weights."""
+        identity = {"format": CACHE_FORMAT, "architecture": type(module).__name__,
+                    "layers": hashlib.sha256(repr(module).encode()).hexdigest(),
+                    "weights": weights_fingerprint(module), "preprocessing": pre.to_dict(),
+                    "device": torch.device(device).type, "precision": precision}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
         return cls(Path(cache_dir) / "embeddings" / key)
 
@@ -82,13 +88,17 @@ class EmbeddingStats:
         return self.embedded / self.seconds if self.embedded and self.seconds else None
 
 
-def embed_files(backbone: torch.nn.Module, paths: Sequence[Path], hashes: Sequence[str],
+def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence[str],
                 pre: Preprocessing, *, cache_dir: Path | None = None, batch_size: int = 32,
-                workers: int | None = None, precision: str = "auto", show_progress: bool = True,
+                workers: int | None = None, device: torch.device | str = "cpu",
+                precision: str = "auto", show_progress: bool = True,
                 ) -> tuple[np.ndarray, EmbeddingStats]:
-    """(len(paths), num_features) float32 embeddings; files already in the cache are not decoded."""
-    precision = resolve_precision(precision)
-    cache = EmbeddingCache.for_model(cache_dir, backbone, pre, precision) if cache_dir else None
+    """(len(paths), num_features) float32 outputs of `module` (a frozen backbone, pooled), run on
+    `device`; files already in the cache are not decoded."""
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    cache = (EmbeddingCache.for_model(cache_dir, module, pre, device, precision) if cache_dir
+             else None)
     known = cache.load() if cache else {}
     stats = EmbeddingStats(cached=sum(h in known for h in hashes))
     todo = [i for i, h in enumerate(hashes) if h not in known]
@@ -97,9 +107,9 @@ def embed_files(backbone: torch.nn.Module, paths: Sequence[Path], hashes: Sequen
         pending: dict[str, np.ndarray] = {}
         start = saved = time.perf_counter()
         with progress_bar("embedding", len(todo), show_progress) as advance:
-            batches = run_batches(TorchEngine(backbone), [paths[i] for i in todo], pre,
-                                  batch_size=batch_size, workers=workers, precision=precision,
-                                  progress=advance)
+            batches = run_batches(TorchEngine(module, pre, device), [paths[i] for i in todo], pre,
+                                  precision=precision, pin_memory=device.type == "cuda",
+                                  batch_size=batch_size, workers=workers, progress=advance)
             for positions, outputs, errors in batches:
                 for position, vector, error in zip(positions, outputs.numpy(), errors):
                     if error:

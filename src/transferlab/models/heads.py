@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..options import POOLS
+
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -42,15 +44,16 @@ class HeadSpec:
                    tuple(count(width, "hidden") for width in data.get("hidden", ())), float(dropout), pool)
 
 
-POOLS = ("avg", "flatten")
+def pooling(pool: str) -> list[nn.Module]:
+    """The layers that turn a feature map into a vector: "avg" (global average), "flatten", or none
+    ("") for a backbone that already gives vectors."""
+    if pool == "avg":
+        return [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return [nn.Flatten()] if pool == "flatten" else []
 
 
 def build_head(spec: HeadSpec) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    if spec.pool == "avg":
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    elif spec.pool == "flatten":
-        layers.append(nn.Flatten())
+    layers: list[nn.Module] = pooling(spec.pool)
     width = spec.in_features
     for hidden in spec.hidden:
         layers += [nn.Linear(width, hidden), nn.ReLU()]
@@ -61,8 +64,9 @@ def build_head(spec: HeadSpec) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def head_from_sklearn(estimator, num_classes: int) -> tuple[HeadSpec, nn.Sequential]:
-    """The torch head that computes the same probabilities as a fitted sklearn classifier.
+def head_from_sklearn(estimator, num_classes: int, pool: str = "") -> tuple[HeadSpec, nn.Sequential]:
+    """The torch head that computes the same probabilities as a fitted sklearn classifier, after
+    `pool` (see `pooling`) when it was fitted on pooled feature maps.
 
     `estimator` is a Pipeline(StandardScaler, LogisticRegression | MLPClassifier). The scaler is folded
     into the first layer; a binary model's single logit z becomes the two logits (0, z), whose softmax
@@ -81,7 +85,7 @@ def head_from_sklearn(estimator, num_classes: int) -> tuple[HeadSpec, nn.Sequent
         weights[-1] = np.vstack([np.zeros_like(weights[-1]), weights[-1]])
         biases[-1] = np.concatenate([[0.0], biases[-1]])
     spec = HeadSpec(in_features=weights[0].shape[1], num_classes=num_classes,
-                    hidden=tuple(w.shape[0] for w in weights[:-1]))
+                    hidden=tuple(w.shape[0] for w in weights[:-1]), pool=pool)
     head = build_head(spec)
     linears = [m for m in head if isinstance(m, nn.Linear)]
     with torch.no_grad():

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots
-from ..runs.atomic import write_text
 from ..errors import TransferlabError
-from ..runs.layout import COMPARISON_FILE, REPORT_FILE, RunFiles
+from ..inference.bundle import load_network
+from ..models.summary import summarize
+from ..runs.atomic import write_text
+from ..runs.layout import RunDir, RunFiles, read_json
+from . import plots
+from .tables import format_row
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +28,29 @@ GROUPS_SHOWN = 30  # duplicate groups listed by name
 
 def write_report(folder: str | Path) -> Path:
     """Render `folder`'s report.html (a run, evaluation or compare folder) and return its path."""
-    folder = Path(folder)
-    if (folder / COMPARISON_FILE).is_file():
-        html = render("comparison.html", comparison_context(folder))
+    paths = RunDir(folder)
+    if paths.comparison.is_file():
+        html = render("comparison.html", comparison_context(paths.path))
     else:
-        html = render("run.html", run_context(RunFiles.read(folder)))
-    write_text(folder / REPORT_FILE, html)
-    return folder / REPORT_FILE
+        html = render("run.html", run_context(RunFiles.read(paths.path)))
+    write_text(paths.report, html)
+    return paths.report
+
+
+def write_report_or_warn(folder: str | Path) -> None:
+    """report.html at the end of a command whose results are already safely written: a failure here
+    is a warning saying how to retry, not lost work."""
+    try:
+        write_report(folder)
+    except Exception as error:  # noqa: BLE001 - the model and metrics are already written
+        log.warning("report.html not written (%s: %s); the results are complete, retry with "
+                    "`transferlab report %s`", type(error).__name__, error, folder)
 
 
 def render(template: str, context: dict) -> str:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    environment = Environment(loader=PackageLoader("transferlab.reporting", "templates"), autoescape=True,
+    environment = Environment(loader=PackageLoader(__package__, "templates"), autoescape=True,
                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters.update(pct=_pct, num=_num, count=lambda v: "–" if v is None else f"{v:,}")
     return environment.get_template(template).render(
@@ -70,9 +83,7 @@ def run_context(files: RunFiles) -> dict:
 
 
 def comparison_context(folder: Path) -> dict:
-    from ..workflows.compare import format_row
-
-    record = json.loads((folder / COMPARISON_FILE).read_text(encoding="utf-8"))
+    record = read_json(RunDir(folder).comparison)
     rows = record["rows"]
     done = [r for r in rows if r.get("test_accuracy") is not None]
     one_backbone = len({r["backbone"] for r in rows if r["strategy"] != "scratch"}) <= 1
@@ -91,7 +102,7 @@ def comparison_context(folder: Path) -> dict:
                                              [r["test_accuracy_std"] for r in done]) if done else None,
         "time_plot": plots.accuracy_vs_time(names, [r["wall_s"] for r in done],
                                             [r["test_accuracy"] for r in done]) if done else None,
-        "runs": [{**run, "report": (folder / run["dir"] / REPORT_FILE).is_file()} for run in record["runs"]],
+        "runs": [{**run, "report": RunDir(folder / run["dir"]).report.is_file()} for run in record["runs"]],
         "dataset": dataset, "command": shlex.join(record.get("command") or []) or None,
         "configuration": json.dumps({k: record[k] for k in ("data", "seed", "repeats", "options",
                                                               "transferlab_version", "environment")},
@@ -187,19 +198,16 @@ def _model(model_dir: Path | None) -> dict | None:
     """Layer summary and the bundle's configuration; None (with a log line) if it cannot be read."""
     if model_dir is None or not model_dir.is_dir():
         return None
-    from ..inference.bundle import read_config
-    from ..models.summary import summarize
-
     try:
-        config = read_config(model_dir)
-        summary = summarize(str(model_dir), depth=2)
+        net, config = load_network(model_dir)
     except TransferlabError as error:
         log.warning("report: model summary left out (%s)", error)
         return None
-    return {"path": str(model_dir), "summary": summary, "backbone": config["backbone"],
-            "cut_layer": config.get("cut_layer"), "head": config["head"],
-            "preprocessing": config["preprocessing"],
-            "weights_sha256": config["weights_sha256"]}
+    trainable = int(config.training.get("params", {}).get("trainable", 0))
+    title = f"{model_dir}: {config.backbone}, {len(config.classes)} classes"
+    return {"path": str(model_dir), "summary": summarize(net, config.preprocessing, title, trainable),
+            "backbone": config.backbone, "cut_layer": config.cut_layer, "head": config.head.to_dict(),
+            "preprocessing": config.preprocessing.to_dict(), "weights_sha256": config.weights_sha256}
 
 
 def _pct(value) -> str:

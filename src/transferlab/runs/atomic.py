@@ -3,39 +3,53 @@
 A write goes to a temporary beside its target and is renamed onto it when complete. A process killed
 before the rename leaves the temporary behind; temporaries are therefore named so that nothing mistakes
 them for data (hidden, ending in .tmp) and remove_temporaries can find them.
+
+Temporaries are created with the modes open() and mkdir() would give the final file or folder (the
+process's umask applies, as the kernel applies it), unlike tempfile's owner-only ones, so nothing
+here needs to read the umask, which in Python means setting it for the whole process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConfigError
 
-# mkstemp creates files readable by their owner only; finished files get the usual mode instead
-# (0o666 less the umask, as open() would give), read once here because reading it means setting it.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
-DIR_MODE = 0o777 & ~_UMASK  # mkdtemp makes owner-only folders too
+TEMPORARY_SUFFIX = ".tmp"
 
 
-def temporary_beside(path: str | os.PathLike) -> dict:
-    """tempfile's prefix, suffix and dir for a temporary file or folder standing in for `path`:
-    `.NAME.XXXXXXXX.tmp` in the same folder (so the final rename stays on one file system)."""
-    path = Path(path)
-    return {"prefix": f".{path.name}.", "suffix": ".tmp", "dir": path.parent}
+def _temporary_name(path: Path) -> Path:
+    """`.NAME.XXXXXXXX.tmp` in the same folder (so the final rename stays on one file system)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
+
+
+def _create_beside(path: Path, make) -> Path:
+    """Create a fresh temporary for `path` with `make(temporary)`, retrying on a name clash."""
+    for _ in range(100):
+        temporary = _temporary_name(path)
+        try:
+            make(temporary)
+            return temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: could not create a temporary file beside {path.name}")
+
+
+def temporary_folder_beside(path: str | os.PathLike) -> Path:
+    """A new empty folder standing in for `path` until it is renamed onto it."""
+    return _create_beside(Path(path), lambda folder: os.mkdir(folder, 0o777))
 
 
 def remove_temporaries(folder: str | os.PathLike) -> None:
     """Delete the temporaries that killed writes left directly in `folder`. Only when no write into
     `folder` can be under way: a temporary in use would vanish before its rename."""
-    for path in Path(folder).glob(".*.tmp"):
+    for path in Path(folder).glob(f".*{TEMPORARY_SUFFIX}"):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -47,10 +61,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(**temporary_beside(path))
-    os.close(fd)
-    os.chmod(tmp, FILE_MODE)
-    tmp_path = Path(tmp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    tmp_path = _create_beside(path, lambda temporary: os.close(os.open(temporary, flags, 0o666)))
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -84,7 +96,7 @@ def check_writable(folder: str | os.PathLike) -> None:
         if not existing.is_dir():
             raise NotADirectoryError(20, "Not a directory", str(existing))
         # creating something is the only honest test: modes say nothing to root or on read-only mounts
-        os.rmdir(tempfile.mkdtemp(**temporary_beside(existing / "write-test")))
+        os.rmdir(temporary_folder_beside(existing / "write-test"))
     except OSError as error:
         raise ConfigError(f"{folder}: cannot write the output folder ({error.strerror}); choose "
                           "another --out") from None

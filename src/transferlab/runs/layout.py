@@ -1,15 +1,33 @@
-"""The files of a run directory (design §4) and how to read them back: report and compare build on
-what a run wrote, never on a model in memory."""
+"""The run directory: every file name, the one run.json writer, the default run name, and reading
+a finished run back. Report and compare build on what a run wrote, never on a model in memory.
+
+A run (train), an evaluation (evaluate) and a comparison (compare) are folders laid out like this:
+
+    model/            the bundle (inference/bundle.py)
+    metrics.json      results, in the shape documented in README
+    predictions.csv   every val/test (or evaluated) image with its label and probabilities
+    history.csv       one row per epoch (trained strategies)
+    split.json        the exact file lists of train / val / test, with the seed
+    run.json          the resolved configuration, the command and the versions that produced it
+    report.html       the self-contained report
+    checkpoints/      last.ckpt and best.ckpt (trained strategies)
+    logs/             TensorBoard event files
+    comparison.json   (a comparison) the rows of the table; marks the folder as a comparison
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..runs.predictions import FILE as PREDICTIONS_FILE, PredictionTable
+from .atomic import write_json
+from .predictions import FILE as PREDICTIONS_FILE, PredictionTable
 
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
@@ -17,8 +35,64 @@ SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.csv"
 REPORT_FILE = "report.html"
 MODEL_DIR = "model"
-COMPARISON_FILE = "comparison.json"  # marks a compare folder
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best"  # ModelCheckpoint's file name, which adds .ckpt
+LOGS_DIR = "logs"
+COMPARISON_FILE = "comparison.json"
+COMPARISON_TABLES = ("comparison.csv", "comparison.md")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+RUNS_ROOT = Path("runs")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory."""
+
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    metrics = property(lambda self: self.path / METRICS_FILE)
+    run = property(lambda self: self.path / RUN_FILE)
+    split = property(lambda self: self.path / SPLIT_FILE)
+    history = property(lambda self: self.path / HISTORY_FILE)
+    report = property(lambda self: self.path / REPORT_FILE)
+    predictions = property(lambda self: self.path / PREDICTIONS_FILE)
+    model = property(lambda self: self.path / MODEL_DIR)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS_DIR)
+    last_checkpoint = property(lambda self: self.path / CHECKPOINTS_DIR / LAST_CHECKPOINT)
+    comparison = property(lambda self: self.path / COMPARISON_FILE)
+
+
+def default_run_dir(kind: str, name: str | None = None) -> Path:
+    """runs/KIND-NAME-YYYYmmdd-HHMMSS: the folder a command writes when --out is not given."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    parts = [kind, re.sub(r"[^\w.+-]+", "_", name)] if name else [kind]
+    return RUNS_ROOT / "-".join([*parts, stamp])
+
+
+def provenance() -> dict:
+    """What produced a record: the command, transferlab's version and the machine."""
+    from .. import __version__
+
+    return {"command": sys.argv, "transferlab_version": __version__, "environment": environment()}
+
+
+def write_run_record(folder: str | Path, **record) -> None:
+    """The one writer of run.json: `record` (configuration, data, ...) plus its provenance."""
+    write_json(RunDir(folder).run, {**record, **provenance()})
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file as a dict; None when absent; one clear error when malformed."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise ConfigError(f"{path}: malformed JSON ({str(error)[:200]})") from None
 
 
 def read_history(path: str | Path) -> list[dict]:
@@ -44,29 +118,19 @@ class RunFiles:
 
     @classmethod
     def read(cls, folder: str | Path) -> "RunFiles":
-        folder = Path(folder)
-        metrics = _json(folder / METRICS_FILE)
+        paths = RunDir(folder)
+        metrics = read_json(paths.metrics)
         if metrics is None:
-            raise ConfigError(f"{folder}: no {METRICS_FILE}; give the directory of a finished "
+            raise ConfigError(f"{paths.path}: no {METRICS_FILE}; give the directory of a finished "
                               "`transferlab train`, `evaluate` or `compare`")
-        predictions = folder / PREDICTIONS_FILE
-        return cls(folder, metrics, _json(folder / RUN_FILE) or {}, _json(folder / SPLIT_FILE),
-                   read_history(folder / HISTORY_FILE),
-                   PredictionTable.read(predictions) if predictions.is_file() else None)
+        return cls(paths.path, metrics, read_json(paths.run) or {}, read_json(paths.split),
+                   read_history(paths.history),
+                   PredictionTable.read(paths.predictions) if paths.predictions.is_file() else None)
 
     @property
     def model_dir(self) -> Path | None:
-        model = self.dir / MODEL_DIR
+        model = RunDir(self.dir).model
         return model if model.is_dir() else None
-
-
-def _json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ConfigError(f"{path}: malformed JSON ({error})") from None
 
 
 def environment() -> dict:

@@ -1,4 +1,5 @@
-"""Training behaviours as Lightning callbacks: the fine-tuning unfreeze schedule and history.csv."""
+"""Training behaviours as Lightning callbacks: the fine-tuning unfreeze schedule, history.csv and the
+training throughput."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from torch import nn
 
 from ..runs.atomic import write_text
 from ..runs.layout import HISTORY_COLUMNS
-
 
 
 class UnfreezeSchedule(L.Callback):
@@ -68,3 +68,26 @@ class History(L.Callback):
         writer.writeheader()
         writer.writerows(self.rows)
         write_text(self.path, buffer.getvalue())
+
+
+class Throughput(L.Callback):
+    """Seconds spent in training batches (forward, backward, step; validation excluded)."""
+
+    def __init__(self):
+        self.seconds, self.epochs, self._started = 0.0, 0, 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self._started:
+            self._stop()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._started:
+            self._stop()
+
+    def _stop(self) -> None:
+        self.seconds += time.perf_counter() - self._started
+        self.epochs += 1
+        self._started = 0.0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,23 +15,48 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ..devices import lightning_accelerator, lightning_precision
+from ..errors import ConfigError, WeightsError
 from ..runs.atomic import atomic_path
-from ..training.callbacks import History
-from ..errors import WeightsError
-from ..runs.layout import HISTORY_FILE
-
-CHECKPOINTS = "checkpoints"
-LAST = "last.ckpt"
+from ..runs.layout import BEST_CHECKPOINT, LOGS_DIR, RunDir
+from .callbacks import History, Throughput
 
 
 @dataclass
 class Distribution:
-    """Where Lightning runs: `accelerator` cpu|gpu|auto, `devices` per node, `strategy` (ddp, ...)."""
+    """Where Lightning runs: `accelerator` cpu|gpu|mps|auto, `devices` per node (a count, or the
+    indices of the GPUs to use), `strategy` (ddp, ...)."""
 
     accelerator: str = "cpu"
-    devices: int | str = 1
+    devices: int | list[int] = 1
     num_nodes: int = 1
     strategy: str = "auto"
+
+    @classmethod
+    def resolve(cls, device: torch.device, accelerator: str | None = None, devices: int | None = None,
+                num_nodes: int = 1, strategy: str = "auto") -> "Distribution":
+        """Lightning's settings from the resolved --device, unless --accelerator / --devices say
+        otherwise: `--device cuda:1` trains on the second GPU, `--devices 4` on four."""
+        derived, indices = lightning_accelerator(device)
+        if accelerator in (None, "auto"):
+            accelerator = derived
+        elif accelerator == "cuda":
+            accelerator = "gpu"
+        if accelerator != derived:
+            raise ConfigError(f"accelerator={accelerator!r} and device={str(device)!r} disagree; "
+                              "give one of them")
+        if indices is not None and devices not in (None, 1):
+            raise ConfigError(f"devices={devices} with device={str(device)!r}: name one GPU with "
+                              "--device cuda:N, or several with --devices N and --device cuda")
+        return cls(accelerator, indices or devices or 1, num_nodes, strategy)
+
+
+def is_main_process() -> bool:
+    """False in the helper processes of a distributed run, from the rank Lightning's launcher (or
+    torchrun, or SLURM) gives them in their environment; only the main process writes files."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 @dataclass
@@ -85,13 +109,13 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    run_dir = Path(run_dir)
+    paths = RunDir(run_dir)
     has_val = len(datamodule.data.split["val"]) > 0
-    checkpoint = ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="best", save_last=True,
+    checkpoint = ModelCheckpoint(dirpath=paths.checkpoints, filename=BEST_CHECKPOINT, save_last=True,
                                  monitor="val_loss" if has_val else None, mode="min", save_top_k=1,
                                  enable_version_counter=False)
-    timer = _Throughput()
-    behaviours: list[L.Callback] = [checkpoint, History(run_dir / HISTORY_FILE), timer, *callbacks]
+    timer = Throughput()
+    behaviours: list[L.Callback] = [checkpoint, History(paths.history), timer, *callbacks]
     if early_stopping and has_val:
         behaviours.append(EarlyStopping(monitor="val_loss", mode="min", patience=early_stopping))
     if show_progress:
@@ -100,12 +124,12 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
         trainer = L.Trainer(
             max_epochs=epochs, accelerator=distribution.accelerator, devices=distribution.devices,
             num_nodes=distribution.num_nodes, strategy=distribution.strategy,
-            precision="bf16-mixed" if precision == "bf16" else "32-true",
+            precision=lightning_precision(precision),
             gradient_clip_val=grad_clip, callbacks=behaviours, plugins=[AtomicCheckpointIO()],
-            logger=TensorBoardLogger(run_dir, name="logs", version="", default_hp_metric=False),
+            logger=TensorBoardLogger(paths.path, name=LOGS_DIR, version="", default_hp_metric=False),
             enable_progress_bar=show_progress, enable_model_summary=False, num_sanity_val_steps=0,
             log_every_n_steps=10, limit_val_batches=1.0 if has_val else 0)
-        last = run_dir / CHECKPOINTS / LAST
+        last = paths.last_checkpoint
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None,
                     weights_only=True)
 
@@ -121,33 +145,10 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
                      is_main_process=trainer.is_global_zero)
 
 
-class _Throughput(L.Callback):
-    """Seconds spent in training batches (forward, backward, step; validation excluded)."""
-
-    def __init__(self):
-        self.seconds, self.epochs, self._started = 0.0, 0, 0.0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._started = time.perf_counter()
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        if self._started:
-            self._stop()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._started:
-            self._stop()
-
-    def _stop(self) -> None:
-        self.seconds += time.perf_counter() - self._started
-        self.epochs += 1
-        self._started = 0.0
-
-
 @contextlib.contextmanager
 def _quiet_lightning():
     """Lightning's start-up chatter (accelerators found, tips) and warnings that do not apply to our
-    set-up: on small machines we decode in the main process on purpose (see runner.default_workers),
+    set-up: on small machines we decode in the main process on purpose (see data.loaders.default_workers),
     tiny data sets have fewer batches than the logging interval, frozen modules are in eval mode by
     design, and a resumed run finds its checkpoint folder full."""
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]

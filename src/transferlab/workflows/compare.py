@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
-import sys
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..runs.atomic import check_writable, write_json, write_text
 from ..data.folder import ImageFolderData
 from ..errors import ConfigError, TransferlabError
-from ..runs.layout import COMPARISON_FILE, METRICS_FILE, RUN_FILE, environment
-from ..workflows.train import STRATEGIES, TrainConfig, train
+from ..options import check
+from ..reporting.report import write_report
+from ..reporting.tables import markdown_table
+from ..runs.atomic import check_writable, write_json, write_text
+from ..runs.layout import COMPARISON_TABLES, RunDir, default_run_dir, provenance, read_json
+from ..training.config import TrainConfig
+from ..training.strategies import STRATEGIES, configure, get_strategy, users_of
+from ..training.strategies.base import COMMON_OPTIONS
+from .train import train, with_default_cache
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +53,29 @@ class Comparison:
         return [run for run in self.runs if run.get("error")]
 
 
-def compare(data: ImageFolderData | str | os.PathLike, strategies: list[str] | tuple = STRATEGIES,
+def compare(data: ImageFolderData | str | os.PathLike, strategies: list[str] | tuple = tuple(STRATEGIES),
             backbones: list[str | None] | tuple = (None,), *, repeats: int = 1,
             out: str | os.PathLike | None = None, show_progress: bool = True, report: bool = True,
             **options) -> Comparison:
     """Train every strategy with every backbone (None: each strategy's default) on the same split
-    of `data`; `options` are train()'s and apply to every run."""
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown or not strategies:
-        raise ConfigError(f"strategies={','.join(unknown) or '(none)'}: use some of {', '.join(STRATEGIES)}")
-    if repeats < 1:
-        raise ConfigError(f"repeats={repeats}: must be at least 1")
+    of `data`. `options` are train()'s: each run gets those its strategy uses, and an option that
+    none of the strategies uses is refused."""
+    check({"repeats": repeats})
+    if not strategies:
+        raise ConfigError(f"strategies: give one or more of {', '.join(STRATEGIES)}")
+    for name in strategies:
+        get_strategy(name)
+    _check_used_by_some(strategies, options)
+    options = with_default_cache(options)
     if not isinstance(data, ImageFolderData):
-        data = ImageFolderData(data, seed=options.get("seed", 0))
-    seed = options.pop("seed", data.seed)
+        data = ImageFolderData(data, seed=options.get("seed") or 0, cache_dir=options["cache_dir"])
+    seed = options.pop("seed", None)
+    seed = data.seed if seed is None else seed
     plan = [(strategy, backbone, seed + r) for backbone in backbones for strategy in strategies
             for r in range(repeats)]
-    configs = [TrainConfig(strategy=s, backbone=b, seed=k, **options).resolved() for s, b, k in plan]
-    out = Path(out or Path("runs") / f"compare-{data.root.resolve().name}-{datetime.now():%Y%m%d-%H%M%S}")
+    configs = [configure(s, _options_for(s, {**options, "backbone": b, "seed": k}))[1]
+               for s, b, k in plan]
+    out = Path(out) if out else default_run_dir("compare", data.root.resolve().name)
     check_writable(out)
     data.split  # once, shared by every run
 
@@ -81,7 +88,7 @@ def compare(data: ImageFolderData | str | os.PathLike, strategies: list[str] | t
             metrics = _finished(out / name, config, data)
             if metrics is None:
                 metrics = train(data, strategy, backbone, out=out / name, show_progress=show_progress,
-                                **{**options, "seed": run_seed}).metrics
+                                **_options_for(strategy, {**options, "seed": run_seed})).metrics
             else:
                 log.info("compare: %s finished earlier with the same configuration; reused", name)
             record.update(_run_row(metrics))
@@ -91,27 +98,44 @@ def compare(data: ImageFolderData | str | os.PathLike, strategies: list[str] | t
         runs.append(record)
 
     rows = _aggregate(runs)
-    write_text(out / "comparison.csv", _csv(rows))
-    write_text(out / "comparison.md", markdown_table(rows))
-    write_json(out / COMPARISON_FILE, {
-        "command": sys.argv, "data": data.options(), "split": data.summary(), "seed": seed,
-        "repeats": repeats, "options": options, "rows": rows, "runs": runs,
-        "transferlab_version": __version__, "environment": environment()})
+    csv_file, markdown_file = COMPARISON_TABLES
+    write_text(out / csv_file, _csv(rows))
+    write_text(out / markdown_file, markdown_table(rows))
+    write_json(RunDir(out).comparison, {
+        "data": data.options(), "split": data.summary(), "seed": seed, "repeats": repeats,
+        "options": options, "rows": rows, "runs": runs, **provenance()})
     if report:
-        from ..reporting.report import write_report
-
         write_report(out)
     return Comparison(out, rows, runs)
+
+
+def _check_used_by_some(strategies, options: dict) -> None:
+    """An option that none of the compared strategies uses would do nothing: refuse it."""
+    users = users_of()
+    for name, value in options.items():
+        if value is None or name in COMMON_OPTIONS or name not in users:
+            continue
+        if not any(name in get_strategy(s).uses for s in strategies):
+            raise ConfigError(f"{name}: none of the compared strategies ({', '.join(strategies)}) "
+                              f"uses it; {', '.join(users[name])} do")
+
+
+def _options_for(strategy: str, options: dict) -> dict:
+    """The options `strategy` uses, out of those given to the whole comparison."""
+    used = get_strategy(strategy).uses | COMMON_OPTIONS
+    return {k: v for k, v in options.items() if k in used or k not in users_of()}
 
 
 def _finished(run_dir: Path, config: TrainConfig, data: ImageFolderData) -> dict | None:
     """The metrics of a run that completed earlier with this very configuration and data."""
     try:
-        record = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-        metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = read_json(RunDir(run_dir).run)
+        metrics = read_json(RunDir(run_dir).metrics)
+    except (OSError, ConfigError):
         return None
-    if record.get("config") != json.loads(json.dumps(asdict(config))) or record.get("data") != data.options():
+    if not record or not metrics:
+        return None
+    if record.get("config") != config.to_dict() or record.get("data") != data.options():
         return None
     return metrics
 
@@ -160,42 +184,3 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     return buffer.getvalue()
-
-
-def format_accuracy(row: dict, split: str = "test") -> str:
-    """"99.35% [98.7, 99.8]" for one run (95% bootstrap CI), "99.35% ± 0.21 (n=3)" for repeats."""
-    value = row.get(f"{split}_accuracy")
-    if value is None:
-        return "–"
-    if row.get(f"{split}_accuracy_std") is not None:
-        return f"{value:.2%} ± {100 * row[f'{split}_accuracy_std']:.2f} (n={row['runs']})"
-    if split == "test" and row.get("test_ci_low") is not None:
-        return f"{value:.2%} [{100 * row['test_ci_low']:.1f}, {100 * row['test_ci_high']:.1f}]"
-    return f"{value:.2%}"
-
-
-def format_row(row: dict) -> dict:
-    """The comparison's columns as people read them (comparison.md and the report)."""
-    def number(value, pattern):
-        return "–" if value is None else pattern.format(value)
-
-    return {
-        "strategy": row["strategy"], "backbone": row["backbone"], "weights": row["weights"] or "–",
-        "epochs": number(row["epochs"], "{:.0f}"), "train loss": number(row["train_loss"], "{:.4f}"),
-        "val loss": number(row["val_loss"], "{:.4f}"), "val accuracy": format_accuracy(row, "val"),
-        "test accuracy (95% CI)": format_accuracy(row, "test"),
-        "params (trainable / total)": "–" if row["params_total"] is None else
-        f"{row['params_trainable']:,.0f} / {row['params_total']:,.0f}",
-        "wall time (s)": number(row["wall_s"], "{:.1f}"),
-        "images/s": "–" if row["images_per_s"] is None else f"{row['images_per_s']:.1f} ({row['speed_of']})",
-        **({"error": row["error"]} if row.get("error") else {}),
-    }
-
-
-def markdown_table(rows: list[dict]) -> str:
-    formatted = [format_row(row) for row in rows]
-    columns = list(dict.fromkeys(key for row in formatted for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in formatted:
-        lines.append("| " + " | ".join(str(row.get(c, "")).replace("|", "\\|") for c in columns) + " |")
-    return "\n".join(lines) + "\n"

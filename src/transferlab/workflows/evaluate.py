@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..runs.atomic import check_writable, write_json
-from ..inference.bundle import load_model, read_config
-from ..data.folder import SPLITS, ImageFolderData
-from ..errors import ConfigError, DataError
+from ..data.folder import ImageFolderData
+from ..errors import DataError
 from ..evaluation.metrics import classification_metrics
-from ..runs.predictions import FILE as PREDICTIONS_FILE, PredictionTable
-from ..runs.layout import METRICS_FILE, RUN_FILE, environment
+from ..inference.backends import load_model
+from ..inference.bundle import read_config
+from ..options import check
+from ..reporting.report import write_report_or_warn
+from ..runs.atomic import check_writable, write_json
+from ..runs.layout import RunDir, default_run_dir, write_run_record
+from ..runs.predictions import PredictionTable
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +35,23 @@ class Evaluation:
 
 def evaluate(model: str | os.PathLike, data: ImageFolderData | str | os.PathLike, *,
              out: str | os.PathLike | None = None, split: str = "all", batch_size: int = 32,
-             workers: int | None = None, precision: str = "auto", report: bool = True,
-             show_progress: bool = True) -> Evaluation:
+             workers: int | None = None, precision: str = "auto", device: str = "auto",
+             backend: str = "torch", report: bool = True, show_progress: bool = True) -> Evaluation:
     """Predict every image of `data` (or one split of it: train, val or test, as `data`'s seed and
     fractions deal them) with the bundle in `model` and measure the result."""
-    if split not in ("all", *SPLITS):
-        raise ConfigError(f"split={split!r}: use all, train, val or test")
+    check({"split": split, "batch_size": batch_size, "workers": workers, "precision": precision,
+           "device": device})
     config = read_config(model)
     if not isinstance(data, ImageFolderData):
         data = ImageFolderData(data, min_classes=1 if split == "all" else 2)
-    out = Path(out or Path("runs") / f"evaluate-{data.root.resolve().name}-{datetime.now():%Y%m%d-%H%M%S}")
+    out = Path(out) if out else default_run_dir("evaluate", data.root.resolve().name)
     check_writable(out)
+    predictor = load_model(model, backend=backend, device=device)
     indices = list(range(len(data.scan.images))) if split == "all" else data.split[split]
     if not indices:
         raise DataError(f"{data.root}: no readable images{'' if split == 'all' else ' in ' + split}")
-    to_model = _class_mapping(data.classes, config["classes"], data.root, model)
+    to_model = _class_mapping(data.classes, config.classes, data.root, model)
 
-    predictor = load_model(model)
     files = [data.scan.images[i].path for i in indices]
     labels = np.array([to_model[data.scan.labels[i]] for i in indices], dtype=np.int64)
     started = time.perf_counter()
@@ -64,25 +64,21 @@ def evaluate(model: str | os.PathLike, data: ImageFolderData | str | os.PathLike
             log.warning("%s: skipped, cannot read it now (%s)", file, error)
     relative = [data.scan.relative(i) for i, ok in zip(indices, read) if ok]
 
-    metrics = {"model": str(Path(model).resolve()), "strategy": config.get("training", {}).get("strategy"),
-               "backbone": config["backbone"], "classes": config["classes"],
+    metrics = {"model": str(Path(model).resolve()), "strategy": config.training.get("strategy"),
+               "backbone": config.backbone, "classes": config.classes,
                "data": {"root": str(data.root.resolve()), "split": split, "images": int(read.sum()),
                         "classes": data.classes, "unreadable": len(data.scan.unreadable) + int((~read).sum())},
-               EVALUATED: classification_metrics(labels[read], proba[read], config["classes"]),
+               EVALUATED: classification_metrics(labels[read], proba[read], config.classes),
                "timing": {"predict_s": round(seconds, 3),
                           "images_per_s": round(len(files) / seconds, 1) if seconds else None},
-               "trained": {k: config.get("training", {}).get(k) for k in ("val", "test")}}
-    out.mkdir(parents=True, exist_ok=True)
-    PredictionTable.concat(config["classes"], {EVALUATED: (relative, labels[read], proba[read])}).write(
-        out / PREDICTIONS_FILE)
-    write_json(out / RUN_FILE, {"command": sys.argv, "model": metrics["model"], "data": data.options(),
-                                "split": split, "transferlab_version": __version__,
-                                "environment": environment()})
-    write_json(out / METRICS_FILE, metrics)
+               "trained": {k: config.training.get(k) for k in ("val", "test")}}
+    paths = RunDir(out)
+    PredictionTable.concat(config.classes, {EVALUATED: (relative, labels[read], proba[read])}).write(
+        paths.predictions)
+    write_run_record(out, model=metrics["model"], data=data.options(), split=split)
+    write_json(paths.metrics, metrics)
     if report:
-        from ..reporting.report import write_report
-
-        write_report(out)
+        write_report_or_warn(out)
     return Evaluation(out, metrics)
 
 

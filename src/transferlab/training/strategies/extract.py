@@ -1,5 +1,9 @@
-"""The `extract` recipe: a frozen backbone embeds every image once (cached), a scikit-learn classifier
-is fitted on the embeddings and transplanted into a torch head, so the saved model is one network."""
+"""`extract`: a frozen backbone embeds every image once (cached), a scikit-learn classifier is fitted
+on the embeddings and transplanted into a torch head, so the saved model is one network.
+
+With `cut_layer`, the embedding is an intermediate stage's feature map, pooled (`head_pool`: avg or
+flatten); the head of the saved network pools the same way, so the bundle predicts from that stage.
+"""
 
 from __future__ import annotations
 
@@ -8,77 +12,109 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from ...models.backbones import count_parameters, create_backbone
-from ...inference.bundle import ClassifierNet
-from ...data.folder import SPLITS, ImageFolderData
-from ...inference.embeddings import embed_files
-from ...errors import DataError
-from ...models.heads import head_from_sklearn
-from ...evaluation.metrics import classification_metrics
-from ...inference.batches import resolve_precision
+from ...data.folder import ImageFolderData
+from ...data.split import SPLITS
 from ...data.transforms import Preprocessing
+from ...errors import DataError
+from ...inference.embeddings import embed_files
+from ...models.backbones import count_parameters
+from ...models.heads import HeadSpec, head_from_sklearn, pooling
+from ...models.network import ClassifierNet, build_network
+from ..config import TrainConfig
+from .base import FitContext, Strategy, Timings, TrainedModel, backbone_for
 
-CLASSIFIERS = ("logistic", "mlp")
+MLP_HIDDEN = (250, 100)  # scikit-learn's MLPClassifier as Keras-era tutorials sized it
+TRANSPLANT_TOLERANCE = 1e-4  # the torch head must give the fitted classifier's probabilities
 
 
-def fit_extract(data: ImageFolderData, config, show_progress: bool) -> dict:
-    """Everything the run needs: the network, its head spec and preprocessing, val/test results and
-    the timing of embedding and fitting."""
+class Extract(Strategy):
+    name = "extract"
+    summary = "frozen backbone, cached embeddings, logistic regression (or an MLP)"
+    uses = frozenset({"classifier", "cut_layer", "head_pool"})
+    defaults = {"classifier": "logistic", "head_pool": "avg"}
+
+    def resolve(self, values: dict, given: set[str]) -> dict:
+        if values.get("cut_layer") is None and "head_pool" not in given:
+            values["head_pool"] = None  # nothing to pool: the backbone gives vectors
+        return values
+
+    def network(self, config: TrainConfig, num_classes: int
+                ) -> tuple[ClassifierNet, HeadSpec, Preprocessing, int]:
+        backbone, pre = backbone_for(config)
+        hidden = MLP_HIDDEN if config.classifier == "mlp" else ()
+        net, spec = build_network(backbone, pre, num_classes, hidden=hidden,
+                                  pool=config.head_pool or "avg")
+        return net, spec, pre, count_parameters(net.head)
+
+    def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel:
+        torch.manual_seed(config.seed)
+        backbone, pre = backbone_for(config)
+        pool = config.head_pool if config.cut_layer is not None else ""
+        embedder = nn.Sequential(backbone, *pooling(pool)) if pool else backbone
+        features, stats = _embed(data, embedder, pre, config, context.show_progress)
+        labels = {name: np.array(data.labels(name), dtype=np.int64) for name in SPLITS}
+        if len(set(labels["train"].tolist())) < 2:
+            raise DataError(f"{data.root}: the training split holds only one class; add images")
+
+        started = time.perf_counter()
+        estimator = _classifier(config).fit(features["train"], labels["train"])
+        fit_s = time.perf_counter() - started
+        spec, head = head_from_sklearn(estimator, num_classes=len(data.classes), pool=pool)
+        linear = head[len(pooling(pool)):]  # the layers after pooling, which the embeddings skip
+
+        def head_proba(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return linear(torch.as_tensor(x, dtype=torch.float32)).softmax(1).numpy()
+
+        transplant_error = float(np.abs(head_proba(features["train"])
+                                        - estimator.predict_proba(features["train"])).max())
+        if transplant_error > TRANSPLANT_TOLERANCE:
+            raise RuntimeError(f"torch head differs from the fitted classifier by {transplant_error:.2e}")
+        return TrainedModel(
+            network=ClassifierNet(backbone, head.eval()), head=spec, preprocessing=pre,
+            trainable=count_parameters(head),
+            timings=Timings(train_s=fit_s, embed_s=stats.seconds, embed_images_per_s=stats.images_per_s,
+                            embedded=stats.embedded, cached=stats.cached),
+            train_fit=_training_fit(estimator, features["train"], labels["train"]),
+            details={"classifier": config.classifier,
+                     "precision": {"embedding": config.precision,
+                                   "transplant_max_abs_diff": transplant_error}},
+            probabilities={name: head_proba(features[name]) for name in ("val", "test")})
+
+
+def _embed(data: ImageFolderData, embedder: nn.Module, pre: Preprocessing, config: TrainConfig,
+           show_progress: bool):
+    """Every image's embedding (from the cache where it is there), split by split."""
+    order = [i for name in SPLITS for i in data.split[name]]
+    images = [data.scan.images[i] for i in order]
+    embeddings, stats = embed_files(
+        embedder.eval(), [im.path for im in images], [im.sha256 for im in images], pre,
+        cache_dir=Path(config.cache_dir) if config.cache_dir else None, batch_size=config.batch_size,
+        workers=config.workers, device=config.device, precision=config.precision,
+        show_progress=show_progress)
+    features, start = {}, 0
+    for name in SPLITS:
+        count = len(data.split[name])
+        features[name] = embeddings[start:start + count]
+        start += count
+    return features, stats
+
+
+def _classifier(config: TrainConfig):
+    """A StandardScaler, then logistic regression or an MLP: the scaler is folded into the head."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    torch.manual_seed(config.seed)
-    precision = resolve_precision(config.precision)
-    backbone = create_backbone(config.backbone, config.weights).eval()
-    pre = Preprocessing.from_model(backbone)
-    order = [i for name in SPLITS for i in data.split[name]]
-    images = [data.scan.images[i] for i in order]
-    embeddings, stats = embed_files(
-        backbone, [im.path for im in images], [im.sha256 for im in images], pre,
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-        batch_size=config.batch_size, workers=config.workers, precision=precision,
-        show_progress=show_progress)
-    features, labels, start = {}, {}, 0
-    for name in SPLITS:
-        count = len(data.split[name])
-        features[name] = embeddings[start:start + count]
-        labels[name] = np.array(data.labels(name), dtype=np.int64)
-        start += count
-    if len(set(labels["train"].tolist())) < 2:
-        raise DataError(f"{data.root}: the training split holds only one class; add images")
-
-    fit_started = time.perf_counter()
     if config.classifier == "mlp":
-        classifier = MLPClassifier(hidden_layer_sizes=(250, 100), random_state=config.seed, max_iter=300)
+        classifier = MLPClassifier(hidden_layer_sizes=MLP_HIDDEN, random_state=config.seed,
+                                   max_iter=300)
     else:
         classifier = LogisticRegression(max_iter=3000)
-    estimator = make_pipeline(StandardScaler(), classifier).fit(features["train"], labels["train"])
-    fit_s = time.perf_counter() - fit_started
-    spec, head = head_from_sklearn(estimator, num_classes=len(data.classes))
-
-    def head_proba(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return head(torch.as_tensor(x, dtype=torch.float32)).softmax(1).numpy()
-
-    transplant_error = float(np.abs(head_proba(features["train"]) -
-                                    estimator.predict_proba(features["train"])).max())
-    if transplant_error > 1e-4:
-        raise RuntimeError(f"torch head differs from the fitted classifier by {transplant_error:.2e}")
-    return {
-        "net": ClassifierNet(backbone, head.eval()), "head": spec, "preprocessing": pre,
-        "probabilities": {name: head_proba(features[name]) for name in ("val", "test")},
-        "trainable": count_parameters(head),
-        "timing": {"embed_s": round(stats.seconds, 3), "embed_images_per_s":
-                   round(stats.images_per_s, 1) if stats.images_per_s else None,
-                   "embedded": stats.embedded, "cached": stats.cached, "train_s": round(fit_s, 3)},
-        "extra": {"classifier": config.classifier, "train": _training_fit(estimator, features["train"],
-                                                                           labels["train"]),
-                  "precision": {
-            "embedding": precision, "transplant_max_abs_diff": transplant_error}},
-    }
+    return make_pipeline(StandardScaler(), classifier)
 
 
 def _training_fit(estimator, features: np.ndarray, labels: np.ndarray) -> dict:
@@ -89,8 +125,3 @@ def _training_fit(estimator, features: np.ndarray, labels: np.ndarray) -> dict:
     return {"loss": float(log_loss(labels, proba, labels=estimator.classes_)),
             "accuracy": float((estimator.classes_[proba.argmax(1)] == labels).mean()),
             "measured_on": "training embeddings"}
-
-
-def evaluate_probabilities(data: ImageFolderData, probabilities: dict) -> dict:
-    return {name: classification_metrics(np.array(data.labels(name)), probabilities[name], data.classes)
-            for name in probabilities}

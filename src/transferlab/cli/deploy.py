@@ -1,0 +1,84 @@
+"""`transferlab export` and `serve`: a trained model taken out of Python."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from .app import app, err, given, out, setup_logging
+from .flags import flag
+
+
+@app.command()
+def export(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
+           export_format: str = flag("export_format", default="onnx"),
+           out_file: Optional[Path] = typer.Option(None, "--out", help="Output file [default: "
+                                                   "MODEL/model.onnx, or MODEL/model.int8.onnx]."),
+           quantize: Optional[str] = flag("quantize"),
+           opset: Optional[int] = flag("opset"),
+           device: Optional[str] = flag("device")):
+    """Export MODEL's whole network to ONNX, checked against torch, and record it in config.json.
+
+    The check uses the run's validation images when MODEL is a run's model/ folder (64 of them; all
+    of them with --quantize, to measure the accuracy change), random noise otherwise."""
+    setup_logging(verbose=False)
+    from ..deploy.export import EXPORT_FORMATS, export_path, run_val_images
+    from ..evaluation.heldout import PARITY_IMAGES
+    from ..options import check
+    from ..runs.atomic import check_writable
+
+    check({"export_format": export_format, "quantize": quantize, "opset": opset, "device": device},
+          {"export_format": EXPORT_FORMATS})
+    check_writable(export_path(model, out_file, quantize).parent)  # before reading any image
+    labelled = run_val_images(model, limit=None if quantize else PARITY_IMAGES)
+    images, labels = labelled or (None, None)
+    result = EXPORT_FORMATS[export_format](model, out_file, quantize=quantize, images=images,
+                                           labels=labels, **given(opset=opset, device=device))
+    parity = result.parity
+    source = ("validation images of the run" if parity["source"] == "images" else
+              "random-noise images (MODEL is not in a run directory with its data)")
+    out.print(f"wrote [bold]{escape(str(result.path))}[/] (opset {result.opset}, "
+              f"{result.quantization or 'fp32'}, sha256 {result.sha256[:12]}…)")
+    out.print(f"parity with torch on {parity['images']} {source}: top-1 agreement "
+              f"{parity['top1_agreement']:.2%}, largest probability difference "
+              f"{parity['max_abs_prob_diff']:.2e} (mean {parity['mean_abs_prob_diff']:.2e})")
+    if "accuracy" in parity:
+        accuracy = parity["accuracy"]
+        out.print(f"accuracy: torch {accuracy['torch']:.2%}, onnx {accuracy['onnx']:.2%} "
+                  f"(change {100 * accuracy['change']:+.2f} points)")
+
+
+@app.command()
+def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
+          host: str = flag("host", default="127.0.0.1"),
+          port: int = flag("port", default=8000),
+          workers: int = flag("serve_workers", default=1),
+          backend: str = flag("backend", default="torch"),
+          device: Optional[str] = flag("device"),
+          max_upload_mb: float = flag("max_upload_mb", default=10.0),
+          max_pixels: Optional[int] = flag("max_pixels", help="Most pixels per image, checked "
+                                           "before decoding [default: 50,000,000]."),
+          max_files: Optional[int] = flag("max_files"),
+          max_concurrent: Optional[int] = flag("max_concurrent"),
+          top_k: Optional[int] = flag("top_k", help="Classes per image when the request does not "
+                                      "say [default: 3]."),
+          max_batch: Optional[int] = flag("max_batch"),
+          batch_window_ms: Optional[float] = flag("batch_window_ms")):
+    """Serve MODEL over HTTP: POST /predict (multipart field `file`), GET /health, GET /model, a
+    page to try it at / and the API docs at /docs."""
+    from ..options import check
+
+    check({"max_upload_mb": max_upload_mb, "host": host, "port": port, "serve_workers": workers})
+    setup_logging(verbose=False)
+    from ..deploy.serve import serve as run_service
+
+    err.print(f"loading {escape(str(model))} ({backend}); once it runs, try it at http://{host}:{port}/ "
+              f"(API docs: http://{host}:{port}/docs)", highlight=False)
+    run_service(model, host=host, port=port, workers=workers, backend=backend,
+                max_upload_bytes=round(max_upload_mb * 2**20),
+                **given(max_pixels=max_pixels, max_files=max_files, max_concurrent=max_concurrent,
+                        top_k=top_k, max_batch=max_batch, batch_window_ms=batch_window_ms,
+                        device=device))

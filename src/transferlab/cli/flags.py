@@ -1,0 +1,96 @@
+"""Command-line flags built from the option declarations (transferlab/options.py): one place holds
+each option's type, help, default and rule, and the commands' signatures name them."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..options import OPTIONS
+
+
+def flag(name: str, *names: str, default: Any = None, help: str | None = None, **settings: Any) -> Any:
+    """The typer.Option of the declared option `name`, with its help ([default: ...] added where
+    typer cannot show it: the default lives in the library) unless `help` replaces it."""
+    option = OPTIONS[name]
+    shown = f" [default: {option.default}]" if option.default and default is None else ""
+    return typer.Option(default, *(names or (option.cli_flag,)), help=help or option.help + shown,
+                        **settings)
+
+
+def annotation(name: str) -> Any:
+    return Optional[OPTIONS[name].type]
+
+
+# The options `train` and `compare` share, in the order --help lists them.
+TRAINING_FLAGS = (
+    "weights", "val", "test", "seed", "max_pixels", "dedupe_split", "cut_layer", "head_pool",
+    "classifier", "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip",
+    "augment", "class_weights", "early_stopping", "head_dim", "dropout", "unfreeze", "unfreeze_from",
+    "warmup_epochs", "backbone_lr_scale", "batch_size", "workers", "precision", "device",
+    "accelerator", "devices", "num_nodes", "distributed")
+_EXTRA = {"distributed": ("--distributed", "--strategy-dist")}
+
+
+def _training_parameters() -> list[inspect.Parameter]:
+    parameters = []
+    for name in TRAINING_FLAGS:
+        if OPTIONS[name].type is bool:
+            default = flag(name, "--dedupe-split/--no-dedupe-split", default=True)
+            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                annotation=bool))
+            continue
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=flag(name, *_EXTRA.get(name, ())),
+                                            annotation=annotation(name)))
+    parameters.append(inspect.Parameter(
+        "cache_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        default=flag("cache_dir")))
+    parameters.append(inspect.Parameter(
+        "no_cache", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--no-cache", help="Do not read or write the cache.")))
+    parameters.append(inspect.Parameter(
+        "quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--quiet", "-q", help="No progress bars.")))
+    return parameters
+
+
+def with_training_options(command):
+    """Add the TRAINING_FLAGS (and --cache-dir, --no-cache, --quiet) to `command`, which receives
+    them as one dict, `settings`. Typer reads a command's options from its signature, so the
+    wrapper gets the combined one."""
+    shared = _training_parameters()
+    hints = typing.get_type_hints(command)
+    own = [p.replace(annotation=hints[p.name])
+           for name, p in inspect.signature(command).parameters.items() if name != "settings"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        settings = {p.name: kwargs.pop(p.name) for p in shared}
+        return command(**kwargs, settings=settings)
+
+    parameters = [*own, *shared]
+    wrapper.__signature__ = inspect.Signature(parameters)
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
+def split_settings(settings: dict) -> tuple[dict, dict, bool]:
+    """(ImageFolderData's arguments, train()'s options that were given, show progress)."""
+    settings = dict(settings)
+    show_progress = not settings.pop("quiet")
+    no_cache, cache_dir = settings.pop("no_cache"), settings.pop("cache_dir")
+    dataset = {name: settings.pop(name) for name in ("val", "test", "dedupe_split", "max_pixels")}
+    dataset = {k: v for k, v in dataset.items() if v is not None}
+    options = {k: v for k, v in settings.items() if v is not None}
+    if cache_dir is not None:
+        options["cache_dir"] = str(cache_dir)
+    if no_cache:
+        options["cache_dir"] = None
+    dataset.update(seed=options.get("seed", 0), cache_dir=options.get("cache_dir", "default"))
+    return dataset, options, show_progress

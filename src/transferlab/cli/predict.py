@@ -1,0 +1,75 @@
+"""`transferlab predict`: top-k classes with probabilities for image files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .app import app, err, given, out, setup_logging
+from .flags import flag
+
+
+@app.command()
+def predict(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
+            inputs: List[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
+            top_k: int = flag("top_k", default=1),
+            output_format: str = flag("output_format", default="table"),
+            batch_size: Optional[int] = flag("batch_size"),
+            precision: Optional[str] = flag("precision"),
+            device: Optional[str] = flag("device"),
+            backend: str = flag("backend", default="torch"),
+            tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image "
+                                     "and its mirror image (twice the compute)."),
+            max_pixels: Optional[int] = flag("max_pixels")):
+    """Top-k classes with probabilities for images."""
+    from ..errors import ConfigError
+    from ..options import check
+
+    check({"top_k": top_k, "output_format": output_format, "batch_size": batch_size,
+           "precision": precision, "device": device, "max_pixels": max_pixels})
+    setup_logging(verbose=False)
+    from ..inference.backends import load_model
+    from ..inference.predictor import expand_inputs
+
+    predictor = load_model(model, backend=backend, **given(device=device))
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise ConfigError(f"no files match {' '.join(inputs)}")
+    results = predictor.predict(paths, top_k=top_k, show_progress=output_format == "table", tta=tta,
+                                **given(batch_size=batch_size, precision=precision,
+                                        max_pixels=max_pixels))
+    good = [r for r in results if not r.error]
+    if output_format == "json":
+        print(json.dumps({"predictions": [r.to_dict() for r in results]}, indent=2))
+    elif output_format == "csv":
+        _print_csv(good)
+    else:
+        table = Table()
+        table.add_column("file")
+        for rank in range(1, min(top_k, len(predictor.classes)) + 1):
+            table.add_column(f"#{rank}")
+        for result in good:
+            table.add_row(escape(result.file), *(f"{escape(l)} {p:.1%}" for l, p in result.top_k))
+        out.print(table)
+    bad = [r for r in results if r.error]
+    for result in bad:
+        err.print(f"[bold red]error:[/] {escape(result.file)}: cannot read image ({escape(result.error)})",
+                  highlight=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+def _print_csv(results) -> None:
+    import csv
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["file", "rank", "label", "probability"])
+    for result in results:
+        for rank, (label, probability) in enumerate(result.top_k, 1):
+            writer.writerow([result.file, rank, label, f"{probability:.6f}"])

@@ -1,0 +1,168 @@
+"""Scan a labelled image folder: its class folders, every readable image, and what was skipped."""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+from .cache import ScanCache
+from .decode import DEFAULT_MAX_PIXELS, ImageInfo, UnreadableImage, read_info
+
+log = logging.getLogger(__name__)
+
+_SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+_SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}
+
+
+@dataclass
+class Scan:
+    """Every readable image of a folder with its class, plus what was skipped and why."""
+
+    root: Path
+    classes: list[str]
+    images: list[ImageInfo]
+    labels: list[int]
+    presplit: list[str] | None  # split name per image when the folder has train/ val/ test/
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
+
+    def relative(self, index: int) -> str:
+        return self.images[index].path.relative_to(self.root).as_posix()
+
+    def relative_groups(self, groups: list[list[int]]) -> list[list[str]]:
+        return [[self.relative(i) for i in group] for group in groups]
+
+
+def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
+                max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                cache_dir: str | os.PathLike | None = None, min_classes: int = 2) -> Scan:
+    """Find the class folders under `root` (flat, or under train/ val/ test/) and read every file;
+    with `cache_dir`, files unchanged since the last scan are not read again. Training needs two
+    classes; evaluating a model on one class's folder needs one (`min_classes`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder; give a folder with one sub-folder per class")
+    layout = _layout(root)
+    candidates, folders, ignored = _candidates(root, layout)
+    cache = ScanCache(Path(cache_dir), root) if cache_dir else None
+    results = _read_all([path for path, _, _ in candidates], cache, near_duplicates, max_pixels,
+                        workers)
+    unreadable = [(path, str(result)) for (path, _, _), result in zip(candidates, results)
+                  if isinstance(result, UnreadableImage)]
+    for path, reason in unreadable:
+        log.warning("skipped %s: %s", path, reason)
+    readable = [(item, result) for item, result in zip(candidates, results)
+                if not isinstance(result, UnreadableImage)]
+    classes = _classes(root, readable, folders, unreadable, min_classes)
+    scan = Scan(root, classes, [], [], [] if layout[0][0] else None, unreadable, ignored)
+    for (path, class_name, split_name), result in readable:
+        scan.images.append(result)
+        scan.labels.append(classes.index(class_name))
+        if scan.presplit is not None:
+            scan.presplit.append(split_name)
+    if cache:
+        cache.save(scan.images)
+    return scan
+
+
+def _layout(root: Path) -> list[tuple[str | None, Path]]:
+    """(split name, folder) of a train/ val/ test/ layout, or [(None, root)] for class folders."""
+    split_dirs = {_SPLIT_FOLDERS[d.name.lower()]: d for d in _subfolders(root)
+                  if d.name.lower() in _SPLIT_FOLDERS}
+    if "train" not in split_dirs:
+        return [(None, root)]
+    if "val" not in split_dirs:
+        raise DataError(f"{root}: has train/ but no val/ (or validation/) folder")
+    return [(name, folder) for name, folder in sorted(split_dirs.items())]
+
+
+def _candidates(root: Path, layout: list[tuple[str | None, Path]]):
+    """Every file of every class folder as (path, class, split), the class folders by class name,
+    and the files ignored (hidden, system, loose)."""
+    candidates: list[tuple[Path, str, str | None]] = []
+    ignored: list[Path] = []
+    folders: dict[str, list[Path]] = {}
+    for split_name, folder in layout:
+        for class_dir in _subfolders(folder):
+            files = _files_under(class_dir, ignored)
+            folders.setdefault(class_dir.name, []).append(class_dir)
+            candidates += [(path, class_dir.name, split_name) for path in files]
+        ignored.extend(p for p in folder.iterdir() if p.is_file())
+    if not folders:
+        loose = [p for p in ignored if not _is_hidden(p)]
+        raise DataError(f"{root}: no class folders" + (
+            f", only {len(loose)} loose files; put each class's images in a sub-folder per class, "
+            "such as cats/ and dogs/" if loose else "; give a folder with one sub-folder per class"))
+    return candidates, folders, ignored
+
+
+def _read_all(paths: list[Path], cache: ScanCache | None, near_duplicates: bool, max_pixels: int,
+              workers: int | None) -> list[ImageInfo | UnreadableImage]:
+    """read_info of every file, in threads, or its cached result while the file is unchanged."""
+    known = cache.load() if cache else {}
+
+    def read(path: Path) -> ImageInfo | UnreadableImage:
+        cached = ScanCache.lookup(known, path, need_phash=near_duplicates)
+        if cached and cached.width * cached.height <= max_pixels:
+            return cached
+        try:
+            return read_info(path, with_phash=near_duplicates, max_pixels=max_pixels)
+        except UnreadableImage as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(read, paths))
+
+
+def _classes(root: Path, readable: list, folders: dict[str, list[Path]],
+             unreadable: list[tuple[Path, str]], min_classes: int) -> list[str]:
+    """The class names: folders with at least one readable image (an empty one is named, not
+    trained on); an error when there are too few."""
+    classes = sorted({class_name for (_, class_name, _), _ in readable})
+    for name in sorted(set(folders) - set(classes)):
+        log.warning("class folder %s holds no readable images; ignored",
+                    " and ".join(str(f) for f in folders[name]))
+    if not readable:
+        raise DataError(f"{root}: no readable images in {len(folders)} class folder(s)"
+                        + (f" ({len(unreadable)} files could not be read, such as {unreadable[0][0].name}: "
+                           f"{unreadable[0][1]})" if unreadable else " (they hold no files)"))
+    if len(classes) < min_classes:
+        empty = sorted(set(folders) - set(classes))
+        raise DataError(f"{root}: found {len(classes)} class folder(s) with images {classes}"
+                        + (f" (none readable in {empty})" if empty else "")
+                        + f"; at least {min_classes} classes are needed, one sub-folder each")
+    return classes
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p))
+
+
+def _files_under(folder: Path, ignored: list[Path]) -> list[Path]:
+    """Every file below `folder`, following linked folders but never into one already visited, so a
+    link back up the tree (a loop) is skipped instead of walked forever."""
+    files = []
+    visited = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if _is_hidden(Path(name)) or real in visited:
+                continue
+            visited.add(real)
+            kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            (ignored if _is_hidden(path) else files).append(path)
+    return files
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.lower() in _SYSTEM_FILES
+
+

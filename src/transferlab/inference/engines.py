@@ -1,0 +1,91 @@
+"""Engines: what runs a network on a batch of images, on a device.
+
+Every engine takes the same call: a uint8 NCHW batch of resized, cropped images (on the CPU, as the
+DataLoader gives them) and a resolved precision, and returns float32 outputs on the CPU. The images
+go to the engine's device as uint8 (four times less to copy than floats) and are normalised there,
+so decoding, batching and what comes after (softmax, top-k, caches) are shared by every engine and
+device. `ENGINES` names them for `load_model(backend=...)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..data.transforms import Preprocessing, normalize
+from ..devices import autocast, resolve_precision
+from ..errors import BundleError, ConfigError
+
+
+class Engine(Protocol):
+    device: torch.device
+
+    def __call__(self, images: torch.Tensor, precision: str = "32") -> torch.Tensor:
+        """uint8 NCHW images -> float32 outputs (logits or features) on the CPU."""
+
+
+class TorchEngine:
+    """A torch module on `device` in eval mode, channels_last, without autograd, with autocast in the
+    resolved precision. Copies to a CUDA device come from pinned memory without blocking."""
+
+    def __init__(self, module: torch.nn.Module, pre: Preprocessing,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.pre = pre
+        self.module = module.eval().to(self.device, memory_format=torch.channels_last)
+
+    def __call__(self, images: torch.Tensor, precision: str = "32") -> torch.Tensor:
+        with torch.inference_mode():
+            batch = normalize(images.to(self.device, non_blocking=True), self.pre)
+            with autocast(self.device, precision):
+                outputs = self.module(batch)
+            return outputs.float().cpu()
+
+
+class OnnxEngine:
+    """An exported model in onnxruntime: the CPU provider, or CUDA's for a CUDA device when the
+    installed onnxruntime has it (onnxruntime-gpu). The graph runs in the types it was exported with,
+    so the only precision it takes is 32 (`auto` resolves to it)."""
+
+    INPUT, OUTPUT = "images", "logits"
+
+    def __init__(self, path: str | Path, pre: Preprocessing, device: torch.device | str = "cpu"):
+        import onnxruntime
+
+        self.device = torch.device(device)
+        self.pre = pre
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise ConfigError("backend='onnx' on a CUDA device needs onnxruntime-gpu (this "
+                                  "onnxruntime has only "
+                                  f"{', '.join(onnxruntime.get_available_providers())}); pip "
+                                  "install onnxruntime-gpu, or use --backend torch")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
+                         "CPUExecutionProvider"]
+        elif self.device.type != "cpu":
+            raise ConfigError(f"backend='onnx' runs on cpu or cuda, not {self.device.type}; use "
+                              "--backend torch")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise BundleError(f"{path}: onnxruntime cannot load it ({error}); export it again with "
+                              "`transferlab export`") from None
+
+    def __call__(self, images: torch.Tensor, precision: str = "32") -> torch.Tensor:
+        batch = normalize(images, self.pre, channels_last=False)
+        array = np.ascontiguousarray(batch.numpy())
+        return torch.from_numpy(self.session.run([self.OUTPUT], {self.INPUT: array})[0])
+
+
+def engine_precision(engine: Engine, precision: str) -> str:
+    """`precision` resolved for the engine's device; an ONNX graph only runs as exported."""
+    if isinstance(engine, OnnxEngine):
+        if precision not in ("auto", "32", "32-true", "fp32"):
+            raise ConfigError(f"precision={precision!r}: applies to the torch backend; an ONNX model "
+                              "runs as it was exported, drop --precision")
+        return "32"
+    return resolve_precision(precision, engine.device)

@@ -1,0 +1,41 @@
+"""`finetune`: fastai's fine_tune, in one place.
+
+1. warm-up: for `warmup_epochs` (1) only the new head trains, the backbone frozen;
+2. then the top `unfreeze` blocks of the backbone train too (all, by default; or every block from
+   `unfreeze_from` up), blocks being timm's own layer groups (models/freezing.py);
+3. at discriminative rates: the head at `lr`, the backbone at `backbone_lr_scale` (0.1) times it;
+4. BatchNorm frozen and in inference mode throughout, so small batches cannot corrupt the running
+   statistics the pretrained weights rely on.
+SGD at 1e-3 with momentum 0.9, 3 epochs, light augmentation.
+"""
+
+from __future__ import annotations
+
+from ...errors import ConfigError
+from ...models.freezing import batchnorm_parameter_names, select_blocks, set_trainable
+from ...models.network import ClassifierNet
+from ..callbacks import UnfreezeSchedule
+from ..config import TrainConfig
+from ..module import ParameterGroup
+from .trained import TRAINING_DEFAULTS, TRAINING_OPTIONS, NetworkStrategy, Plan
+
+
+class Finetune(NetworkStrategy):
+    name = "finetune"
+    summary = "head warm-up, then the top blocks at a lower rate, BatchNorm frozen"
+    uses = TRAINING_OPTIONS | {"unfreeze", "unfreeze_from", "warmup_epochs", "backbone_lr_scale"}
+    defaults = {**TRAINING_DEFAULTS, "optimizer": "sgd", "lr": 1e-3, "epochs": 3, "augment": "light",
+                "unfreeze": "all", "warmup_epochs": 1, "backbone_lr_scale": 0.1}
+
+    def plan(self, net: ClassifierNet, config: TrainConfig) -> Plan:
+        set_trainable(net.backbone, None, False)  # 1. only the head trains during the warm-up
+        names = set(select_blocks(net.backbone, config.unfreeze, config.unfreeze_from))  # 2.
+        names -= batchnorm_parameter_names(net.backbone)  # 4. BatchNorm's own weights stay frozen
+        blocks = [p for name, p in net.backbone.named_parameters() if name in names]
+        if not blocks:
+            raise ConfigError("finetune: no backbone parameters selected to unfreeze; raise --unfreeze "
+                              "or use --strategy head")
+        groups = [ParameterGroup("head", list(net.head.parameters())),  # 3. discriminative rates
+                  ParameterGroup("backbone", blocks, config.backbone_lr_scale)]
+        return Plan(groups, [UnfreezeSchedule(blocks, at_epoch=config.warmup_epochs)],
+                    freeze_batchnorm=True)

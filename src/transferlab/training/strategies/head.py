@@ -1,0 +1,22 @@
+"""`head`: the backbone frozen and in inference mode (optionally cut at a feature stage); a new head
+trains on its features, with augmentation. Keras's classic "train a classifier on top":
+pool -> Dense(256, ReLU) -> Dropout(0.5) -> Dense(classes), Adam at 1e-4."""
+
+from __future__ import annotations
+
+from ...models.freezing import set_trainable
+from ...models.network import ClassifierNet
+from ..config import TrainConfig
+from ..module import ParameterGroup
+from .trained import TRAINING_DEFAULTS, NetworkStrategy, Plan
+
+
+class Head(NetworkStrategy):
+    name = "head"
+    summary = "frozen backbone, a new dense head trained with augmentation"
+    defaults = {**TRAINING_DEFAULTS, "optimizer": "adam", "lr": 1e-4, "epochs": 5,
+                "augment": "standard"}
+
+    def plan(self, net: ClassifierNet, config: TrainConfig) -> Plan:
+        set_trainable(net.backbone, None, False)
+        return Plan([ParameterGroup("head", list(net.head.parameters()))], [], freeze_batchnorm=True)
