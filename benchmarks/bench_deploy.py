@@ -59,43 +59,44 @@ def exported(model_dir: Path) -> dict:
 
 
 def sample_batch(model_dir: Path, size: int) -> torch.Tensor:
-    """`size` real validation photos, decoded and normalised as the Predictor does."""
-    from transferlab.inference.bundle import read_config
+    """`size` real validation photos as the uint8 batch every engine takes, decoded, resized and
+    cropped as the Predictor does."""
+    from transferlab.data.loaders import ImageDataset
     from transferlab.deploy.export import run_val_images
-    from transferlab.inference.batches import ImageFiles
-    from transferlab.data.transforms import Preprocessing, normalize
+    from transferlab.inference.bundle import read_config
 
-    pre = Preprocessing.from_dict(read_config(model_dir)["preprocessing"])
+    pre = read_config(model_dir).preprocessing
     paths = run_val_images(model_dir)[0]
-    files = ImageFiles([paths[i % len(paths)] for i in range(size)], pre)
-    pixels = torch.stack([files[i][0] for i in range(size)])
-    return normalize(pixels, pre).contiguous()  # NCHW; the engines convert as they need
+    files = ImageDataset([paths[i % len(paths)] for i in range(size)], pre)
+    return torch.stack([files[i][0] for i in range(size)])
 
 
 def engines(model_dir: Path, only: str | None) -> dict:
     """name -> call(batch); with `only`, just that engine is built (the others are None)."""
-    from transferlab.inference.bundle import load_network
-    from transferlab.deploy.export import INT8_FILE, ONNX_FILE, OnnxEngine
-    from transferlab.inference.batches import TorchEngine, resolve_precision
+    from transferlab.data.transforms import normalize
+    from transferlab.devices import resolve_precision
+    from transferlab.inference.bundle import INT8_FILE, ONNX_FILE, load_network, read_config
+    from transferlab.inference.engines import OnnxEngine, TorchEngine
 
-    precision = resolve_precision("auto")
+    precision = resolve_precision("auto", "cpu")
+    pre = read_config(model_dir).preprocessing
 
     def torch_eager():
         net, _ = load_network(model_dir)
 
         def call(batch):
             with torch.inference_mode():
-                return net(batch)
+                return net(normalize(batch, pre, channels_last=False))
         return call
 
     def torch_ours():
-        fast = TorchEngine(load_network(model_dir)[0])
+        fast = TorchEngine(load_network(model_dir)[0], pre, "cpu")
         return lambda batch: fast(batch, precision)
 
     builders = {"torch_eager_fp32": torch_eager,
                 f"torch_ours_channels_last_{precision}": torch_ours,
-                "onnxruntime_fp32": lambda: OnnxEngine(model_dir / ONNX_FILE),
-                "onnxruntime_int8": lambda: OnnxEngine(model_dir / INT8_FILE)}
+                "onnxruntime_fp32": lambda: OnnxEngine(model_dir / ONNX_FILE, pre),
+                "onnxruntime_int8": lambda: OnnxEngine(model_dir / INT8_FILE, pre)}
     return {name: build() if name == only else None for name, build in builders.items()}
 
 

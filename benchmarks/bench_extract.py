@@ -41,8 +41,9 @@ import torch
 from transferlab.models.backbones import create_backbone
 from transferlab.data.folder import ImageFolderData
 from transferlab.inference.embeddings import embed_files
-from transferlab.inference.batches import autocast, resolve_precision
-from transferlab.workflows.train import TrainConfig, train
+from transferlab.devices import autocast, resolve_precision
+from transferlab.training.config import TrainConfig
+from transferlab.workflows.train import train
 from transferlab.data.transforms import Preprocessing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def backbone_only(model: torch.nn.Module, precision: str, seconds: float = 10.0)
     batch_size = TrainConfig().batch_size
     model = model.eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast(precision):
+    with torch.inference_mode(), autocast("cpu", precision):
         model(x)  # warm-up
         images, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"only the first {QUICK_IMAGES} images for the throughput parts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    precision = resolve_precision("auto")
+    precision = resolve_precision("auto", "cpu")
     load = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:

@@ -79,12 +79,10 @@ def ours(data, steps: int, skip: int) -> float:
 
     from transferlab.data.loaders import ImageFolderDataModule
     from transferlab.training.module import ClassifierModule, Optimization
-    from transferlab.training.recipes import build_network, plan
-    from transferlab.workflows.train import TrainConfig
+    from transferlab.training.strategies import configure
 
-    config = TrainConfig(strategy="finetune", warmup_epochs=0).resolved()
-    net, _, pre = build_network(config, len(data.classes))
-    recipe = plan("finetune", net, config)
+    strategy, config = configure("finetune", {"warmup_epochs": 0, "device": "cpu"})
+    net, _, pre, recipe = strategy.build(config, len(data.classes))
     module = ClassifierModule(net, pre, recipe.groups, Optimization("sgd", 1e-3), len(data.classes),
                               freeze_batchnorm=True)
     timer = StepTimer(skip)
