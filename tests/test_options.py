@@ -44,8 +44,18 @@ def _cli(*args):
     ({"strategy": "head", "device": "tpu"}, "device='tpu': use auto, cpu, cuda, cuda:N or mps"),
     ({"strategy": "head", "epochs": "3"}, "epochs='3': expected a whole number"),
     ({"strategy": "magic"}, "strategy='magic': available strategies are extract, head"),
+    # parts of the backbone, checked on its architecture before the data is read
+    ({"strategy": "head", "cut_layer": "layer9"}, "cut_layer='layer9': not a feature stage"),
+    ({"strategy": "finetune", "unfreeze": "99"}, "unfreeze='99': this backbone has"),
+    ({"strategy": "finetune", "unfreeze_from": "nope"}, "unfreeze_from='nope': no such layer"),
 ])
-def test_bad_values_are_named_before_any_work(image_folder, tmp_path, options, message):
+def test_bad_values_are_named_before_any_work(image_folder, tmp_path, options, message, monkeypatch):
+    import transferlab.data.folder
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was scanned before the options were checked")
+
+    monkeypatch.setattr(transferlab.data.folder, "scan_folder", no_work)
     with pytest.raises(ConfigError, match=message):
         train(image_folder, out=tmp_path / "run", backbone=TINY_BACKBONE, weights="none", **options)
     assert not (tmp_path / "run").exists()

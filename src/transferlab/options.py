@@ -14,7 +14,7 @@ them it uses (training/strategies), and `check_used()` refuses the rest, naming 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Collection, Iterable, Mapping
 
 from .errors import ConfigError
@@ -332,14 +332,3 @@ def check_relations(values: Mapping[str, Any], given: Iterable[str]) -> None:
             raise ConfigError(f"{name}: give {option.cli_flag} or {OPTIONS[option.excludes].cli_flag}, "
                               "not both")
 
-
-@dataclass
-class Given:
-    """Values a caller passed (None: not given), kept apart from the defaults filled in later, so
-    that run.json and the checks above can tell what the user chose."""
-
-    values: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, value in self.values.items() if value is not None]

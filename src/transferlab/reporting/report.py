@@ -86,8 +86,9 @@ def comparison_context(folder: Path) -> dict:
     record = read_json(RunDir(folder).comparison)
     rows = record["rows"]
     done = [r for r in rows if r.get("test_accuracy") is not None]
-    one_backbone = len({r["backbone"] for r in rows if r["strategy"] != "scratch"}) <= 1
-    names = [r["strategy"] if one_backbone else f"{r['strategy']} · {r['backbone']}" for r in done]
+    # each strategy once: its name says which row it is; otherwise the backbone is needed too
+    by_strategy = len({r["strategy"] for r in rows}) == len(rows)
+    names = [r["strategy"] if by_strategy else f"{r['strategy']} · {r['backbone']}" for r in done]
     first = next((folder / run["dir"] for run in record["runs"] if not run.get("error")), None)
     dataset = None
     if first is not None:

@@ -98,6 +98,8 @@ class Strategy:
         values = self.resolve(values, set(named))
         check_relations(values, named)
         resolve_name(values["backbone"])
+        if {"cut_layer", "unfreeze", "unfreeze_from"} & set(named):
+            self.check_architecture(values)
         device = resolve_device(values.get("device") or "auto")
         return TrainConfig(**{**values, "device": str(device),
                               "precision": resolve_precision(values.get("precision") or "auto",
@@ -107,6 +109,18 @@ class Strategy:
         """Defaults that depend on other values (such as momentum on the optimizer), and a
         strategy's own checks; `given` names the options the caller set."""
         return values
+
+    def check_architecture(self, values: dict) -> None:
+        """Options that name parts of the backbone (a stage to cut at, blocks to unfreeze), checked
+        on its architecture alone: built on the meta device, it holds no weights and costs nothing."""
+        import torch
+
+        with torch.device("meta"):
+            backbone = create_backbone(values["backbone"], "none", values.get("cut_layer"))
+        self.check_backbone(backbone, values)
+
+    def check_backbone(self, backbone: nn.Module, values: dict) -> None:
+        """A strategy's own checks of options that name parts of `backbone` (on the meta device)."""
 
     def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel | None:
         """Train on `data` (None on the helper processes of a distributed run)."""

@@ -11,6 +11,8 @@ SGD at 1e-3 with momentum 0.9, 3 epochs, light augmentation.
 
 from __future__ import annotations
 
+from torch import nn
+
 from ...errors import ConfigError
 from ...models.freezing import batchnorm_parameter_names, select_blocks, set_trainable
 from ...models.network import ClassifierNet
@@ -26,6 +28,9 @@ class Finetune(NetworkStrategy):
     uses = TRAINING_OPTIONS | {"unfreeze", "unfreeze_from", "warmup_epochs", "backbone_lr_scale"}
     defaults = {**TRAINING_DEFAULTS, "optimizer": "sgd", "lr": 1e-3, "epochs": 3, "augment": "light",
                 "unfreeze": "all", "warmup_epochs": 1, "backbone_lr_scale": 0.1}
+
+    def check_backbone(self, backbone: nn.Module, values: dict) -> None:
+        select_blocks(backbone, values["unfreeze"], values.get("unfreeze_from"))
 
     def plan(self, net: ClassifierNet, config: TrainConfig) -> Plan:
         set_trainable(net.backbone, None, False)  # 1. only the head trains during the warm-up
