@@ -154,6 +154,7 @@ def _open_checked(source: str | Path | BinaryIO, max_pixels: int):
 def _identify(handle: BinaryIO, filename: str) -> Image.Image:
     """Image.open's identification loop over the supported formats' plugins, without its
     decompression-bomb check (see _open_checked)."""
+    handle.seek(0)
     prefix = handle.read(16)
     for name in _PLUGINS:
         factory, accept = Image.OPEN[name]

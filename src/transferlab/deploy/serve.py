@@ -32,6 +32,7 @@ from ..data.decode import SUPPORTED_FORMATS
 from ..inference.backends import BACKENDS, load_model
 from ..inference.predictor import Prediction
 from ..options import check
+from ..process import scoped_environment
 from .batching import MicroBatcher
 from .uploads import FIELD, Upload, UploadError, decode_upload, parse_uploads, read_body
 
@@ -325,20 +326,6 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     # settings and a share of the cores (so that torch's threads do not fight over them) reach it
     # through the environment it inherits, for the duration of this call only.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
-    with _environment({SETTINGS_ENV: json.dumps(settings), "OMP_NUM_THREADS": threads}):
+    with scoped_environment({SETTINGS_ENV: json.dumps(settings), "OMP_NUM_THREADS": threads}):
         uvicorn.run(f"{__name__}:app_from_env", factory=True, host=host, port=port, workers=workers)
 
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    """Environment variables set while the block runs, then restored as they were."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -17,6 +17,7 @@ from ...data.loaders import ImageFolderDataModule
 from ...data.transforms import Preprocessing
 from ...models.heads import HeadSpec
 from ...models.network import ClassifierNet, build_network
+from ...process import scoped_environment
 from ...runs.layout import RunDir, read_history
 from ..config import TrainConfig
 from ..module import ClassifierModule, Optimization, ParameterGroup
@@ -75,6 +76,12 @@ class NetworkStrategy(Strategy):
         return net, spec, pre, self.plan(net, config)
 
     def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel | None:
+        # Lightning hands the seed to DataLoader workers (and DDP processes) in the environment:
+        # set for this fit only
+        with scoped_environment():
+            return self._fit(data, config, context)
+
+    def _fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel | None:
         L.seed_everything(config.seed, workers=True, verbose=False)
         net, spec, pre, plan = self.build(config, len(data.classes))
         optimization = Optimization(config.optimizer, config.lr, config.momentum, config.weight_decay,

@@ -1,0 +1,66 @@
+"""Importing or calling the library changes nothing process-wide: not the umask, not the environment,
+not PIL's own decompression-bomb limit (which another thread of the user's program relies on)."""
+
+import io
+import os
+import stat
+import subprocess
+import sys
+
+from PIL import Image
+
+from transferlab import train
+from transferlab.data.decode import open_rgb
+from transferlab.runs.atomic import temporary_folder_beside, write_text
+
+from conftest import TINY_BACKBONE
+
+
+def test_importing_everything_leaves_the_umask_alone():
+    """Not even for a moment: reading the umask in Python means setting it, for every thread."""
+    code = ("import importlib, os, pkgutil\n"
+            "calls = []\n"
+            "real = os.umask\n"
+            "os.umask = lambda mask: calls.append(mask) or real(mask)\n"
+            "import transferlab\n"
+            "for m in pkgutil.walk_packages(transferlab.__path__, 'transferlab.'):\n"
+            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+            "print(calls)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        folder = temporary_folder_beside(tmp_path / "bundle")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+
+
+def test_a_run_leaves_the_environment_as_it_was(image_folder, tmp_path):
+    before = dict(os.environ)
+    train(image_folder, strategy="head", backbone=TINY_BACKBONE, weights="none", epochs=1,
+          out=tmp_path / "run", cache_dir=None, show_progress=False)
+    assert dict(os.environ) == before
+
+
+def test_pil_keeps_its_own_limit_while_we_raise_ours(monkeypatch):
+    """An image above PIL's limit, decoded with ours raised: PIL's limit is in force the whole time,
+    also at the moment the header is read (when another thread could be opening its own file)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    factory, accept = Image.OPEN["PNG"]
+    seen = []
+
+    def recording_factory(*args, **kwargs):
+        seen.append(Image.MAX_IMAGE_PIXELS)
+        return factory(*args, **kwargs)
+
+    monkeypatch.setitem(Image.OPEN, "PNG", (recording_factory, accept))
+    big = io.BytesIO()
+    Image.new("L", (13000, 14000)).save(big, format="PNG")  # 182 MP: over PIL's error threshold
+    assert open_rgb(big, max_pixels=200_000_000).size == (13000, 14000)
+    assert seen and set(seen) == {limit} and Image.MAX_IMAGE_PIXELS == limit
