@@ -92,6 +92,16 @@ class Text(Rule):
 
 
 @dataclass(frozen=True)
+class IndexOrName(Rule):
+    """A whole number (an index) or non-empty text (a name), such as a feature stage."""
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None
+        return Text().problem(value) and "an index or a name"
+
+
+@dataclass(frozen=True)
 class CountOrAll(Rule):
     """A whole number >= 0 (given as a number or its digits), or 'all'."""
 
@@ -181,7 +191,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "efficientnet_lite0; scratch: simple-cnn"),
     Option("weights", str, "imagenet, none, or a weights file.", Text(), "imagenet; scratch: none"),
     Option("cut_layer", str, "Cut the backbone at this feature stage (index or name; see "
-           "`transferlab summary`); extract pools that stage's features.", Text(), per_strategy=True),
+           "`transferlab summary`); extract pools that stage's features.", IndexOrName(),
+           per_strategy=True),
     Option("head_pool", str, "How a cut backbone's feature map is pooled: avg or flatten.",
            OneOf(POOLS), "avg", per_strategy=True, requires=("cut_layer", ())),
     Option("classifier", str, "extract: logistic or mlp.", OneOf(CLASSIFIERS), "logistic",
