@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from transferlab import train
+from transferlab.devices import resolve_device
 from transferlab.errors import ConfigError
 from transferlab.options import OPTIONS, check
 from transferlab.training.strategies import STRATEGIES, configure
@@ -87,7 +88,7 @@ def test_options_that_mean_nothing_together_are_refused(strategy, options, messa
 def test_the_resolved_configuration_records_only_what_is_used():
     _, extract = configure("extract", {"backbone": TINY_BACKBONE, "weights": "none"})
     assert extract.epochs is None and extract.lr is None and extract.head_pool is None
-    assert extract.classifier == "logistic" and extract.device == "cpu"
+    assert extract.classifier == "logistic" and extract.device == str(resolve_device("auto"))
     _, finetune = configure("finetune", {"backbone": TINY_BACKBONE, "weights": "none"})
     assert finetune.momentum == 0.9 and finetune.unfreeze == "all" and finetune.classifier is None
     _, head = configure("head", {"backbone": TINY_BACKBONE, "weights": "none", "optimizer": "adamw"})
