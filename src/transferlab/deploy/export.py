@@ -1,5 +1,5 @@
-"""ONNX export of a bundle's whole network, checked against torch, and the onnxruntime engine that
-lets a Predictor run it.
+"""ONNX export of a bundle's whole network, checked against torch before the file is kept (the
+engine that runs it is inference.engines.OnnxEngine).
 
 The exported graph takes what the torch network takes: a float32 NCHW batch, already resized,
 cropped and normalised ((pixel / 255 - mean) / std). Those preprocessing constants are not baked into
