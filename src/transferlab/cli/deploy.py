@@ -25,14 +25,13 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
     The check uses the run's validation images when MODEL is a run's model/ folder (64 of them; all
     of them with --quantize, to measure the accuracy change), random noise otherwise."""
     setup_logging(verbose=False)
-    from ..deploy.export import EXPORT_FORMATS, export_path, run_val_images
+    from ..deploy.export import EXPORT_FORMATS, check_export_target, run_val_images
     from ..evaluation.heldout import PARITY_IMAGES
     from ..options import check
-    from ..runs.atomic import check_writable
 
     check({"export_format": export_format, "quantize": quantize, "opset": opset, "device": device},
           {"export_format": EXPORT_FORMATS})
-    check_writable(export_path(model, out_file, quantize).parent)  # before reading any image
+    check_export_target(model, out_file, quantize)  # before reading any image
     labelled = run_val_images(model, limit=None if quantize else PARITY_IMAGES)
     images, labels = labelled or (None, None)
     result = EXPORT_FORMATS[export_format](model, out_file, quantize=quantize, images=images,
@@ -55,6 +54,7 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
 def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
           host: str = flag("host", default="127.0.0.1"),
           port: int = flag("port", default=8000),
+          allowed_hosts: Optional[str] = flag("allowed_hosts"),
           workers: int = flag("serve_workers", default=1),
           backend: str = flag("backend", default="torch"),
           device: Optional[str] = flag("device"),
@@ -71,9 +71,19 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
     page to try it at / and the API docs at /docs."""
     from ..options import check
 
-    check({"max_upload_mb": max_upload_mb, "host": host, "port": port, "serve_workers": workers})
+    check({"max_upload_mb": max_upload_mb, "host": host, "port": port, "serve_workers": workers,
+           "max_pixels": max_pixels, "max_files": max_files, "max_concurrent": max_concurrent,
+           "top_k": top_k, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
+           "device": device, "allowed_hosts": allowed_hosts})
     setup_logging(verbose=False)
+    import signal
+
     from ..deploy.serve import serve as run_service
+
+    # Uvicorn shuts down gracefully on SIGINT and SIGTERM, then re-raises the signal: with the
+    # default handlers back, the process ends as killed by it, as service managers expect.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     err.print(f"loading {escape(str(model))} ({backend}); once it runs, try it at http://{host}:{port}/ "
               f"(API docs: http://{host}:{port}/docs)", highlight=False)
@@ -81,4 +91,8 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
                 max_upload_bytes=round(max_upload_mb * 2**20),
                 **given(max_pixels=max_pixels, max_files=max_files, max_concurrent=max_concurrent,
                         top_k=top_k, max_batch=max_batch, batch_window_ms=batch_window_ms,
-                        device=device))
+                        device=device, allowed_hosts=_names(allowed_hosts)))
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]

@@ -34,6 +34,7 @@ from ..inference.predictor import Prediction
 from ..options import check
 from ..process import scoped_environment
 from .batching import MicroBatcher
+from .guards import Guard, HeaderDeadlineH11, default_allowed_hosts
 from .uploads import FIELD, Upload, UploadError, decode_upload, parse_uploads, read_body
 
 DEFAULT_TOP_K = 3
@@ -52,6 +53,9 @@ RETRY_AFTER_S = 1
 # A request holds its turn while its body arrives, so the body has this long: a few stalled or
 # trickling clients cannot keep every turn. 10 MB at 2 Mbit/s takes 40 s.
 BODY_TIMEOUT_S = 60.0
+# ... and after its first 5 s, at least this many bytes/s on average: 16 trickling uploads held
+# every turn for the whole minute, so everyone else got 503. 16 KiB/s is a slow phone connection.
+MIN_BODY_RATE = 16 * 1024
 SETTINGS_ENV = "TRANSFERLAB_SERVE_SETTINGS"  # create_app's arguments for uvicorn's worker processes
 
 
@@ -166,7 +170,8 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-d
                            "description": "One image per field; repeat the field for several."}}}}}}}
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "empty body, no `file` field, an empty file, too many files or malformed multipart",
-    408: f"the body took longer than {BODY_TIMEOUT_S:g} s to arrive",
+    408: f"the body took longer than {BODY_TIMEOUT_S:g} s to arrive, or came slower than "
+         f"{MIN_BODY_RATE // 1024} KiB/s after its first 5 s",
     413: "request body larger than max_upload_bytes",
     415: "not multipart/form-data, or a file that is not an image this service reads",
     422: "an image with more pixels than max_pixels (refused before decoding), or a bad parameter",
@@ -180,13 +185,15 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
                max_pixels: int = ServiceLimits.max_pixels, max_files: int = ServiceLimits.max_files,
                max_concurrent: int = ServiceLimits.max_concurrent, top_k: int = DEFAULT_TOP_K,
                max_batch: int = DEFAULT_MAX_BATCH, batch_window_ms: float = DEFAULT_WINDOW_MS,
-               device: str = "auto") -> FastAPI:
+               device: str = "auto", allowed_hosts: list[str] | None = None) -> FastAPI:
     """The service for the bundle in `model_dir` (loaded now, so a bad bundle fails here), on
     `device` (auto: a GPU when there is one).
 
     max_concurrent: /predict requests holding their uploads in memory at once; more wait;
     max_batch: images per model call across concurrent requests (1: no batching across requests);
-    batch_window_ms: how long a batch waits for more images after its first.
+    batch_window_ms: how long a batch waits for more images after its first;
+    allowed_hosts: the Host headers answered (None: any; `serve` defaults to loopback names when
+    it listens on a loopback address).
     """
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files, max_concurrent)
     check({"top_k": top_k, "backend": backend, "device": device}, {"backend": BACKENDS})
@@ -200,11 +207,13 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
         if classifier.batcher:
             await classifier.batcher.stop()
 
-    classes = ", ".join(classifier.predictor.classes)
     # FastAPIOffline serves Swagger UI's own files: FastAPI's default /docs fetches them from a
-    # CDN, and shows a blank page on a closed network
-    app = FastAPIOffline(title="transferlab", version=__version__, lifespan=lifespan, description=(
-        f"Image classifier: {classifier.summary()['backbone']} over the classes {classes}."))
+    # CDN, and shows a blank page on a closed network. No /redoc: it ran a script from a class name
+    # put in the description; class names are at GET /model, as data, not in the API's text.
+    app = FastAPIOffline(title="transferlab", version=__version__, lifespan=lifespan, redoc_url=None,
+                         description=f"Image classifier over {len(classifier.predictor.classes)} "
+                                     "classes; GET /model describes it.")
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts)
     _add_routes(app, classifier, Turns(limits.max_concurrent), top_k)
     _add_error_handlers(app)
     return app
@@ -256,8 +265,11 @@ def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, default_k: i
         """Top classes of each image sent as a multipart field named `file`."""
         async with turns.take():
             body = await read_body(request.stream(), limits.max_upload_bytes,
-                                   request.headers.get("content-length"), BODY_TIMEOUT_S)
-            uploads = parse_uploads(body, request.headers.get("content-type"), limits.max_files)
+                                   request.headers.get("content-length"), BODY_TIMEOUT_S,
+                                   MIN_BODY_RATE)
+            # parsed in a worker thread: a body of many tiny parts must not hold up the event loop
+            uploads = await anyio.to_thread.run_sync(
+                parse_uploads, body, request.headers.get("content-type"), limits.max_files)
             del body  # the uploads are copies: one copy of each file in memory while it is decoded
             return {"predictions": await classifier.predict(uploads, top_k),
                     "model": classifier.summary()}
@@ -317,9 +329,10 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
 
     check({"host": host, "port": port, "serve_workers": workers})
     settings["model_dir"] = str(Path(model_dir).resolve())
+    settings.setdefault("allowed_hosts", default_allowed_hosts(host))
     app = create_app(**settings)  # loads the model: a bad bundle or option fails here, once
     if workers == 1:
-        uvicorn.run(app, host=host, port=port)
+        uvicorn.run(app, host=host, port=port, http=HeaderDeadlineH11)
         return
     del app
     # Each worker is its own process with its own model, started from an import string; its
@@ -327,5 +340,6 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     # through the environment it inherits, for the duration of this call only.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
     with scoped_environment({SETTINGS_ENV: json.dumps(settings), "OMP_NUM_THREADS": threads}):
-        uvicorn.run(f"{__name__}:app_from_env", factory=True, host=host, port=port, workers=workers)
+        uvicorn.run(f"{__name__}:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    http=HeaderDeadlineH11)
 

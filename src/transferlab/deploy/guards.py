@@ -1,0 +1,110 @@
+"""What protects the service from hostile clients below the routes: a Host header check (DNS
+rebinding), a Content-Security-Policy on every HTML page, and a deadline for request headers.
+
+The body's own limits (size, time, rate) are in uploads.read_body; the number of requests holding
+uploads at once in serve.Turns.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import h11
+from starlette.datastructures import Headers, MutableHeaders
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+# Swagger UI (/docs) loads its script and styles from this origin and runs one inline script.
+DOCS_POLICY = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+               "'unsafe-inline'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+               "form-action 'none'; frame-ancestors 'none'")
+# A connection has this long to send its first request's headers (uvicorn waits forever: 1,500
+# half-open connections were still held after 30 s).
+HEADER_TIMEOUT_S = 10.0
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def default_allowed_hosts(host: str) -> list[str] | None:
+    """The Host headers a service bound to `host` answers by default: on a loopback address, only
+    loopback names (a web page elsewhere cannot rebind its own domain name to 127.0.0.1 and read
+    the service); bound to every interface, any (name the public ones with --allowed-hosts)."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return list(LOOPBACK_NAMES) if loopback else [host]
+
+
+class Guard:
+    """ASGI middleware: refuses a Host header not in `allowed_hosts` (None: any) with the service's
+    JSON error shape, and gives every HTML answer that has none a Content-Security-Policy."""
+
+    def __init__(self, app, allowed_hosts: list[str] | None = None):
+        self.app = app
+        self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = _host_name(Headers(scope=scope).get("host", ""))
+        if self.allowed is not None and "*" not in self.allowed and host not in self.allowed:
+            return await _refuse_host(send, host, sorted(self.allowed))
+
+        async def send_with_policy(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if (headers.get("content-type", "").startswith("text/html")
+                        and "content-security-policy" not in headers):
+                    headers["Content-Security-Policy"] = DOCS_POLICY
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+async def _refuse_host(send, host: str, allowed: list[str]) -> None:
+    body = json.dumps({"error": {"code": "invalid_host", "file": None, "message": (
+        f"Host {host!r} is not served here (allowed: {', '.join(allowed)}); start the service "
+        "with --allowed-hosts to add names")}}).encode()
+    await send({"type": "http.response.start", "status": 400,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class HeaderDeadlineH11(H11Protocol):
+    """Uvicorn's h11 protocol with a deadline for the request headers of a new connection: closed
+    after HEADER_TIMEOUT_S unless a request has begun (uvicorn itself then times out idle
+    keep-alive connections)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self._header_deadline.cancel()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse, answered in the service's JSON error shape (uvicorn answers
+        plain text) before the connection is closed."""
+        body = json.dumps({"error": {"code": "malformed_request", "file": None,
+                                     "message": f"{msg}: not a valid HTTP request"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
