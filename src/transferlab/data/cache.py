@@ -36,7 +36,7 @@ class ScanCache:
     """ImageInfo of the files under one root folder, keyed by path and validated by stat_key."""
 
     def __init__(self, cache_dir: Path, root: Path):
-        key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
+        key = hashlib.sha256(os.fsencode(Path(root).resolve())).hexdigest()[:24]
         self.path = Path(cache_dir) / "scans" / f"{key}.json"
 
     def load(self) -> dict[str, dict]:
@@ -44,10 +44,13 @@ class ScanCache:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             log.warning("ignoring unreadable scan cache %s (%s)", self.path, error)
             return {}
-        return data.get("files", {}) if data.get("format") == SCAN_CACHE_FORMAT else {}
+        if not isinstance(data, dict) or data.get("format") != SCAN_CACHE_FORMAT:
+            return {}  # another format, or not ours: rescanned and rewritten
+        files = data.get("files")
+        return files if isinstance(files, dict) else {}
 
     def save(self, infos: list[ImageInfo]) -> None:
         files = {}
@@ -66,12 +69,15 @@ class ScanCache:
     @staticmethod
     def lookup(known: dict[str, dict], path: Path, need_phash: bool) -> ImageInfo | None:
         entry = known.get(str(path))
-        if not entry or (need_phash and entry.get("phash") is None):
+        if not isinstance(entry, dict) or (need_phash and entry.get("phash") is None):
             return None
         try:
-            if entry["stat"] != stat_key(path):
+            if entry.get("stat") != stat_key(path):
                 return None
-        except OSError:
+            info = ImageInfo(**{**{k: v for k, v in entry.items() if k != "stat"}, "path": path})
+        except (OSError, TypeError):  # vanished, or an entry of another shape: read the file again
             return None
-        fields = {k: v for k, v in entry.items() if k != "stat"}
-        return ImageInfo(**{**fields, "path": path})
+        typed = (isinstance(info.width, int) and isinstance(info.height, int)
+                 and isinstance(info.sha256, str) and isinstance(info.format, str)
+                 and (info.phash is None or isinstance(info.phash, int)))
+        return info if typed else None

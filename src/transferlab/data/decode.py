@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, MpoImagePlugin
 # The formats README promises; anything else is treated as "not an image".
 SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse decompression bombs above this many pixels
+MAX_ASPECT = 4.0  # longer side at most this many times the shorter before any resize (limit_aspect)
 _BACKGROUND = (255, 255, 255)  # transparent pixels become white, not whatever colour they hide
 
 
@@ -94,6 +96,27 @@ def open_rgb(path: str | Path | BinaryIO, draft_size: int | None = None,
         raise UnreadableImage(_reason(error, path)) from None
 
 
+def limit_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """The central part of `image` no longer than `max_aspect` times its short side.
+
+    Every transform scales the short side to the network's size (256 px, say), so a long thin
+    image would become enormous: a 16000x1 PNG of 94 bytes, within any pixel limit, resized to
+    256 x 4,096,000 pixels took 5 GB. What the network sees is cut from the middle anyway (the
+    evaluation crop keeps 1/crop_pct of the short side, about 1.14x; random crops keep an aspect
+    ratio of at most 4:3), so cutting the excess first changes nothing a model uses.
+    """
+    width, height = image.size
+    short = min(width, height)
+    limit = max(1, int(short * max_aspect))
+    if width > limit:
+        left = (width - limit) // 2
+        return image.crop((left, 0, left + limit, height))
+    if height > limit:
+        top = (height - limit) // 2
+        return image.crop((0, top, width, top + limit))
+    return image
+
+
 def read_info(path: Path, with_phash: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Header facts, a content hash and (optionally) a perceptual hash; the file is fully decoded so
     that truncated files are caught here rather than during training."""
@@ -134,7 +157,7 @@ def _open_checked(source: str | Path | BinaryIO, max_pixels: int):
     reads it, by the format's own plugin, and our limit replaces PIL's check of the header; PIL's
     global is never touched (its decoders still apply it to GIF frames and TIFF tiles).
     """
-    handle = open(source, "rb") if isinstance(source, (str, os.PathLike)) else source
+    handle = _open_regular_file(source) if isinstance(source, (str, os.PathLike)) else source
     try:
         image = _identify(handle, os.fspath(source) if handle is not source else "")
         with image:
@@ -149,6 +172,19 @@ def _open_checked(source: str | Path | BinaryIO, max_pixels: int):
     finally:
         if handle is not source:
             handle.close()
+
+
+def _open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """The file opened for reading, refused unless it is a regular file: opening a FIFO waits for
+    a writer forever (a named pipe in a data folder hung `info`), a device reads without end.
+    Opened without blocking, then checked, so nothing can swap the file in between."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise UnreadableImage("not a regular file (a pipe, socket or device)")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
 
 
 def _identify(handle: BinaryIO, filename: str) -> Image.Image:

@@ -34,6 +34,7 @@ def describe(data: ImageFolderData) -> dict:
         "duplicate_group_files": scan.relative_groups(duplicates.exact),
         "near_duplicate_group_files": scan.relative_groups(duplicates.near),
         "label_conflicts": scan.relative_groups(conflicts),
+        "groups_across_splits": len(data.groups_across_splits()),
         "unreadable": [{"file": str(p), "reason": r} for p, r in scan.unreadable],
         "ignored": len(scan.ignored),
         "split_notes": data.notes(),

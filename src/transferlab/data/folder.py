@@ -7,15 +7,26 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..options import check
 from .cache import default_cache_dir
 from .decode import DEFAULT_MAX_PIXELS
 from .duplicates import Duplicates, find_duplicates
 from .scan import Scan, scan_folder
-from .split import SPLITS, split_groups, split_notes
+from .split import MIN_IMAGES_TO_SPLIT, SPLITS, split_groups, split_notes
 
 log = logging.getLogger(__name__)
+
+
+NOTES_SHOWN = 5  # split notes logged one by one; the rest in one line (all are in split.json)
+
+
+def _log_notes(notes: list[str]) -> None:
+    for note in notes[:NOTES_SHOWN]:
+        log.warning("%s", note)
+    if len(notes) > NOTES_SHOWN:
+        log.warning("... and %d more classes like these (split.json lists them all under notes)",
+                    len(notes) - NOTES_SHOWN)
 
 
 class ImageFolderData:
@@ -28,8 +39,8 @@ class ImageFolderData:
     def __init__(self, root: str | os.PathLike, val: float = 0.15, test: float = 0.15, seed: int = 0,
                  near_duplicates: bool = True, dedupe_split: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = "default",
-                 min_classes: int = 2):
-        check({"val": val, "test": test, "seed": seed, "max_pixels": max_pixels})
+                 min_classes: int = 2, layout: str = "auto"):
+        check({"val": val, "test": test, "seed": seed, "max_pixels": max_pixels, "layout": layout})
         if val + test >= 1.0:
             raise ConfigError(f"val={val} + test={test} leaves nothing to train on; keep the sum below 1")
         self.root = Path(root)
@@ -38,12 +49,13 @@ class ImageFolderData:
         self.dedupe_split = dedupe_split
         self.max_pixels = max_pixels
         self.min_classes = min_classes
+        self.layout = layout
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
 
     @cached_property
     def scan(self) -> Scan:
         return scan_folder(self.root, near_duplicates=self.near_duplicates, max_pixels=self.max_pixels,
-                           cache_dir=self.cache_dir, min_classes=self.min_classes)
+                           cache_dir=self.cache_dir, min_classes=self.min_classes, layout=self.layout)
 
     @cached_property
     def duplicates(self) -> Duplicates:
@@ -57,8 +69,13 @@ class ImageFolderData:
         components = (self.duplicates.components if self.dedupe_split
                       else [[i] for i in range(len(scan.images))])
         split = split_groups(scan.labels, components, self.val, self.test, self.seed)
-        for note in split_notes(scan.classes, scan.labels, split, {"val": self.val, "test": self.test}):
-            log.warning("%s", note)
+        if not split["train"]:
+            raise DataError(f"{self.root}: val={self.val} and test={self.test} leave no image to "
+                            "train on; lower them")
+        _log_notes(split_notes(scan.classes, scan.labels, split, {"val": self.val, "test": self.test}))
+        if (self.val or self.test) and not split["val"] and not split["test"]:
+            log.warning("nothing to evaluate: no class has the %d images a split needs, so every image "
+                        "is in train and val/test scores will be missing", MIN_IMAGES_TO_SPLIT)
         return split
 
     def notes(self) -> list[str]:
@@ -112,7 +129,7 @@ class ImageFolderData:
         """The constructor's arguments (cache aside): ImageFolderData(**options) splits the same way."""
         return {"root": str(self.root.resolve()), "val": self.val, "test": self.test, "seed": self.seed,
                 "near_duplicates": self.near_duplicates, "dedupe_split": self.dedupe_split,
-                "max_pixels": self.max_pixels, "min_classes": self.min_classes}
+                "max_pixels": self.max_pixels, "min_classes": self.min_classes, "layout": self.layout}
 
     def split_record(self) -> dict:
         """What split.json holds: the exact file lists and the duplicate groups, relative to root."""
@@ -120,8 +137,8 @@ class ImageFolderData:
         record = {"root": str(scan.root.resolve()), "classes": scan.classes, "seed": self.seed,
                   "fractions": {"val": self.val, "test": self.test}, **self.summary()}
         for name in SPLITS:
-            record[name] = [{"file": scan.relative(i), "label": scan.classes[scan.labels[i]]}
-                            for i in self.split[name]]
+            record[name] = [{"file": scan.relative(i), "label": scan.classes[scan.labels[i]],
+                             "sha256": scan.images[i].sha256} for i in self.split[name]]
         record["duplicate_group_files"] = scan.relative_groups(self.duplicates.exact)
         record["near_duplicate_group_files"] = scan.relative_groups(self.duplicates.near)
         record["unreadable"] = [{"file": str(p), "reason": r} for p, r in scan.unreadable]

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
-from .decode import DEFAULT_MAX_PIXELS, UnreadableImage, open_rgb
+from .decode import DEFAULT_MAX_PIXELS, UnreadableImage, limit_aspect, open_rgb
 from .folder import ImageFolderData
 from .transforms import Preprocessing, eval_transform, train_transform
 
@@ -65,8 +65,10 @@ class ImageDataset(Dataset):
 def decode_image(source: str | Path | BinaryIO, transform, draft_size: int,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """A file (or the bytes of an upload) as the network's uint8 CHW input: decoded by
-    decode.open_rgb, then `transform` (resize and crop, or augmentation). Raises UnreadableImage."""
-    return transform(open_rgb(source, draft_size=draft_size, max_pixels=max_pixels))
+    decode.open_rgb, its aspect ratio bounded (decode.limit_aspect), then `transform` (resize and
+    crop, or augmentation). Every image a network sees comes through here. Raises UnreadableImage."""
+    image = open_rgb(source, draft_size=draft_size, max_pixels=max_pixels)
+    return transform(limit_aspect(image))
 
 
 def default_workers() -> int:

@@ -39,14 +39,15 @@ class Scan:
 
 def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                cache_dir: str | os.PathLike | None = None, min_classes: int = 2) -> Scan:
-    """Find the class folders under `root` (flat, or under train/ val/ test/) and read every file;
-    with `cache_dir`, files unchanged since the last scan are not read again. Training needs two
-    classes; evaluating a model on one class's folder needs one (`min_classes`)."""
+                cache_dir: str | os.PathLike | None = None, min_classes: int = 2,
+                layout: str = "auto") -> Scan:
+    """Find the class folders under `root` (flat, or under train/ val/ test/: see _layout) and read
+    every file; with `cache_dir`, files unchanged since the last scan are not read again. Training
+    needs two classes; evaluating a model on one class's folder needs one (`min_classes`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder; give a folder with one sub-folder per class")
-    layout = _layout(root)
+    layout = _layout(root, layout)
     candidates, folders, ignored = _candidates(root, layout)
     cache = ScanCache(Path(cache_dir), root) if cache_dir else None
     results = _read_all([path for path, _, _ in candidates], cache, near_duplicates, max_pixels,
@@ -69,15 +70,32 @@ def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
     return scan
 
 
-def _layout(root: Path) -> list[tuple[str | None, Path]]:
-    """(split name, folder) of a train/ val/ test/ layout, or [(None, root)] for class folders."""
-    split_dirs = {_SPLIT_FOLDERS[d.name.lower()]: d for d in _subfolders(root)
-                  if d.name.lower() in _SPLIT_FOLDERS}
-    if "train" not in split_dirs:
+def _layout(root: Path, layout: str = "auto") -> list[tuple[str | None, Path]]:
+    """(split name, folder) of a train/ val/ test/ layout, or [(None, root)] for class folders.
+
+    `auto` takes the split layout when train/ and val/ (or validation/) both hold sub-folders (their
+    classes), and class folders otherwise: a data set with a class called "train" is not a split.
+    Other folders beside train/ and val/ make it ambiguous, and `layout` must say which it is."""
+    folders = _subfolders(root)
+    splits = {_SPLIT_FOLDERS[d.name.lower()]: d for d in folders if d.name.lower() in _SPLIT_FOLDERS}
+    others = [d.name for d in folders if d.name.lower() not in _SPLIT_FOLDERS]
+    looks_split = "train" in splits and "val" in splits and all(
+        _subfolders(splits[name]) for name in ("train", "val"))
+    if layout == "flat" or (layout == "auto" and not looks_split):
+        log.info("layout: class folders under %s", root)
         return [(None, root)]
-    if "val" not in split_dirs:
-        raise DataError(f"{root}: has train/ but no val/ (or validation/) folder")
-    return [(name, folder) for name, folder in sorted(split_dirs.items())]
+    if "train" not in splits or "val" not in splits:
+        raise DataError(f"{root}: --layout split needs train/ and val/ (or validation/) folders, each "
+                        "with one sub-folder per class")
+    if others and layout == "auto":
+        raise DataError(f"{root}: has train/ and val/ folders and also {', '.join(others[:5])}; use "
+                        "--layout split to use train/ val/ test/ (and ignore the others), or --layout "
+                        "flat to make every folder a class")
+    if others:
+        log.warning("layout: train/ val/ test/ folders; ignoring %s", ", ".join(others))
+    else:
+        log.info("layout: train/ val/ test/ folders under %s", root)
+    return [(name, folder) for name, folder in sorted(splits.items())]
 
 
 def _candidates(root: Path, layout: list[tuple[str | None, Path]]):

@@ -10,6 +10,10 @@ import torch
 from ..options import check
 
 
+MIN_SIDE, MAX_SIDE = 8, 2048
+MIN_CROP_PCT, MAX_CROP_PCT = 0.5, 1.5
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """timm's data config, as stored in a bundle's config.json."""
@@ -35,14 +39,22 @@ class Preprocessing:
             value = config[name]
             if (not isinstance(value, (list, tuple)) or len(value) != length
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                               and (v > 0 or not positive) for v in value)):
-                raise ValueError(f"{name}={value!r}: expected {length} {'positive ' * positive}numbers")
+                               and math.isfinite(v) and (v > 0 or not positive) for v in value)):
+                raise ValueError(f"{name}={value!r}: expected {length} finite "
+                                 f"{'positive ' * positive}numbers")
             return tuple(kind(v) for v in value)
 
         input_size = numbers("input_size", int, 3)
+        # What timm's models use (3 channels; sides 106 to 1024 px; crop_pct 0.875 to 1.15), with
+        # room: a config.json outside these would make every image cost hundreds of MB, or fail.
+        if input_size[0] != 3 or not all(MIN_SIDE <= side <= MAX_SIDE for side in input_size[1:]):
+            raise ValueError(f"input_size={list(input_size)}: expected 3 channels and sides of "
+                             f"{MIN_SIDE} to {MAX_SIDE} pixels")
         crop_pct = config["crop_pct"]
-        if not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 2:
-            raise ValueError(f"crop_pct={crop_pct!r}: expected a number in (0, 2]")
+        if (not isinstance(crop_pct, (int, float)) or isinstance(crop_pct, bool)
+                or not MIN_CROP_PCT <= crop_pct <= MAX_CROP_PCT):
+            raise ValueError(f"crop_pct={crop_pct!r}: expected a number in [{MIN_CROP_PCT}, "
+                             f"{MAX_CROP_PCT}]")
         interpolation, crop_mode = config["interpolation"], config.get("crop_mode", "center")
         if interpolation not in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"):
             raise ValueError(f"interpolation={interpolation!r}: not an interpolation timm knows")
