@@ -5,7 +5,9 @@ instant."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
@@ -20,16 +22,45 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # one error, one line
 
 
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that nothing on the way
+    out swallows it; unlike KeyboardInterrupt, Lightning does not turn it into exit status 1 (nor
+    its own SIGTERM handling into 0)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signum)
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr, not a traceback."""
+    """Console-script entry point: user errors become one line on stderr, not a traceback (exit 2);
+    Ctrl-C and SIGTERM stop with one line, and 130 or 143, as shells and service managers expect."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed, escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # only it can take signals
+        handlers = {signum: signal.signal(signum, _stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
     except TransferlabError as error:
         err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except (Stopped, KeyboardInterrupt) as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        err.print("interrupted" if signum == signal.SIGINT else "terminated", highlight=False)
+        sys.exit(128 + signum)
+    except OSError as error:  # a full disk, a folder that vanished: what was written before holds
+        where = f"{error.filename}: " if error.filename else ""
+        err.print(f"[bold red]error:[/] {escape(where + (error.strerror or str(error)))}", highlight=False)
+        sys.exit(1)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def setup_logging(verbose: bool = True) -> None:

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import app, given, out, setup_logging
+from .app import app, err, given, out, setup_logging
 from .flags import flag
 
 
@@ -30,6 +30,9 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
              device: Optional[str] = flag("device"),
              backend: Optional[str] = flag("backend"),
              max_pixels: Optional[int] = flag("max_pixels"),
+             layout: Optional[str] = flag("layout"),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results an --out "
+                                            "folder holds."),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")):
     """Accuracy, loss, F1, per-class scores, confusion matrix, ROC-AUC, calibration and a
     bootstrap interval of a saved model on a labelled folder."""
@@ -40,8 +43,9 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
 
     check({"split": split})
     dataset = ImageFolderData(data, val=val, test=test, seed=seed, min_classes=1 if split == "all" else 2,
-                              **given(max_pixels=max_pixels))
+                              **given(max_pixels=max_pixels, layout=layout))
     result = evaluate_model(model, dataset, out=out_dir, split=split, show_progress=not quiet,
+                            overwrite=overwrite,
                             **given(batch_size=batch_size, precision=precision, device=device,
                                     backend=backend))
     print_metrics(result.metrics[EVALUATED], result.metrics["classes"],
@@ -79,6 +83,15 @@ def print_metrics(metrics: dict, classes: list[str], title: str) -> None:
 def report(folder: Path = typer.Argument(..., help="A run, evaluation or comparison folder.")):
     """(Re)write FOLDER/report.html from the files a run, evaluation or comparison left there."""
     setup_logging(verbose=False)
+    from ..errors import TransferlabError
     from ..reporting.report import write_report
 
-    out.print(f"wrote [bold]{escape(str(write_report(folder)))}[/]")
+    try:
+        path = write_report(folder)
+    except TransferlabError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a report that cannot be drawn is one line, not a traceback
+        err.print(f"[bold red]error:[/] {escape(str(folder))}: report.html not written "
+                  f"({type(error).__name__}: {escape(str(error)[:300])})", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"wrote [bold]{escape(str(path))}[/]")

@@ -19,12 +19,14 @@ from .flags import flag, split_settings, with_training_options
 @with_training_options
 def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-folder per class "
                                                 "(not needed with --resume)."),
-          strategy: str = flag("strategy", default="extract"),
+          strategy: Optional[str] = flag("strategy"),
           backbone: Optional[str] = flag("backbone"),
           out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory "
                                                  "[default: runs/STRATEGY-BACKBONE-TIME]."),
           resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this "
                                                 "directory from its last checkpoint."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results an --out "
+                                         "folder holds from an earlier run."),
           settings: dict = None):
     """Train a classifier on DATA and write a run directory (model/, metrics.json, report.html, ...)."""
     setup_logging()
@@ -32,13 +34,17 @@ def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-
     from ..workflows.train import train as train_run
 
     dataset, options, show_progress = split_settings(settings)
-    if resume is not None:
-        run = train_run(resume=resume, show_progress=show_progress, **options)
+    if resume is not None:  # anything given must be what the run was started with
+        given_data = None if data is None else {"root": data, **{
+            k: v for k, v in dataset.items() if k not in ("seed", "cache_dir") and settings[k] is not None}}
+        run = train_run(given_data, strategy, resume=resume, out=out_dir, show_progress=show_progress,
+                        **given(backbone=backbone), **options)
     else:
         if data is None:
             raise ConfigError("give DATA, the folder of labelled images, or --resume RUN_DIR")
         run = train_run(ImageFolderData(data, **dataset), strategy=strategy, out=out_dir,
-                        show_progress=show_progress, **given(backbone=backbone), **options)
+                        overwrite=overwrite, show_progress=show_progress, **given(backbone=backbone),
+                        **options)
     if run is not None:  # None on the helper processes of a distributed run
         print_run(run)
 

@@ -22,11 +22,14 @@ from typing import Iterator
 from ..errors import ConfigError
 
 TEMPORARY_SUFFIX = ".tmp"
+MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
 
 
 def _temporary_name(path: Path) -> Path:
-    """`.NAME.XXXXXXXX.tmp` in the same folder (so the final rename stays on one file system)."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
+    """`.NAME.XXXXXXXX.tmp` in the same folder (so the final rename stays on one file system), NAME
+    shortened so that the temporary is a legal name wherever the target is (255 bytes)."""
+    name = os.fsencode(path.name)[:MAX_NAME_BYTES - 15].decode("utf-8", "ignore")
+    return path.with_name(f".{name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
 
 
 def _create_beside(path: Path, make) -> Path:
@@ -78,11 +81,20 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name that is not valid UTF-8 (Python holds its bytes as surrogates) is written
+    as the bytes it has on disk."""
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Readable UTF-8 JSON, or, when a string holds such a file name, JSON with non-ASCII characters
+    escaped (\\udcxx), which reads back to the same name."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = (json.dumps(obj, indent=2) + "\n").encode("ascii")
+    write_bytes(path, data)
 
 
 def check_writable(folder: str | os.PathLike) -> None:

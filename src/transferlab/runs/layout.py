@@ -17,13 +17,17 @@ A run (train), an evaluation (evaluate) and a comparison (compare) are folders l
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import ConfigError
 from .atomic import write_json
@@ -64,6 +68,71 @@ class RunDir:
     checkpoints = property(lambda self: self.path / CHECKPOINTS_DIR)
     last_checkpoint = property(lambda self: self.path / CHECKPOINTS_DIR / LAST_CHECKPOINT)
     comparison = property(lambda self: self.path / COMPARISON_FILE)
+
+
+# What a run, an evaluation or a comparison writes: an --out holding any of them holds results.
+RUN_ENTRIES = (METRICS_FILE, RUN_FILE, SPLIT_FILE, HISTORY_FILE, REPORT_FILE, PREDICTIONS_FILE,
+               MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR, COMPARISON_FILE, *COMPARISON_TABLES)
+
+
+def results_in(folder: str | Path) -> list[str]:
+    """The run files and folders `folder` already holds."""
+    folder = Path(folder)
+    return [name for name in RUN_ENTRIES if (folder / name).exists()]
+
+
+def claim_output(folder: str | Path, overwrite: bool = False) -> None:
+    """Before any work: refuse an output folder that holds the results of an earlier run,
+    evaluation or comparison (a new run would reuse its checkpoint, an evaluation replace its
+    metrics), unless `overwrite`, which removes them. Other files in the folder are left alone."""
+    found = results_in(folder)
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(f"{folder}: already holds results ({', '.join(found[:4])}); continue that "
+                          f"run with `transferlab train --resume {folder}`, choose another --out, "
+                          "or add --overwrite to replace them")
+    for name in found:
+        path = Path(folder) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def check_outside(out: Path, root: Path) -> None:
+    """An output folder inside the data folder would be scanned as a class by the next run."""
+    try:
+        Path(out).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return
+    raise ConfigError(f"--out {out} is inside the data folder {root}, whose next scan would take it "
+                      "for a class; choose an --out outside it")
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder while writing it: a second transferlab process
+    writing the same folder (two trainings, or an evaluation into a run) is refused instead of
+    mixing its files with the first one's. The lock is on the folder itself (flock), so it adds no
+    file and ends with the process, however it ends."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the check of results_in still applies
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{folder}: another transferlab process is writing this folder; wait "
+                              "for it to finish, or choose another --out") from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def default_run_dir(kind: str, name: str | None = None) -> Path:

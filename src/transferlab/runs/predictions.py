@@ -10,10 +10,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runs.atomic import write_text
+from .atomic import write_bytes
 
 FILE = "predictions.csv"
 _FIXED = ["split", "file", "label", "predicted", "confidence"]
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP's CSV injection): such
+# file and class names are written with a leading apostrophe, which spreadsheets hide, and read
+# back without it. A name that itself starts with an apostrophe gets one more, so every name
+# round-trips.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def spreadsheet_safe(text: str) -> str:
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def from_spreadsheet(text: str) -> str:
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_STARTS) else text
 
 
 @dataclass
@@ -36,23 +49,24 @@ class PredictionTable:
     def write(self, path: str | Path) -> None:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(_FIXED + [f"p:{name}" for name in self.classes])
+        writer.writerow(_FIXED + [spreadsheet_safe(f"p:{name}") for name in self.classes])
+        safe = [spreadsheet_safe(name) for name in self.classes]
         for split, file, label, row in zip(self.splits, self.files, self.labels, self.proba):
             best = int(row.argmax())
-            writer.writerow([split, file, self.classes[label], self.classes[best], f"{row[best]:.6f}",
+            writer.writerow([split, spreadsheet_safe(file), safe[label], safe[best], f"{row[best]:.6f}",
                              *(f"{p:.6f}" for p in row)])
-        write_text(Path(path), buffer.getvalue())
+        write_bytes(Path(path), buffer.getvalue().encode("utf-8", "surrogateescape"))
 
     @classmethod
     def read(cls, path: str | Path) -> "PredictionTable":
-        with Path(path).open(newline="", encoding="utf-8") as handle:
+        with Path(path).open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
             reader = csv.reader(handle)
             header = next(reader)
-            classes = [name.removeprefix("p:") for name in header[len(_FIXED):]]
+            classes = [from_spreadsheet(name).removeprefix("p:") for name in header[len(_FIXED):]]
             rows = list(reader)
         index = {name: i for i, name in enumerate(classes)}
-        return cls(classes, [r[0] for r in rows], [r[1] for r in rows],
-                   np.array([index[r[2]] for r in rows], dtype=np.int64),
+        return cls(classes, [r[0] for r in rows], [from_spreadsheet(r[1]) for r in rows],
+                   np.array([index[from_spreadsheet(r[2])] for r in rows], dtype=np.int64),
                    np.array([[float(p) for p in r[len(_FIXED):]] for r in rows],
                             dtype=np.float64).reshape(-1, len(classes)))
 

@@ -15,8 +15,13 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.transforms import Preprocessing, normalize
+from ..errors import TransferlabError
 from ..models.freezing import keep_inference_mode
 from ..models.network import ClassifierNet
+
+
+class TrainingDiverged(TransferlabError):
+    """The training loss is no longer a finite number."""
 
 
 @dataclass
@@ -98,6 +103,11 @@ class ClassifierModule(L.LightningModule):
         images, labels, _ = batch  # (images, labels, errors): see data.loaders.ImageDataset
         logits = self(images)
         loss = self.loss(logits.float(), labels)
+        if not torch.isfinite(loss):  # everything after would be NaN: stop now, and say why
+            raise TrainingDiverged(
+                f"training diverged: the loss became {float(loss.detach())} at epoch "
+                f"{self.current_epoch + 1}, batch {batch_index + 1}; lower --lr (it is "
+                f"{self.optimization.lr:g}) or set --grad-clip")
         self.train_accuracy(logits, labels)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(labels), sync_dist=True)

@@ -22,10 +22,11 @@ import numpy as np
 from ..data.folder import ImageFolderData
 from ..errors import ConfigError, TransferlabError
 from ..options import check
-from ..reporting.report import write_report
+from ..reporting.report import write_report_or_warn
 from ..reporting.tables import markdown_table
 from ..runs.atomic import check_writable, write_json, write_text
-from ..runs.layout import COMPARISON_TABLES, RunDir, default_run_dir, provenance, read_json
+from ..runs.layout import (COMPARISON_FILE, COMPARISON_TABLES, REPORT_FILE, RunDir, check_outside,
+                           default_run_dir, locked, provenance, read_json, results_in)
 from ..training.config import TrainConfig
 from ..training.strategies import STRATEGIES, configure, get_strategy, users_of
 from ..training.strategies.base import COMMON_OPTIONS
@@ -65,6 +66,11 @@ def compare(data: ImageFolderData | str | os.PathLike, strategies: list[str] | t
         raise ConfigError(f"strategies: give one or more of {', '.join(STRATEGIES)}")
     for name in strategies:
         get_strategy(name)
+    repeated = sorted({name for name in strategies if list(strategies).count(name) > 1})
+    if repeated or len(set(backbones)) < len(backbones):
+        raise ConfigError(f"strategies={','.join(strategies)}, backbones={backbones}: each "
+                          "combination once (two runs of one combination made a fake ± 0.00); "
+                          "use --repeats for several seeds")
     _check_used_by_some(strategies, options)
     options = with_default_cache(options)
     if not isinstance(data, ImageFolderData):
@@ -77,8 +83,17 @@ def compare(data: ImageFolderData | str | os.PathLike, strategies: list[str] | t
                for s, b, k in plan]
     out = Path(out) if out else default_run_dir("compare", data.root.resolve().name)
     check_writable(out)
-    data.split  # once, shared by every run
+    check_outside(out, data.root)
+    data.split  # once, shared by every run; bad data is refused before anything is written
+    with locked(out):
+        if set(results_in(out)) - {COMPARISON_FILE, *COMPARISON_TABLES, REPORT_FILE}:
+            raise ConfigError(f"{out}: holds the results of a run ({', '.join(results_in(out)[:4])}), "
+                              "not of a comparison; choose another --out")
+        return _compare(data, plan, configs, out, options, seed, repeats, show_progress, report)
 
+
+def _compare(data, plan, configs, out: Path, options: dict, seed: int, repeats: int,
+             show_progress: bool, report: bool) -> Comparison:
     runs = []
     for (strategy, backbone, run_seed), config in zip(plan, configs):
         name = f"{strategy}-{config.backbone.replace('/', '_')}" + (f"-seed{run_seed}" if repeats > 1 else "")
@@ -86,15 +101,18 @@ def compare(data: ImageFolderData | str | os.PathLike, strategies: list[str] | t
         record = {"strategy": strategy, "backbone": config.backbone, "seed": run_seed, "dir": name}
         try:
             metrics = _finished(out / name, config, data)
-            if metrics is None:
-                metrics = train(data, strategy, backbone, out=out / name, show_progress=show_progress,
+            if metrics is None:  # not run yet, or stopped halfway: (re)started
+                metrics = train(data, strategy, backbone, out=out / name, overwrite=True,
+                                show_progress=show_progress,
                                 **_options_for(strategy, {**options, "seed": run_seed})).metrics
             else:
                 log.info("compare: %s finished earlier with the same configuration; reused", name)
             record.update(_run_row(metrics))
-        except TransferlabError as error:
-            log.error("compare: %s failed: %s", name, error)
-            record.update(weights=config.weights, error=str(error))
+        except Exception as error:  # noqa: BLE001 - one failed run is a row of the table, not the end
+            message = str(error) if isinstance(error, TransferlabError) else \
+                f"{type(error).__name__}: {error}"
+            log.error("compare: %s failed: %s", name, message)
+            record.update(weights=config.weights, error=message)
         runs.append(record)
 
     rows = _aggregate(runs)
@@ -105,7 +123,7 @@ def compare(data: ImageFolderData | str | os.PathLike, strategies: list[str] | t
         "data": data.options(), "split": data.summary(), "seed": seed, "repeats": repeats,
         "options": options, "rows": rows, "runs": runs, **provenance()})
     if report:
-        write_report(out)
+        write_report_or_warn(out)
     return Comparison(out, rows, runs)
 
 

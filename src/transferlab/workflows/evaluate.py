@@ -16,10 +16,12 @@ from ..errors import DataError
 from ..evaluation.metrics import classification_metrics
 from ..inference.backends import load_model
 from ..inference.bundle import read_config
+from ..inference.predictor import Predictor
 from ..options import check
 from ..reporting.report import write_report_or_warn
 from ..runs.atomic import check_writable, write_json
-from ..runs.layout import RunDir, default_run_dir, write_run_record
+from ..runs.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
+                           write_run_record)
 from ..runs.predictions import PredictionTable
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,11 @@ class Evaluation:
 def evaluate(model: str | os.PathLike, data: ImageFolderData | str | os.PathLike, *,
              out: str | os.PathLike | None = None, split: str = "all", batch_size: int = 32,
              workers: int | None = None, precision: str = "auto", device: str = "auto",
-             backend: str = "torch", report: bool = True, show_progress: bool = True) -> Evaluation:
+             backend: str = "torch", overwrite: bool = False, report: bool = True,
+             show_progress: bool = True) -> Evaluation:
     """Predict every image of `data` (or one split of it: train, val or test, as `data`'s seed and
-    fractions deal them) with the bundle in `model` and measure the result."""
+    fractions deal them) with the bundle in `model` and measure the result. An `out` holding the
+    results of a run, an evaluation or a comparison is refused unless `overwrite`."""
     check({"split": split, "batch_size": batch_size, "workers": workers, "precision": precision,
            "device": device})
     config = read_config(model)
@@ -46,12 +50,23 @@ def evaluate(model: str | os.PathLike, data: ImageFolderData | str | os.PathLike
         data = ImageFolderData(data, min_classes=1 if split == "all" else 2)
     out = Path(out) if out else default_run_dir("evaluate", data.root.resolve().name)
     check_writable(out)
+    check_outside(out, data.root)
     predictor = load_model(model, backend=backend, device=device)
     indices = list(range(len(data.scan.images))) if split == "all" else data.split[split]
     if not indices:
         raise DataError(f"{data.root}: no readable images{'' if split == 'all' else ' in ' + split}")
     to_model = _class_mapping(data.classes, config.classes, data.root, model)
+    with locked(out):
+        claim_output(out, overwrite)
+        return _evaluate(predictor, Path(model), data, indices, to_model, split, out,
+                         batch_size=batch_size, workers=workers, precision=precision, report=report,
+                         show_progress=show_progress)
 
+
+def _evaluate(predictor: Predictor, model: Path, data: ImageFolderData, indices: list[int],
+              to_model: list[int], split: str, out: Path, *, batch_size: int, workers: int | None,
+              precision: str, report: bool, show_progress: bool) -> Evaluation:
+    config = predictor.config
     files = [data.scan.images[i].path for i in indices]
     labels = np.array([to_model[data.scan.labels[i]] for i in indices], dtype=np.int64)
     started = time.perf_counter()
@@ -64,7 +79,7 @@ def evaluate(model: str | os.PathLike, data: ImageFolderData | str | os.PathLike
             log.warning("%s: skipped, cannot read it now (%s)", file, error)
     relative = [data.scan.relative(i) for i, ok in zip(indices, read) if ok]
 
-    metrics = {"model": str(Path(model).resolve()), "strategy": config.training.get("strategy"),
+    metrics = {"model": str(model.resolve()), "strategy": config.training.get("strategy"),
                "backbone": config.backbone, "classes": config.classes,
                "data": {"root": str(data.root.resolve()), "split": split, "images": int(read.sum()),
                         "classes": data.classes, "unreadable": len(data.scan.unreadable) + int((~read).sum())},

@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from ..data.cache import default_cache_dir
 from ..data.describe import log_split
@@ -29,7 +31,8 @@ from ..models.backbones import count_parameters, resolve_name
 from ..options import OPTIONS
 from ..reporting.report import write_report_or_warn
 from ..runs.atomic import check_writable, remove_temporaries, write_json
-from ..runs.layout import RunDir, default_run_dir, read_json, write_run_record
+from ..runs.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
+                           read_json, write_run_record)
 from ..runs.predictions import PredictionTable
 from ..training.config import TrainConfig
 from ..training.strategies import FitContext, Strategy, TrainedModel, configure, get_strategy
@@ -51,39 +54,62 @@ class Run:
         return RunDir(self.dir).model
 
 
-def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str = "extract",
+def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str | None = None,
           backbone: str | None = None, *, out: str | os.PathLike | None = None,
-          resume: str | os.PathLike | None = None, show_progress: bool = True, **options) -> Run | None:
-    """Train `strategy` on `data` and write a run directory (model/, metrics.json, split.json, ...).
+          resume: str | os.PathLike | None = None, overwrite: bool = False,
+          show_progress: bool = True, **options) -> Run | None:
+    """Train `strategy` (default extract) on `data` and write a run directory (model/,
+    metrics.json, split.json, ...).
 
     `options` are the strategy's (see `transferlab train --help`); `cache_dir=None` turns the cache
-    off. `resume` continues the run in that directory from its last checkpoint, with its
-    configuration and split; only `epochs` and how it runs (workers, devices, ...) may change.
-    extract has no checkpoint: it starts again, and its embedding cache keeps the images a killed
-    run embedded. In a distributed run, processes other than the main one return None.
+    off. An `out` that holds the results of an earlier run is refused unless `overwrite`.
+    `resume` continues the run in that directory from its last checkpoint, with its
+    configuration, data and split; only `epochs` and how it runs (workers, devices, ...) may
+    change. extract has no checkpoint: it starts again, and its embedding cache keeps the images a
+    killed run embedded. In a distributed run, processes other than the main one return None.
     """
     if resume is not None:
-        data, chosen, config = _resume(Path(resume), options)
+        data, chosen, config = _resume(Path(resume), options, data=data, strategy=strategy, out=out)
         run_dir = Path(resume)
     else:
-        chosen, config = configure(strategy, {"backbone": backbone, **with_default_cache(options)})
+        chosen, config = configure(strategy or "extract",
+                                   {"backbone": backbone, **with_default_cache(options)})
         run_dir = Path(out) if out else default_run_dir(config.strategy, config.backbone)
-    if not isinstance(data, ImageFolderData):
-        if data is None:
-            raise ConfigError("data: give the folder of labelled images to train on")
-        data = ImageFolderData(data, seed=config.seed, cache_dir=config.cache_dir)
+        data = _as_data(data, config)
     check_writable(run_dir)
-
+    check_outside(run_dir, data.root)
     started = time.perf_counter()
-    data.split  # scan, find duplicates and split now, so their cost is timed on its own
+    data.split  # scan, find duplicates and split: bad data is refused before anything is written
     scan_s = time.perf_counter() - started
-    log_split(data)
-    paths = RunDir(run_dir)
     # Only the main process writes the run directory; the helper processes of a distributed run
     # (Lightning starts them with their rank in the environment) only train.
     main = is_main_process()
+    with locked(run_dir) if main else contextlib.nullcontext():
+        if main and resume is None:
+            claim_output(run_dir, overwrite)
+        try:
+            return _run(data, chosen, config, run_dir, resumed=resume is not None, main=main,
+                        show_progress=show_progress, started=started, scan_s=scan_s)
+        except BaseException as error:
+            if main and not isinstance(error, Exception):  # interrupted, terminated, exiting
+                log.warning("stopped; `transferlab train --resume %s` continues the run", run_dir)
+            raise
+
+
+def _as_data(data, config: TrainConfig) -> ImageFolderData:
+    if isinstance(data, ImageFolderData):
+        return data
+    if data is None:
+        raise ConfigError("data: give the folder of labelled images to train on")
+    return ImageFolderData(data, seed=config.seed, cache_dir=config.cache_dir)
+
+
+def _run(data: ImageFolderData, chosen: Strategy, config: TrainConfig, run_dir: Path, *,
+         resumed: bool, main: bool, show_progress: bool, started: float, scan_s: float) -> Run | None:
+    log_split(data)
+    paths = RunDir(run_dir)
     if main:
-        if resume is None:
+        if not resumed:
             write_json(paths.split, data.split_record())
         write_run_record(run_dir, config=config.to_dict(), data=data.options())
     model = chosen.fit(data, config, FitContext(run_dir, show_progress))
@@ -132,25 +158,21 @@ def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, model: Tr
             **details}
 
 
-def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, Strategy, TrainConfig]:
-    paths = RunDir(run_dir)
-    if not paths.run.is_file():  # such as a run killed before it saved its configuration
-        raise ConfigError(f"{run_dir}: nothing to resume, it holds no {paths.run.name}; start the run "
-                          f"again with `transferlab train DATA --out {run_dir}`")
-    try:
-        record = read_json(paths.run)
-        stored = {name: record["config"][name] for name in TrainConfig.names()
-                  if name in record["config"]}
-        data_options = record["data"]
-        split = read_json(paths.split)
-        if split is None:
-            raise FileNotFoundError(f"no {paths.split}")
-        recorded = {name: [item["file"] for item in split[name]] for name in HELD_OUT + ("train",)}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"{run_dir}: not a resumable run directory ({error}); give the "
-                          "directory of an interrupted `transferlab train`") from None
+def _resume(run_dir: Path, options: dict, *, data=None, strategy: str | None = None,
+            out=None) -> tuple[ImageFolderData, Strategy, TrainConfig]:
+    """The data, strategy and configuration of the run in `run_dir`, refusing anything given that
+    differs from how it started (options that may change are RESUMABLE), and images whose content
+    changed since."""
+    record, split = _resumable(run_dir)
+    stored = {name: record["config"][name] for name in TrainConfig.names() if name in record["config"]}
     changed = sorted(k for k, v in options.items()
                      if v is not None and k not in RESUMABLE and v != stored.get(k))
+    if strategy is not None and strategy != stored.get("strategy"):
+        changed.append("strategy")
+    if data is not None:
+        changed += [f"data {k}" for k, v in _data_options(data).items() if record["data"].get(k) != v]
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        changed.append(f"--out (the run is in {run_dir})")
     if changed:
         raise ConfigError(f"--resume continues a run as it was configured; {', '.join(changed)} cannot "
                           "change (start a new run instead)")
@@ -158,9 +180,51 @@ def _resume(run_dir: Path, options: dict) -> tuple[ImageFolderData, Strategy, Tr
     given = {k: v for k, v in stored.items() if k in used}
     chosen, config = configure(stored["strategy"], {**given, **{k: v for k, v in options.items()
                                                                 if v is not None}})
-    data = ImageFolderData(**data_options, cache_dir=config.cache_dir)
-    for name, files in recorded.items():
-        if files != data.relative_files(name):
+    data = ImageFolderData(**record["data"], cache_dir=config.cache_dir)
+    _check_same_images(run_dir, data, split)
+    return data, chosen, config
+
+
+def _data_options(data) -> dict:
+    """The data options given with --resume: an ImageFolderData's, a folder's root, or a mapping of
+    ImageFolderData's arguments (the command line passes those the user gave)."""
+    if isinstance(data, ImageFolderData):
+        return data.options()
+    if isinstance(data, Mapping):
+        return {**data, "root": str(Path(data["root"]).resolve())}
+    return {"root": str(Path(data).resolve())}
+
+
+def _resumable(run_dir: Path) -> tuple[dict, dict]:
+    """run.json and split.json of a run that can be resumed; one clear error otherwise."""
+    paths = RunDir(run_dir)
+    if not paths.run.is_file():  # such as a run killed before it saved its configuration
+        raise ConfigError(f"{run_dir}: nothing to resume, it holds no {paths.run.name}; start the run "
+                          f"again with `transferlab train DATA --out {run_dir}`")
+    try:
+        record, split = read_json(paths.run), read_json(paths.split)
+        if split is None:
+            raise FileNotFoundError(f"no {paths.split}")
+        # what resuming reads, present and of the right shape (else KeyError or TypeError)
+        record["config"]["strategy"], record["data"]["root"]  # noqa: B018
+        for name in ("train", *HELD_OUT):
+            [item["file"] for item in split[name]]  # noqa: B018
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{run_dir}: not a resumable run directory ({error}); give the "
+                          "directory of an interrupted `transferlab train`") from None
+    return record, split
+
+
+def _check_same_images(run_dir: Path, data: ImageFolderData, split: dict) -> None:
+    """The same files in the same splits, with the same content (split.json records each file's
+    sha256; runs from before it did are checked by name only)."""
+    for name in ("train", *HELD_OUT):
+        items = split[name]
+        if [item["file"] for item in items] != data.relative_files(name):
             raise DataError(f"{data.root}: the images changed since {run_dir} started ({name} split "
                             "differs from split.json); start a new run")
-    return data, chosen, config
+        changed = [item["file"] for item, digest in zip(items, data.hashes(name))
+                   if item.get("sha256", digest) != digest]
+        if changed:
+            raise DataError(f"{data.root}: {len(changed)} image(s) of the {name} split changed content "
+                            f"since {run_dir} started, such as {changed[0]}; start a new run")
