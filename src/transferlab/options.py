@@ -184,6 +184,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("dedupe_split", bool, "Keep duplicate images within one split (--no-dedupe-split only to "
            "measure how much leakage inflates test accuracy).", OneOf((True, False)), "on"),
     Option("cache_dir", str, "Cache folder for embeddings and scans.", Text(), "~/.cache/transferlab"),
+    Option("layout", str, "How DATA is laid out: flat (one folder per class), split (train/ val/ "
+           "test/ folders, each with one folder per class) or auto.", OneOf(("auto", "flat", "split")),
+           "auto"),
     # what to train
     Option("strategy", str, "extract, head, finetune or scratch.", OneOf(registry="strategy"),
            "extract"),
@@ -269,6 +272,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     # serve
     Option("host", str, "Address to listen on (0.0.0.0: every interface).", Text(), "127.0.0.1"),
     Option("port", int, "Port to listen on.", _whole(1, 65535), "8000"),
+    Option("allowed_hosts", str, "Comma-separated Host header names the service answers; * for "
+           "any.", Text(), "loopback names on a loopback --host, else the --host; any on 0.0.0.0"),
     Option("serve_workers", int, "Processes, each with its own copy of the model; the cores are "
            "shared out between them.", _whole(1), "1", flag="--workers"),
     Option("max_upload_mb", float, "Largest request body, in MB (2^20 bytes).", _positive("10"),

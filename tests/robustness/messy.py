@@ -7,6 +7,8 @@ known size, or an unreadable file whose reason matches a pattern.
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -197,3 +200,30 @@ def run_cli(*args, env=None, prefix: list[str] = (), timeout: float = 300) -> Cl
     command = [*prefix, sys.executable, "-c", "from transferlab.cli import main; main()", *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     return CliResult(result.returncode, result.stdout, result.stderr)
+
+
+def read_only_prefix(folder: Path) -> list[str]:
+    """A command prefix under which `folder` is read-only, even for root (who ignores file modes): a
+    private read-only bind mount when running as root, else plain permissions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return []
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    prefix = ["unshare", "--mount", "sh", "-c", script, str(folder)]
+    if not shutil.which("unshare") or subprocess.run([*prefix, "true"]).returncode != 0:
+        pytest.skip("running as root without mount namespaces (unshare --mount): cannot make a "
+                    "read-only folder here")
+    return prefix
+
+
+def full_disk_prefix(folder: Path, size: str = "300k") -> list[str]:
+    """A command prefix under which `folder` is a file system of `size` (a private tmpfs in a mount
+    namespace), so that writing more into it fails with ENOSPC, as on a full disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = f'mount -t tmpfs -o size={size} tmpfs "$0" && exec "$@"'
+    prefix = ["unshare", "--mount", "sh", "-c", script, str(folder)]
+    if os.geteuid() != 0 or not shutil.which("unshare") or subprocess.run(
+            [*prefix, "true"]).returncode != 0:
+        pytest.skip("needs root and mount namespaces (unshare --mount) to make a small file system")
+    return prefix

@@ -4,8 +4,6 @@ before any work, or a split that works and says what it did."""
 import json
 import logging
 import os
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from transferlab import ImageFolderData
 from transferlab.errors import DataError
 
 from conftest import TINY_BACKBONE
-from messy import run_cli, run_main
+from messy import read_only_prefix, run_cli, run_main
 
 
 def _images(folder, count, seed=0, size=16):
@@ -111,25 +109,10 @@ def test_tiny_classes_train_end_to_end(tmp_path, capsys, caplog):
     assert metrics["classes"] == ["many", "two"] and metrics["test"]["size"] >= 1
 
 
-def _read_only(folder):
-    """A command prefix under which `folder` is read-only, even for root (who ignores file modes): a
-    private read-only bind mount when running as root, else plain permissions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        return []
-    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
-    prefix = ["unshare", "--mount", "sh", "-c", script, str(folder)]
-    if not shutil.which("unshare") or subprocess.run([*prefix, "true"]).returncode != 0:
-        pytest.skip("running as root without mount namespaces (unshare --mount): cannot make a "
-                    "read-only folder here")
-    return prefix
-
-
 @pytest.mark.parametrize("command", ["train", "compare", "evaluate", "export"])
 def test_read_only_output_is_refused_before_any_work(command, tiny_run, image_folder, tmp_path):
     locked = tmp_path / "locked"
-    prefix = _read_only(locked)
+    prefix = read_only_prefix(locked)
     cache = tmp_path / "cache"
     env = {**os.environ, "TRANSFERLAB_CACHE": str(cache)}
     out = locked / "out"

@@ -18,13 +18,17 @@ from .flags import flag
 def info(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
          duplicates: bool = typer.Option(False, "--duplicates", help="List every duplicate group."),
-         max_pixels: Optional[int] = flag("max_pixels")):
+         max_pixels: Optional[int] = flag("max_pixels"),
+         layout: Optional[str] = flag("layout"),
+         no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the scan "
+                                       "cache.")):
     """What is in a data folder, and what is wrong with it."""
     setup_logging(verbose=False)
     from ..data.describe import describe
     from ..data.folder import ImageFolderData
 
-    report = describe(ImageFolderData(data, **given(max_pixels=max_pixels)))
+    cache = {"cache_dir": None} if no_cache else {}
+    report = describe(ImageFolderData(data, **given(max_pixels=max_pixels, layout=layout), **cache))
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -41,9 +45,10 @@ def print_info(report: dict, list_duplicates: bool) -> None:
     size = report["image_size"]
     out.print(f"image size: width {size['min_width']}-{size['max_width']}, "
               f"height {size['min_height']}-{size['max_height']} px (median {size['median']})")
+    kept = ("a split keeps each group together" if report["layout"] == "class folders" else
+             f"the folder came split: {report['groups_across_splits']} groups span splits")
     out.print(f"duplicates: {report['duplicate_groups']} groups of byte-identical files, "
-              f"{report['near_duplicate_groups']} groups of near-identical images "
-              f"(a split keeps each group together)")
+              f"{report['near_duplicate_groups']} groups of near-identical images ({kept})")
     if report["label_conflicts"]:
         out.print(f"[yellow]{len(report['label_conflicts'])} duplicate groups span several classes[/]")
     out.print(f"unreadable files: {len(report['unreadable'])}; ignored hidden/system/stray files: "

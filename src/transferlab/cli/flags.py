@@ -29,7 +29,7 @@ def annotation(name: str) -> Any:
 
 # The options `train` and `compare` share, in the order --help lists them.
 TRAINING_FLAGS = (
-    "weights", "val", "test", "seed", "max_pixels", "dedupe_split", "cut_layer", "head_pool",
+    "weights", "layout", "val", "test", "seed", "max_pixels", "dedupe_split", "cut_layer", "head_pool",
     "classifier", "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip",
     "augment", "class_weights", "early_stopping", "head_dim", "dropout", "unfreeze", "unfreeze_from",
     "warmup_epochs", "backbone_lr_scale", "batch_size", "workers", "precision", "device",
@@ -40,10 +40,11 @@ _EXTRA = {"distributed": ("--distributed", "--strategy-dist")}
 def _training_parameters() -> list[inspect.Parameter]:
     parameters = []
     for name in TRAINING_FLAGS:
-        if OPTIONS[name].type is bool:
-            default = flag(name, "--dedupe-split/--no-dedupe-split", default=True)
+        if OPTIONS[name].type is bool:  # --name/--no-name; unset (None) unless given
+            dashed = name.replace("_", "-")
+            default = flag(name, f"--{dashed}/--no-{dashed}", default=None)
             parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                                annotation=bool))
+                                                annotation=Optional[bool]))
             continue
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                             default=flag(name, *_EXTRA.get(name, ())),
@@ -85,7 +86,8 @@ def split_settings(settings: dict) -> tuple[dict, dict, bool]:
     settings = dict(settings)
     show_progress = not settings.pop("quiet")
     no_cache, cache_dir = settings.pop("no_cache"), settings.pop("cache_dir")
-    dataset = {name: settings.pop(name) for name in ("val", "test", "dedupe_split", "max_pixels")}
+    dataset = {name: settings.pop(name) for name in ("val", "test", "dedupe_split", "max_pixels",
+                                                      "layout")}
     dataset = {k: v for k, v in dataset.items() if v is not None}
     options = {k: v for k, v in settings.items() if v is not None}
     if cache_dir is not None:

@@ -41,23 +41,9 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
     paths = expand_inputs(inputs)
     if not paths:
         raise ConfigError(f"no files match {' '.join(inputs)}")
-    results = predictor.predict(paths, top_k=top_k, show_progress=output_format == "table", tta=tta,
-                                **given(batch_size=batch_size, precision=precision,
-                                        max_pixels=max_pixels))
-    good = [r for r in results if not r.error]
-    if output_format == "json":
-        print(json.dumps({"predictions": [r.to_dict() for r in results]}, indent=2))
-    elif output_format == "csv":
-        _print_csv(good)
-    else:
-        table = Table()
-        table.add_column("file")
-        for rank in range(1, min(top_k, len(predictor.classes)) + 1):
-            table.add_column(f"#{rank}")
-        for result in good:
-            table.add_row(escape(result.file), *(f"{escape(l)} {p:.1%}" for l, p in result.top_k))
-        out.print(table)
-    bad = [r for r in results if r.error]
+    results = predictor.iter_predictions(paths, top_k=top_k, tta=tta, **given(
+        batch_size=batch_size, precision=precision, max_pixels=max_pixels))
+    bad = _stream(results, output_format, min(top_k, len(predictor.classes)))
     for result in bad:
         err.print(f"[bold red]error:[/] {escape(result.file)}: cannot read image ({escape(result.error)})",
                   highlight=False)
@@ -65,11 +51,43 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
         raise typer.Exit(1)
 
 
-def _print_csv(results) -> None:
+def _stream(results, output_format: str, columns: int) -> list:
+    """Print each prediction as its batch is done (JSON stays one valid document); return the
+    files that could not be read, for stderr."""
     import csv
 
-    writer = csv.writer(sys.stdout)
-    writer.writerow(["file", "rank", "label", "probability"])
+    from ..runs.predictions import spreadsheet_safe
+
+    bad, first = [], True
+    if output_format == "json":
+        print('{"predictions": [', end="", flush=True)
+    elif output_format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "rank", "label", "probability"])
     for result in results:
-        for rank, (label, probability) in enumerate(result.top_k, 1):
-            writer.writerow([result.file, rank, label, f"{probability:.6f}"])
+        if output_format == "json":
+            print(("\n" if first else ",\n") + json.dumps(result.to_dict()), end="", flush=True)
+        elif result.error:
+            bad.append(result)
+        elif output_format == "csv":  # names made safe to open in a spreadsheet
+            writer.writerows([spreadsheet_safe(result.file), rank, spreadsheet_safe(label),
+                              f"{probability:.6f}"] for rank, (label, probability)
+                             in enumerate(result.top_k, 1))
+            sys.stdout.flush()
+        else:
+            _print_row(result, columns, header=first)
+        if result.error and output_format == "json":
+            bad.append(result)
+        first = False
+    if output_format == "json":
+        print("\n]}")
+    return bad
+
+
+def _print_row(result, columns: int, header: bool) -> None:
+    table = Table(show_header=header, box=None, pad_edge=False)
+    table.add_column("file", min_width=40, overflow="fold")
+    for rank in range(1, columns + 1):
+        table.add_column(f"#{rank}", min_width=18)
+    table.add_row(escape(result.file), *(f"{escape(l)} {p:.1%}" for l, p in result.top_k))
+    out.print(table)

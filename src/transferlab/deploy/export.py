@@ -56,6 +56,22 @@ def export_path(model_dir: str | Path, out: str | Path | None = None, quantize: 
     return Path(out) if out else Path(model_dir) / (INT8_FILE if quantize else ONNX_FILE)
 
 
+def check_export_target(model_dir: str | Path, out: str | Path | None = None,
+                        quantize: str | None = None) -> Path:
+    """The export's path, after checking, before any work, that it can be written and recorded:
+    `out` is not a folder, its folder and the bundle's (config.json records the export) can be
+    written."""
+    path = export_path(model_dir, out, quantize)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give --out a file name, such as "
+                          f"{path / (INT8_FILE if quantize else ONNX_FILE)}")
+    check_writable(path.parent)
+    if not Path(model_dir).is_dir():
+        read_config(model_dir)  # the one clear error for what is not a bundle
+    check_writable(model_dir)
+    return path
+
+
 def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantize: str | None = None,
                 images: Sequence[str | Path] | None = None, labels: Sequence[int] | None = None,
                 opset: int = DEFAULT_OPSET, batch_size: int = 32, workers: int | None = None,
@@ -79,8 +95,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
     if labels is not None and (images is None or len(labels) != len(images)):
         raise ConfigError(f"labels: {len(labels)} given for {len(images or [])} images; give one "
                           "class index per image")
-    out = export_path(model_dir, out, quantize)
-    check_writable(out.parent)
+    out = check_export_target(model_dir, out, quantize)
     net, config = load_network(model_dir)
     with atomic_path(out) as staged:  # renamed onto `out` only if every check below passes
         if quantize:

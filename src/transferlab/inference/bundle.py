@@ -92,14 +92,16 @@ def _parse(name: str, parse, data: dict):
 def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes: list[str],
                head: HeadSpec, preprocessing: Preprocessing, training: dict | None = None) -> Path:
     """Write the bundle into `folder`, replacing any bundle there only once the new one is complete."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = temporary_folder_beside(folder)
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-        save_file(tensors, str(staging / WEIGHTS_FILE))
+        # serialised here and written by Python, whose write raises OSError on a full disk;
+        # safetensors' own file writer raised its own error type
+        (staging / WEIGHTS_FILE).write_bytes(save(tensors))
         config = BundleConfig(backbone=backbone, classes=list(classes), head=head,
                               preprocessing=preprocessing, cut_layer=net.cut_layer,
                               training=training or {},

@@ -59,7 +59,12 @@ class EmbeddingCache:
         from safetensors.numpy import load_file
 
         entries: dict[str, np.ndarray] = {}
-        for shard in sorted(self.folder.glob("shard-*.safetensors")):
+        try:
+            shards = sorted(self.folder.glob("shard-*.safetensors"))
+        except OSError as error:
+            log.warning("ignoring unreadable embedding cache %s (%s)", self.folder, error)
+            return entries
+        for shard in shards:
             try:
                 entries.update(load_file(str(shard)))
             except Exception as error:  # a damaged shard costs a re-embedding, never wrong data
@@ -67,14 +72,38 @@ class EmbeddingCache:
         return entries
 
     def save(self, entries: dict[str, np.ndarray]) -> None:
+        """Write a shard; a cache that cannot be written (read-only, a file in its place, a full
+        disk) costs speed, never the run: a warning, and the run goes on."""
         from safetensors.numpy import save_file
 
         if not entries:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.folder / f"shard-{uuid.uuid4().hex}.safetensors") as tmp:
-            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in entries.items()},
-                      str(tmp))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.folder / f"shard-{uuid.uuid4().hex}.safetensors") as tmp:
+                save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in entries.items()},
+                          str(tmp))
+        except OSError as error:
+            log.warning("could not write the embedding cache %s (%s); going on without it",
+                        self.folder, error)
+
+
+def _output_shape(module: torch.nn.Module, pre: Preprocessing, device: torch.device) -> tuple:
+    """The shape of one image's output, from a forward pass on zeros."""
+    with torch.inference_mode():
+        zeros = torch.zeros((1, *pre.input_size), device=device)
+        return tuple(module.eval().to(device)(zeros).shape[1:])
+
+
+def _usable(entries: dict[str, np.ndarray], shape: tuple) -> dict[str, np.ndarray]:
+    """The cached vectors of the right shape with finite values; the others (a damaged or altered
+    cache) are dropped with a warning and embedded again."""
+    usable = {key: value for key, value in entries.items()
+              if value.shape == shape and np.isfinite(value).all()}
+    if len(usable) < len(entries):
+        log.warning("ignoring %d cached embeddings of the wrong shape or with non-finite values; "
+                    "they are computed again", len(entries) - len(usable))
+    return usable
 
 
 @dataclass
@@ -99,7 +128,7 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
     precision = resolve_precision(precision, device)
     cache = (EmbeddingCache.for_model(cache_dir, module, pre, device, precision) if cache_dir
              else None)
-    known = cache.load() if cache else {}
+    known = _usable(cache.load(), _output_shape(module, pre, device)) if cache else {}
     stats = EmbeddingStats(cached=sum(h in known for h in hashes))
     todo = [i for i, h in enumerate(hashes) if h not in known]
     vectors: dict[str, np.ndarray] = {h: known[h] for h in hashes if h in known}

@@ -8,7 +8,7 @@ import functools
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -78,34 +78,48 @@ class Predictor:
             proba = (proba + self.engine(images.flip(dims=(3,)), precision).softmax(dim=1)) / 2
         return proba
 
-    def predict_proba(self, paths: Sequence[str | Path], *, batch_size: int = 32,
-                      workers: int | None = None, precision: str = "auto", tta: bool = False,
-                      show_progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      ) -> tuple[np.ndarray, list[str]]:
+    def predict_proba(self, paths: Sequence[str | Path], **options: Any) -> tuple[np.ndarray, list[str]]:
         """(len(paths), classes) probabilities and a per-file error ("" when it was read; images over
-        `max_pixels` are refused unread). `precision` (auto, bf16, 16 or 32) applies to the torch
-        engine; an ONNX model runs as exported."""
+        `max_pixels` are refused unread). Options: batch_size (32), workers, precision (auto, bf16,
+        16 or 32: the torch engine's; an ONNX model runs as exported), tta, show_progress,
+        max_pixels."""
+        paths = list(paths)
+        proba = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
+        errors = [""] * len(paths)
+        for positions, batch_proba, batch_errors in self.iter_proba(paths, **options):
+            proba[positions.start:positions.stop] = batch_proba
+            errors[positions.start:positions.stop] = batch_errors
+        return proba, errors
+
+    def iter_proba(self, paths: Sequence[str | Path], *, batch_size: int = 32,
+                   workers: int | None = None, precision: str = "auto", tta: bool = False,
+                   show_progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   ) -> Iterator[tuple[range, np.ndarray, list[str]]]:
+        """predict_proba batch by batch, as each is done: (positions in `paths`, probabilities,
+        errors)."""
         check({"batch_size": batch_size, "workers": workers, "precision": precision,
                "max_pixels": max_pixels})
         precision = engine_precision(self.engine, precision)
         paths = [Path(p) for p in paths]
-        proba = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
-        errors = [""] * len(paths)
         with progress_bar("predicting", len(paths), show_progress) as advance:
             for positions, batch_proba, batch_errors in run_batches(
                     functools.partial(self._probabilities, tta=tta), paths, self.preprocessing,
                     precision=precision, pin_memory=self.device.type == "cuda",
                     batch_size=batch_size, workers=workers, progress=advance, max_pixels=max_pixels):
-                proba[positions.start:positions.stop] = batch_proba.numpy()
-                errors[positions.start:positions.stop] = batch_errors
-        return proba, errors
+                yield positions, batch_proba.numpy(), batch_errors
 
-    def predict(self, paths: Sequence[str | Path], top_k: int = 1, **kwargs: Any) -> list[Prediction]:
+    def predict(self, paths: Sequence[str | Path], top_k: int = 1, **options: Any) -> list[Prediction]:
+        return list(self.iter_predictions(paths, top_k, **options))
+
+    def iter_predictions(self, paths: Sequence[str | Path], top_k: int = 1,
+                         **options: Any) -> Iterator[Prediction]:
+        """Top-k Predictions, yielded as their batches are done (a folder of 10,000 files shows
+        its first results after one batch); options as predict_proba's."""
         check({"top_k": top_k})
         paths = [Path(p) for p in paths]
-        proba, errors = self.predict_proba(paths, **kwargs)
-        return [Prediction(str(path), self.top_k(row, top_k), error)
-                for path, row, error in zip(paths, proba, errors)]
+        for positions, proba, errors in self.iter_proba(paths, **options):
+            for position, row, error in zip(positions, proba, errors):
+                yield Prediction(str(paths[position]), self.top_k(row, top_k), error)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:

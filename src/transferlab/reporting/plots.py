@@ -18,6 +18,12 @@ SPLIT_COLOURS = {"train": "#4c78a8", "val": "#f58518", "test": "#54a24b"}
 THUMBNAIL_PX = 160
 
 
+def plain(text: str) -> str:
+    """`text` as matplotlib shows it literally: a "$" would start mathtext ("$100-$200" became a
+    formula, "a$_$b" an error)."""
+    return str(text).replace("$", r"\$")
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -39,7 +45,7 @@ def class_counts(classes: list[str], counts: dict[str, list[int]]) -> str:
     for split, values in counts.items():
         ax.barh(positions, values, left=left, label=split, color=SPLIT_COLOURS.get(split, "#888888"))
         left += np.asarray(values)
-    ax.set_yticks(positions, classes)
+    ax.set_yticks(positions, [plain(name) for name in classes])
     ax.invert_yaxis()
     ax.set_xlabel("images")
     fig.legend(loc="outside upper center", ncols=len(counts), frameon=False)
@@ -73,7 +79,7 @@ def confusion(matrix: list[list[int]], classes: list[str]) -> str:
     size = min(9.0, 2.6 + 0.45 * len(classes))
     fig = _figure(size, size * 0.9)
     ax = fig.add_subplot()
-    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=classes).plot(
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=[plain(c) for c in classes]).plot(
         ax=ax, cmap="Blues", colorbar=False, include_values=len(classes) <= 20, values_format="d",
         xticks_rotation="vertical" if len(classes) > 4 else "horizontal")
     ax.set_xlabel("predicted")
@@ -86,9 +92,9 @@ def roc(labels: np.ndarray, positive_scores: np.ndarray, positive: str) -> str:
 
     fig = _figure(3.6, 3.4)
     ax = fig.add_subplot()
-    RocCurveDisplay.from_predictions(labels, positive_scores, ax=ax, name=positive,
+    RocCurveDisplay.from_predictions(labels, positive_scores, ax=ax, name=plain(positive),
                                      plot_chance_level=True)
-    ax.set_title(f"ROC, positive class {positive}")
+    ax.set_title(f"ROC, positive class {plain(positive)}")
     return figure_uri(fig)
 
 
@@ -120,7 +126,7 @@ def accuracy_bars(names: list[str], accuracy: list[float], low: list[float | Non
     start = max(0.0, (finite.min() if len(finite) else 0.0) - 0.1)
     for y, value in zip(positions, acc):  # inside the bar's start, clear of the error bars
         ax.text(start + 0.005, y, f"{value:.2%}", va="center", ha="left", fontsize=8, color="white")
-    ax.set_yticks(positions, names)
+    ax.set_yticks(positions, [plain(name) for name in names])
     ax.invert_yaxis()
     ax.set_xlim(start, 1.01)
     ax.set_xlabel("test accuracy")
@@ -133,7 +139,8 @@ def accuracy_vs_time(names: list[str], seconds: list[float], accuracy: list[floa
     ax = fig.add_subplot()
     ax.scatter(seconds, accuracy, color="#f58518")
     for name, x, y in zip(names, seconds, accuracy):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 6), fontsize=8, ha="center")
+        ax.annotate(plain(name), (x, y), textcoords="offset points", xytext=(0, 6), fontsize=8,
+                    ha="center")
     ax.set_xscale("log")
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -146,10 +153,13 @@ def accuracy_vs_time(names: list[str], seconds: list[float], accuracy: list[floa
     return figure_uri(fig)
 
 
-def thumbnail(path: str | Path) -> str | None:
-    """A small JPEG of an image file as a data URI, or None if the file cannot be read any more."""
+def thumbnail(path: str | Path | None) -> str | None:
+    """A small JPEG of an image file as a data URI, or None if there is none, or it cannot be read
+    any more."""
     from ..data.decode import UnreadableImage, open_rgb
 
+    if path is None:
+        return None
     try:
         image = open_rgb(path, draft_size=THUMBNAIL_PX)
     except UnreadableImage:  # moved or deleted since the run: the report goes on without it

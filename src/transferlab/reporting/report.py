@@ -191,8 +191,21 @@ def _confidently_wrong(files: RunFiles, root: Path) -> list[dict]:
         predicted = int(table.proba[row].argmax())
         shown.append({"file": table.files[row], "true": table.classes[table.labels[row]],
                       "predicted": table.classes[predicted], "confidence": float(table.proba[row, predicted]),
-                      "image": plots.thumbnail(root / table.files[row])})
+                      "image": plots.thumbnail(_inside(root, table.files[row]))})
     return shown
+
+
+def _inside(root: Path, name: str) -> Path | None:
+    """root/name when `name` is a relative path that stays inside `root`, else None: a report
+    shows pictures of the data set, never another file a crafted predictions.csv names."""
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts:
+        return None
+    try:
+        (root / path).resolve().relative_to(root.resolve())
+    except (ValueError, OSError):
+        return None
+    return root / path
 
 
 def _model(model_dir: Path | None) -> dict | None:

@@ -1,0 +1,89 @@
+"""A cache costs speed, never the run: a read-only cache, TRANSFERLAB_CACHE pointing at a file, a
+damaged or wrong-shaped embedding entry, a scan cache holding something else (each ended in a
+traceback after the work) now give a warning, and the run goes on and gets the same result."""
+
+import json
+
+import numpy as np
+import pytest
+
+from transferlab import train
+from transferlab.data.cache import ScanCache
+from transferlab.data.folder import ImageFolderData
+from transferlab.inference.embeddings import EmbeddingCache
+
+from conftest import TINY_BACKBONE
+from messy import full_disk_prefix, read_only_prefix, run_cli
+
+FAST = dict(backbone=TINY_BACKBONE, weights="none", show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def clean(image_folder, tmp_path_factory):
+    return train(image_folder, out=tmp_path_factory.mktemp("clean") / "run", cache_dir=None, **FAST)
+
+
+def _same_result(run, clean):
+    assert run.metrics["test"]["accuracy"] == clean.metrics["test"]["accuracy"]
+    assert run.metrics["val"]["loss"] == pytest.approx(clean.metrics["val"]["loss"], abs=1e-6)
+
+
+def test_a_read_only_cache(image_folder, clean, tmp_path):
+    cache = tmp_path / "cache"
+    prefix = read_only_prefix(cache)  # read-only even for root: a private read-only bind mount
+    result = run_cli("train", image_folder, "--backbone", TINY_BACKBONE, "--weights", "none",
+                     "--cache-dir", cache, "--out", tmp_path / "run", "-q", prefix=prefix)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "could not write" in result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] == clean.metrics["test"]["accuracy"]
+
+
+def test_a_cache_path_that_is_a_file(image_folder, clean, tmp_path, caplog):
+    cache = tmp_path / "not-a-folder"
+    cache.write_text("x")
+    run = train(image_folder, out=tmp_path / "run", cache_dir=str(cache), **FAST)
+    _same_result(run, clean)
+    assert "could not write" in caplog.text
+
+
+def test_damaged_and_wrong_shaped_embeddings_are_recomputed(image_folder, clean, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    first = train(image_folder, out=tmp_path / "first", cache_dir=str(cache), **FAST)
+    shards = sorted(cache.glob("embeddings/*/shard-*.safetensors"))
+    entries = EmbeddingCache(shards[0].parent).load()
+    keys = sorted(entries)
+    wrong = {keys[0]: np.zeros(7, np.float32), keys[1]: np.full_like(entries[keys[1]], np.nan)}
+    for shard in shards:
+        shard.unlink()
+    EmbeddingCache(shards[0].parent).save({**entries, **wrong})
+    (shards[0].parent / "shard-damaged.safetensors").write_bytes(b"\x00" * 100)
+    again = train(image_folder, out=tmp_path / "again", cache_dir=str(cache), **FAST)
+    assert again.metrics["timing"]["embedded"] == 2 and again.metrics["timing"]["cached"] == 38
+    assert again.metrics["test"] == first.metrics["test"]
+    assert "wrong shape or with non-finite values" in caplog.text and "damaged cache shard" in caplog.text
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"format": 1, "files": [1]}',
+                                     '{"format": 1, "files": {"%s": {"surprise": 1}}}', "{" * 100_000])
+def test_a_scan_cache_holding_something_else(image_folder, tmp_path, content):
+    cache = tmp_path / "cache"
+    path = ScanCache(cache, image_folder).path
+    path.parent.mkdir(parents=True)
+    first_file = next(image_folder.rglob("*.png"))
+    path.write_text(content.replace("%s", str(first_file)) if "%s" in content else content)
+    data = ImageFolderData(image_folder, cache_dir=cache)
+    assert len(data.scan.images) == 40
+    assert json.loads(path.read_text())["format"] == 1  # rewritten whole
+
+
+def test_a_full_disk_is_one_line(image_folder, tmp_path):
+    """(The small file system lives only as long as the command, so what it left cannot be read
+    afterwards; that every file is written whole or not at all is test_interruptions' subject.)"""
+    disk = tmp_path / "disk"
+    prefix = full_disk_prefix(disk)  # the run's files fit, its 0.5 MB of weights do not
+    result = run_cli("train", image_folder, "--backbone", TINY_BACKBONE, "--weights", "none",
+                     "--no-cache", "-q", "--out", disk / "run", prefix=prefix)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "No space left on device" in result.stderr
