@@ -2,7 +2,7 @@
 import numpy as np
 
 from transferlab import load_model
-from transferlab.runs.predictions import PredictionTable
+from transferlab.rundir.predictions import PredictionTable
 from transferlab.inference.predictor import expand_inputs
 
 

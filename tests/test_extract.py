@@ -6,7 +6,7 @@ import pytest
 
 from transferlab import load_model, train
 from transferlab.errors import ConfigError
-from transferlab.runs.predictions import PredictionTable
+from transferlab.rundir.predictions import PredictionTable
 
 from conftest import TINY_BACKBONE
 

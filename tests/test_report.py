@@ -14,7 +14,7 @@ from transferlab.workflows.compare import compare
 from transferlab.data.folder import ImageFolderData
 from transferlab.errors import DataError
 from transferlab.workflows.evaluate import evaluate
-from transferlab.runs.predictions import PredictionTable
+from transferlab.rundir.predictions import PredictionTable
 from transferlab.data.synthetic import make_image_folder
 
 from conftest import TINY_BACKBONE

@@ -11,7 +11,7 @@ from PIL import Image
 
 from transferlab import train
 from transferlab.data.decode import open_rgb
-from transferlab.runs.atomic import temporary_folder_beside, write_text
+from transferlab.rundir.atomic import temporary_folder_beside, write_text
 
 from conftest import TINY_BACKBONE
 

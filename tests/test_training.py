@@ -11,7 +11,7 @@ import torch
 from transferlab import ImageFolderData, load_model, train
 from transferlab.data.loaders import ImageFolderDataModule
 from transferlab.errors import ConfigError
-from transferlab.runs.predictions import PredictionTable
+from transferlab.rundir.predictions import PredictionTable
 from transferlab.training.module import ClassifierModule, Optimization
 from transferlab.training.strategies import configure
 from transferlab.training.trainer import Distribution, fit

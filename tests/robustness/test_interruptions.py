@@ -39,14 +39,14 @@ import torch
 import transferlab.inference.bundle
 import transferlab.inference.embeddings
 from transferlab import load_model, train
-from transferlab.runs.atomic import atomic_path
+from transferlab.rundir.atomic import atomic_path
 from transferlab.models.backbones import create_backbone
 from transferlab.inference.bundle import load_network, save_model
 from transferlab.cli import main
 from transferlab.data.folder import ImageFolderData
 from transferlab.inference.embeddings import EmbeddingCache, embed_files
-from transferlab.runs.predictions import PredictionTable
-from transferlab.runs.layout import HISTORY_COLUMNS
+from transferlab.rundir.predictions import PredictionTable
+from transferlab.rundir.layout import HISTORY_COLUMNS
 from transferlab.data.synthetic import make_image_folder
 from transferlab.data.transforms import Preprocessing
 

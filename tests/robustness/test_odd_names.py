@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.runs.predictions import PredictionTable, from_spreadsheet, spreadsheet_safe
+from transferlab.rundir.predictions import PredictionTable, from_spreadsheet, spreadsheet_safe
 
 from conftest import TINY_BACKBONE
 from messy import run_main

@@ -15,7 +15,7 @@ from PIL import Image
 
 from transferlab import train
 from transferlab.errors import ConfigError, DataError
-from transferlab.runs.layout import locked
+from transferlab.rundir.layout import locked
 from transferlab.workflows.evaluate import evaluate
 
 from conftest import TINY_BACKBONE
@@ -59,7 +59,7 @@ def test_one_folder_one_writer(image_folder, tmp_path):
     """A second process writing the same folder is refused while the first holds it."""
     folder = tmp_path / "busy"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from transferlab.runs.layout import locked\n"
+        "import sys, time; from transferlab.rundir.layout import locked\n"
         f"with locked({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -56,7 +56,7 @@ def _stream(results, output_format: str, columns: int) -> list:
     files that could not be read, for stderr."""
     import csv
 
-    from ..runs.predictions import spreadsheet_safe
+    from ..rundir.predictions import spreadsheet_safe
 
     bad, first = [], True
     if output_format == "json":

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..runs.layout import RunDir
+from ..rundir.layout import RunDir
 from .app import app, err, given, out, setup_logging
 from .flags import flag, split_settings, with_training_options
 
@@ -83,7 +83,7 @@ def demo(out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directo
 
     from ..data.synthetic import make_image_folder
     from ..options import check
-    from ..runs.layout import default_run_dir
+    from ..rundir.layout import default_run_dir
     from ..workflows.train import train as train_run
 
     check({"per_class": per_class})

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from ..runs.atomic import write_json
+from ..rundir.atomic import write_json
 from ..data.decode import ImageInfo
 
 log = logging.getLogger(__name__)

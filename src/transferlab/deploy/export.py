@@ -29,8 +29,8 @@ from ..inference.bundle import INT8_FILE, ONNX_FILE, BundleConfig, load_network,
 from ..inference.engines import OnnxEngine, TorchEngine
 from ..inference.predictor import Predictor
 from ..options import check
-from ..runs.atomic import atomic_path, check_writable
-from ..runs.layout import RunDir, read_json
+from ..rundir.atomic import atomic_path, check_writable
+from ..rundir.layout import RunDir, read_json
 
 INPUT_NAME, OUTPUT_NAME = OnnxEngine.INPUT, OnnxEngine.OUTPUT
 # The torch.export-based exporter writes opset 18 natively; asking it for 17 runs a version

@@ -19,7 +19,7 @@ from ..data.transforms import Preprocessing
 from ..errors import BundleError
 from ..models.heads import HeadSpec, build_head
 from ..models.network import ClassifierNet
-from ..runs.atomic import temporary_folder_beside, write_json
+from ..rundir.atomic import temporary_folder_beside, write_json
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"

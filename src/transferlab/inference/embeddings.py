@@ -25,7 +25,7 @@ from ..data.transforms import Preprocessing
 from ..devices import resolve_precision
 from ..errors import DataError
 from ..models.backbones import weights_fingerprint
-from ..runs.atomic import atomic_path
+from ..rundir.atomic import atomic_path
 from .batches import progress_bar, run_batches
 from .engines import TorchEngine
 

@@ -15,8 +15,8 @@ import numpy as np
 from ..errors import TransferlabError
 from ..inference.bundle import load_network
 from ..models.summary import summarize
-from ..runs.atomic import write_text
-from ..runs.layout import RunDir, RunFiles, read_json
+from ..rundir.atomic import write_text
+from ..rundir.layout import RunDir, RunFiles, read_json
 from . import plots
 from .tables import format_row
 

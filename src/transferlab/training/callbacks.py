@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning as L
 from torch import nn
 
-from ..runs.atomic import write_text
-from ..runs.layout import HISTORY_COLUMNS
+from ..rundir.atomic import write_text
+from ..rundir.layout import HISTORY_COLUMNS
 
 
 class UnfreezeSchedule(L.Callback):

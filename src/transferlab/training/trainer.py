@@ -17,8 +17,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ..devices import lightning_accelerator, lightning_precision
 from ..errors import ConfigError, WeightsError
-from ..runs.atomic import atomic_path
-from ..runs.layout import BEST_CHECKPOINT, LOGS_DIR, RunDir
+from ..rundir.atomic import atomic_path
+from ..rundir.layout import BEST_CHECKPOINT, LOGS_DIR, RunDir
 from .callbacks import History, Throughput
 
 

@@ -19,10 +19,10 @@ from ..inference.bundle import read_config
 from ..inference.predictor import Predictor
 from ..options import check
 from ..reporting.report import write_report_or_warn
-from ..runs.atomic import check_writable, write_json
-from ..runs.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
+from ..rundir.atomic import check_writable, write_json
+from ..rundir.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
                            write_run_record)
-from ..runs.predictions import PredictionTable
+from ..rundir.predictions import PredictionTable
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from ..inference.predictor import Predictor
 from ..models.backbones import count_parameters, resolve_name
 from ..options import OPTIONS
 from ..reporting.report import write_report_or_warn
-from ..runs.atomic import check_writable, remove_temporaries, write_json
-from ..runs.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
+from ..rundir.atomic import check_writable, remove_temporaries, write_json
+from ..rundir.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
                            read_json, write_run_record)
-from ..runs.predictions import PredictionTable
+from ..rundir.predictions import PredictionTable
 from ..training.config import TrainConfig
 from ..training.strategies import FitContext, Strategy, TrainedModel, configure, get_strategy
 from ..training.strategies.base import COMMON_OPTIONS

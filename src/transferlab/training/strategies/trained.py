@@ -18,7 +18,7 @@ from ...data.transforms import Preprocessing
 from ...models.heads import HeadSpec
 from ...models.network import ClassifierNet, build_network
 from ...process import scoped_environment
-from ...runs.layout import RunDir, read_history
+from ...rundir.layout import RunDir, read_history
 from ..config import TrainConfig
 from ..module import ClassifierModule, Optimization, ParameterGroup
 from ..trainer import Distribution, fit
