@@ -26,7 +26,7 @@ from ..reporting.report import write_report_or_warn
 from ..reporting.tables import markdown_table
 from ..rundir.atomic import check_writable, write_json, write_text
 from ..rundir.layout import (COMPARISON_FILE, COMPARISON_TABLES, REPORT_FILE, RunDir, check_outside,
-                           default_run_dir, locked, provenance, read_json, results_in)
+                            default_run_dir, locked, provenance, read_json, results_in)
 from ..training.config import TrainConfig
 from ..training.strategies import STRATEGIES, configure, get_strategy, users_of
 from ..training.strategies.base import COMMON_OPTIONS

@@ -21,7 +21,7 @@ from ..options import check
 from ..reporting.report import write_report_or_warn
 from ..rundir.atomic import check_writable, write_json
 from ..rundir.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
-                           write_run_record)
+                            write_run_record)
 from ..rundir.predictions import PredictionTable
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from ..options import OPTIONS
 from ..reporting.report import write_report_or_warn
 from ..rundir.atomic import check_writable, remove_temporaries, write_json
 from ..rundir.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
-                           read_json, write_run_record)
+                            read_json, write_run_record)
 from ..rundir.predictions import PredictionTable
 from ..training.config import TrainConfig
 from ..training.strategies import FitContext, Strategy, TrainedModel, configure, get_strategy
