@@ -128,7 +128,10 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
     precision = resolve_precision(precision, device)
     cache = (EmbeddingCache.for_model(cache_dir, module, pre, device, precision) if cache_dir
              else None)
-    known = _usable(cache.load(), _output_shape(module, pre, device)) if cache else {}
+    known: dict[str, np.ndarray] = {}
+    if cache:
+        loaded = cache.load()  # every image ever embedded by this model: keep those asked for
+        known = _usable({h: loaded[h] for h in hashes if h in loaded}, _output_shape(module, pre, device))
     stats = EmbeddingStats(cached=sum(h in known for h in hashes))
     todo = [i for i, h in enumerate(hashes) if h not in known]
     vectors: dict[str, np.ndarray] = {h: known[h] for h in hashes if h in known}
