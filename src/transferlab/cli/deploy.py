@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from .app import app, err, given, out, setup_logging
-from .flags import flag
+from .flags import flag, names
 
 
 @app.command()
@@ -91,8 +91,4 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
                 max_upload_bytes=round(max_upload_mb * 2**20),
                 **given(max_pixels=max_pixels, max_files=max_files, max_concurrent=max_concurrent,
                         top_k=top_k, max_batch=max_batch, batch_window_ms=batch_window_ms,
-                        device=device, allowed_hosts=_names(allowed_hosts)))
-
-
-def _names(text: str | None) -> list[str] | None:
-    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
+                        device=device, allowed_hosts=names(allowed_hosts)))

@@ -81,6 +81,11 @@ def with_training_options(command):
     return wrapper
 
 
+def names(text: str | None) -> list[str] | None:
+    """A comma-separated flag value as a list of names (None stays None)."""
+    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
+
+
 def split_settings(settings: dict) -> tuple[dict, dict, bool]:
     """(ImageFolderData's arguments, train()'s options that were given, show progress)."""
     settings = dict(settings)

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from ..rundir.layout import RunDir
 from .app import app, err, given, out, setup_logging
-from .flags import flag, split_settings, with_training_options
+from .flags import flag, names, split_settings, with_training_options
 
 
 @app.command()
@@ -65,8 +65,8 @@ def compare(data: Path = typer.Argument(..., help="Folder with one sub-folder pe
     from ..workflows.compare import compare as compare_runs
 
     dataset, options, show_progress = split_settings(settings)
-    comparison = compare_runs(ImageFolderData(data, **dataset), _names(strategies),
-                              _names(backbones) if backbones else [None], repeats=repeats,
+    comparison = compare_runs(ImageFolderData(data, **dataset), names(strategies),
+                              names(backbones) or [None], repeats=repeats,
                               out=out_dir, show_progress=show_progress, **options)
     print_comparison(comparison)
     if comparison.failed:
@@ -92,10 +92,6 @@ def demo(out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directo
         out.print(f"synthetic data: {per_class} images each of circles and squares in {escape(str(data))}")
         run = train_run(data, strategy="extract", out=out_dir or default_run_dir("demo"), cache_dir=None)
     print_run(run)
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def print_comparison(comparison) -> None:

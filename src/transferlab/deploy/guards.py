@@ -14,6 +14,9 @@ import h11
 from starlette.datastructures import Headers, MutableHeaders
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+# The page is self-contained: no request may leave for another origin.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+               "img-src blob: data:; connect-src 'self'")
 # Swagger UI (/docs) loads its script and styles from this origin and runs one inline script.
 DOCS_POLICY = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' "
                "'unsafe-inline'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; "

@@ -30,12 +30,12 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..data.decode import SUPPORTED_FORMATS
-from ..inference.backends import BACKENDS, load_model
+from ..inference.backends import load_model
 from ..inference.predictor import Prediction
 from ..options import check
 from ..process import scoped_environment
 from .batching import MicroBatcher
-from .guards import Guard, HeaderDeadlineH11, default_allowed_hosts
+from .guards import PAGE_POLICY, Guard, HeaderDeadlineH11, default_allowed_hosts
 from .uploads import FIELD, Upload, UploadError, decode_upload, parse_uploads, read_body
 
 DEFAULT_TOP_K = 3
@@ -197,7 +197,7 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
     it listens on a loopback address).
     """
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files, max_concurrent)
-    check({"top_k": top_k, "backend": backend, "device": device}, {"backend": BACKENDS})
+    check({"top_k": top_k})
     classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms, device)
 
     parser = MultipartThread()
@@ -271,7 +271,7 @@ def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, parser: Mult
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_POLICY})
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/health")
     def health() -> dict:
@@ -297,10 +297,6 @@ def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, parser: Mult
             return {"predictions": await classifier.predict(uploads, top_k),
                     "model": classifier.summary()}
 
-
-# The page is self-contained: no request may leave for another origin.
-_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                "img-src blob: data:; connect-src 'self'")
 
 
 def _add_error_handlers(app: FastAPI) -> None:

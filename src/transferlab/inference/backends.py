@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..errors import ConfigError
+from ..options import check
 from .bundle import BundleConfig, checked_export, load_network, read_config
 from .engines import Engine, OnnxEngine, TorchEngine
 from .predictor import Predictor
@@ -33,8 +33,7 @@ def load_model(folder: str | Path, backend: str = "torch", device: str = "auto")
     """A Predictor for the bundle in `folder`: the torch network, or (backend="onnx") its exported
     model.onnx in onnxruntime (see `transferlab export`), on `device` (auto: a GPU when there is
     one). Every backend predicts through the same decoding, batching and softmax."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
+    check({"backend": backend, "device": device}, {"backend": BACKENDS})
     engine, config = BACKENDS[backend](Path(folder), resolve_device(device))
     return Predictor(engine, config.classes, config.preprocessing, config=config)
 

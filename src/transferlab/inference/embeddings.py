@@ -25,6 +25,7 @@ from ..data.transforms import Preprocessing
 from ..devices import resolve_precision
 from ..errors import DataError
 from ..models.backbones import weights_fingerprint
+from ..models.network import feature_shape
 from ..rundir.atomic import atomic_path
 from .batches import progress_bar, run_batches
 from .engines import TorchEngine
@@ -88,13 +89,6 @@ class EmbeddingCache:
                         self.folder, error)
 
 
-def _output_shape(module: torch.nn.Module, pre: Preprocessing, device: torch.device) -> tuple:
-    """The shape of one image's output, from a forward pass on zeros."""
-    with torch.inference_mode():
-        zeros = torch.zeros((1, *pre.input_size), device=device)
-        return tuple(module.eval().to(device)(zeros).shape[1:])
-
-
 def _usable(entries: dict[str, np.ndarray], shape: tuple) -> dict[str, np.ndarray]:
     """The cached vectors of the right shape with finite values; the others (a damaged or altered
     cache) are dropped with a warning and embedded again."""
@@ -131,7 +125,7 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
     known: dict[str, np.ndarray] = {}
     if cache:
         loaded = cache.load()  # every image ever embedded by this model: keep those asked for
-        known = _usable({h: loaded[h] for h in hashes if h in loaded}, _output_shape(module, pre, device))
+        known = _usable({h: loaded[h] for h in hashes if h in loaded}, feature_shape(module, pre))
     stats = EmbeddingStats(cached=sum(h in known for h in hashes))
     todo = [i for i, h in enumerate(hashes) if h not in known]
     vectors: dict[str, np.ndarray] = {h: known[h] for h in hashes if h in known}

@@ -30,10 +30,12 @@ class ClassifierNet(nn.Module):
 
 
 def feature_shape(backbone: nn.Module, pre: Preprocessing) -> tuple[int, ...]:
-    """The shape of one image's features (C,) or (C, H, W), from a forward pass on zeros."""
+    """The shape of one image's features (C,) or (C, H, W), from a forward pass on zeros on the
+    backbone's own device."""
     training = backbone.training
+    device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        shape = tuple(backbone.eval()(torch.zeros((1, *pre.input_size))).shape[1:])
+        shape = tuple(backbone.eval()(torch.zeros((1, *pre.input_size), device=device)).shape[1:])
     backbone.train(training)
     return shape
 

@@ -16,7 +16,7 @@ from ..errors import TransferlabError
 from ..inference.bundle import load_network
 from ..models.summary import summarize
 from ..rundir.atomic import write_text
-from ..rundir.layout import RunDir, RunFiles, read_json
+from ..rundir.layout import RunDir, RunFiles, is_within, read_json
 from . import plots
 from .tables import format_row
 
@@ -199,11 +199,7 @@ def _inside(root: Path, name: str) -> Path | None:
     """root/name when `name` is a relative path that stays inside `root`, else None: a report
     shows pictures of the data set, never another file a crafted predictions.csv names."""
     path = Path(name)
-    if path.is_absolute() or ".." in path.parts:
-        return None
-    try:
-        (root / path).resolve().relative_to(root.resolve())
-    except (ValueError, OSError):
+    if path.is_absolute() or ".." in path.parts or not is_within(root / path, root):
         return None
     return root / path
 

@@ -100,11 +100,18 @@ def claim_output(folder: str | Path, overwrite: bool = False) -> None:
             path.unlink()
 
 
+def is_within(path: str | Path, root: str | Path) -> bool:
+    """Whether `path`, links resolved, is `root` or lies below it."""
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def check_outside(out: Path, root: Path) -> None:
     """An output folder inside the data folder would be scanned as a class by the next run."""
-    try:
-        Path(out).resolve().relative_to(Path(root).resolve())
-    except ValueError:
+    if not is_within(out, root):
         return
     raise ConfigError(f"--out {out} is inside the data folder {root}, whose next scan would take it "
                       "for a class; choose an --out outside it")
