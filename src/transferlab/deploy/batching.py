@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from starlette.concurrency import run_in_threadpool
 
 
 class MicroBatcher:
-    """Calls `run_batch(items) -> results` (one result per item, in order) in a worker thread on up
-    to `max_batch` items submitted by concurrent callers.
+    """Calls `run_batch(items) -> results` (one result per item, in order) through `run_in_thread`
+    (the shared worker pool unless given) on up to `max_batch` items submitted by concurrent
+    callers.
 
     One batch runs at a time; whatever is submitted meanwhile forms the next one, so batches grow
     with the load without delaying a lone request. `window_ms` > 0 also waits that long after the
@@ -29,8 +30,8 @@ class MicroBatcher:
     """
 
     def __init__(self, run_batch: Callable[[list], Sequence], max_batch: int = 32,
-                 window_ms: float = 0.0):
-        self.run_batch = run_batch
+                 window_ms: float = 0.0, run_in_thread: Callable[..., Awaitable] = run_in_threadpool):
+        self.run_batch, self.run_in_thread = run_batch, run_in_thread
         self.max_batch = max_batch
         self.window_s = window_ms / 1000
         self._queue: asyncio.Queue | None = None
@@ -76,7 +77,7 @@ class MicroBatcher:
             if not pending:
                 continue
             try:
-                results = await run_in_threadpool(self.run_batch, [item for item, _ in pending])
+                results = await self.run_in_thread(self.run_batch, [item for item, _ in pending])
             except asyncio.CancelledError:
                 _fail(pending + carried, RuntimeError("the service is shutting down"))
                 raise

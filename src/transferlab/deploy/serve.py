@@ -8,7 +8,6 @@ Bad input always gets a 4xx JSON answer, {"error": {"code", "message", "file"}},
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import json
@@ -36,6 +35,7 @@ from ..options import check
 from ..process import scoped_environment
 from .batching import MicroBatcher
 from .guards import PAGE_POLICY, Guard, HeaderDeadlineH11, default_allowed_hosts
+from .threads import Threads
 from .uploads import FIELD, Upload, UploadError, decode_upload, parse_uploads, read_body
 
 DEFAULT_TOP_K = 3
@@ -108,18 +108,24 @@ class ServiceBusy(Exception):
 
 
 class Classifier:
-    """The model behind the service: uploads in, top classes out. Decoding runs in worker threads,
-    at most one per core (each image may hold up to max_pixels in memory while it decodes); the
-    network runs on single images gathered across requests by a MicroBatcher (max_batch > 1), or
-    on each request's images on their own (max_batch == 1)."""
+    """The model behind the service: uploads in, top classes out. Decoding runs in threads of its
+    own, one per core (each image may hold up to max_pixels in memory while it decodes); the
+    network runs in one thread of its own, on single images gathered across requests by a
+    MicroBatcher (max_batch > 1), or on each request's images on their own (max_batch == 1)."""
 
     def __init__(self, model_dir: str | Path, backend: str, limits: ServiceLimits,
                  max_batch: int, window_ms: float, device: str = "auto"):
         check({"max_batch": max_batch, "batch_window_ms": window_ms})
         self.predictor = load_model(model_dir, backend=backend, device=device)
         self.backend, self.limits = backend, limits
-        self.decoders = anyio.CapacityLimiter(os.cpu_count() or 1)
-        self.batcher = MicroBatcher(self.run_batch, max_batch, window_ms) if max_batch > 1 else None
+        self.decoders = Threads("decode", os.cpu_count() or 1)
+        self.network = Threads("network")
+        self.batcher = (MicroBatcher(self.run_batch, max_batch, window_ms, self.network.run)
+                        if max_batch > 1 else None)
+
+    def close(self) -> None:
+        self.decoders.close()
+        self.network.close()
 
     def run_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities for uint8 CHW images, one row each (called in a worker thread)."""
@@ -134,13 +140,13 @@ class Classifier:
         if self.batcher:
             rows = await asyncio.gather(*(self.batcher.submit(image) for image in images))
         else:
-            rows = await anyio.to_thread.run_sync(self.run_batch, images)
+            rows = await self.network.run(self.run_batch, images)
         return [Prediction(upload.name, self.predictor.top_k(row, top_k)).to_dict()
                 for upload, row in zip(uploads, rows)]
 
     async def _decode(self, upload: Upload) -> torch.Tensor:
         decode = functools.partial(self.predictor.decode, max_pixels=self.limits.max_pixels)
-        return await anyio.to_thread.run_sync(decode_upload, upload, decode, limiter=self.decoders)
+        return await self.decoders.run(decode_upload, upload, decode)
 
     def summary(self) -> dict:
         """The short description every prediction carries."""
@@ -200,7 +206,7 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
     check({"top_k": top_k})
     classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms, device)
 
-    parser = MultipartThread()
+    parser = Threads("multipart")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -210,6 +216,7 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
         if classifier.batcher:
             await classifier.batcher.stop()
         parser.close()
+        classifier.close()
 
     # FastAPIOffline serves Swagger UI's own files: FastAPI's default /docs fetches them from a
     # CDN, and shows a blank page on a closed network. No /redoc: it ran a script from a class name
@@ -245,25 +252,7 @@ class Turns:
             self.semaphore.release()
 
 
-class MultipartThread:
-    """One thread that parses every request body, so that parsing never holds up the event loop
-    (a 10 MB body of 200,000 tiny parts took 2.8 s of it; capped at max_files + 16 parts, a 10 MB
-    body now takes about 6 ms). One thread, not the shared worker pool: glibc gives each thread
-    that allocates its own heap arena, and the uploads' copies spread over the pool's threads made
-    the load test's peak RSS grow 43-71 MB in 500 requests instead of at most 32."""
-
-    def __init__(self):
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                          thread_name_prefix="multipart")
-
-    async def run(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, parser: MultipartThread,
+def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, parser: Threads,
                 default_k: int) -> None:
     page = (resources.files("transferlab.reporting") / "templates" / "serve.html").read_text(
         encoding="utf-8")
@@ -290,7 +279,7 @@ def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, parser: Mult
             body = await read_body(request.stream(), limits.max_upload_bytes,
                                    request.headers.get("content-length"), BODY_TIMEOUT_S,
                                    MIN_BODY_RATE)
-            # parsed off the event loop, always in the same one thread (see MultipartThread)
+            # parsed off the event loop, always in the same one thread (see Threads)
             uploads = await parser.run(parse_uploads, body, request.headers.get("content-type"),
                                        limits.max_files)
             del body  # the uploads are copies: one copy of each file in memory while it is decoded
