@@ -41,7 +41,8 @@ def test_predict_formats_and_errors(tiny_run, image_folder, tmp_path):
     assert len(predictions[0]["top_k"]) == 2 and "error" in predictions[1]
     assert "corrupt.jpg" in result.stderr and "Traceback" not in result.stderr
     csv_out = _cli("predict", str(tiny_run.model_dir), good, "--format", "csv")
-    assert csv_out.returncode == 0 and csv_out.stdout.splitlines()[0] == "file,rank,label,probability"
+    assert csv_out.returncode == 0 and csv_out.stdout.splitlines()[0] == (
+        "file,rank,label,probability,novelty,unknown")
 
 
 def test_missing_model_is_one_line(tmp_path):

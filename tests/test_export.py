@@ -46,7 +46,8 @@ def test_fp32_export_matches_torch_and_is_recorded(exported, tiny_run):
     assert record["quantization"] is None and record["parity"]["tolerance"] == FP32_TOLERANCE
     assert record["input"]["shape"] == ["batch", *before["preprocessing"]["input_size"]]
     assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.onnx",
-                                                        "model.safetensors"]
+                                                        "model.safetensors", "novelty.safetensors"]
+    assert record["parity"]["max_abs_novelty_diff"] <= FP32_TOLERANCE
 
 
 def test_the_batch_axis_is_dynamic(exported):
@@ -58,10 +59,12 @@ def test_the_batch_axis_is_dynamic(exported):
         pixels = torch.randint(0, 256, (size, *pre.input_size), dtype=torch.uint8)
         batch = normalize(pixels, pre)
         with torch.inference_mode():
-            expected = net(batch).softmax(1)
-        got = engine(pixels).softmax(1)
-        assert got.shape == (size, len(config.classes))
-        torch.testing.assert_close(got, expected, atol=FP32_TOLERANCE, rtol=0)
+            logits, features = net.logits_and_features(batch)
+        got_logits, got_features = engine(pixels)  # the graph outputs the features too
+        assert got_logits.shape == (size, len(config.classes))
+        torch.testing.assert_close(got_logits.softmax(1), logits.softmax(1), atol=FP32_TOLERANCE,
+                                   rtol=0)
+        torch.testing.assert_close(got_features, features, atol=1e-4, rtol=1e-4)
 
 
 def test_without_images_the_check_uses_noise_and_says_so(tiny_run, tmp_path):
@@ -77,12 +80,14 @@ def test_an_export_that_disagrees_is_refused_and_leaves_no_file(tiny_run, image_
     faithful = OnnxEngine.__call__
 
     def skewed(self, batch, precision="32"):  # shifts one class's logit: probabilities change
-        return faithful(self, batch, precision) + torch.tensor([0.0, 0.01])
+        logits, features = faithful(self, batch, precision)
+        return logits + torch.tensor([0.0, 0.01]), features
 
     monkeypatch.setattr(OnnxEngine, "__call__", skewed)
     with pytest.raises(ExportError, match="not written.*more than 0.0001"):
         export_onnx(bundle, images=_images(image_folder))
-    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors",
+                                                        "novelty.safetensors"]
     assert (bundle / "config.json").read_bytes() == config_before
 
 
@@ -98,7 +103,8 @@ def test_int8_export_reports_agreement_and_accuracy(exported, image_folder):
     reference = load_model(bundle)
     expected, _ = reference.predict_proba(images, precision="32")
     pre = reference.preprocessing
-    got, _ = Predictor(OnnxEngine(result.path, pre), reference.classes, pre).predict_proba(images)
+    got, _ = Predictor(OnnxEngine(result.path, pre), reference.classes, pre,
+                       trust=reference.trust).predict_proba(images)
     assert parity["tolerance"] is None
     assert parity["top1_agreement"] == pytest.approx((expected.argmax(1) == got.argmax(1)).mean())
     assert parity["max_abs_prob_diff"] == pytest.approx(np.abs(expected - got).max(), abs=1e-6)

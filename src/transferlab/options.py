@@ -291,6 +291,15 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("classes", int, "For a backbone: number of classes.", _whole(2), "2"),
     Option("depth", int, "Levels of nested layers to show.", _whole(0, 20), "2"),
     Option("per_class", int, "Synthetic images per class.", _whole(3, 10_000), "40"),
+    # the data audit, and acting on it
+    Option("exclude", str, "A CSV with a file column (such as an edited label_issues.csv): leave "
+           "those files (relative to DATA) out.", Text()),
+    Option("relabel", str, "A CSV with file and label columns: give those files (relative to DATA) "
+           "that label, one of the classes.", Text()),
+    Option("audit", bool, "Audit the training split (label issues, outliers, conflicts, image "
+           "quality) into RUN/audit/ and the report.", OneOf((True, False)), "extract on, else off"),
+    Option("folds", int, "Cross-validation folds for the out-of-fold probabilities of the label "
+           "audit.", _whole(2, 20), "5"),
 ]}
 
 

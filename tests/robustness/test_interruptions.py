@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import hashlib
 import itertools
 import json
@@ -132,9 +133,13 @@ def check_run_dir(run_dir: Path, *, finished: bool) -> None:
                 _check_history(path)
             elif name == "predictions.csv":
                 _check_predictions(path, run_dir, finished)
-            elif name == "report.html":
+            elif name in ("report.html", "audit/audit.html"):
                 assert path.read_text(encoding="utf-8").rstrip().endswith("</html>"), "no </html>"
-            elif name in ("model/config.json", "model/model.safetensors"):
+            elif name == "audit/audit.json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif name.startswith("audit/") and name.endswith(".csv"):
+                _check_audit_table(path)
+            elif name in ("model/config.json", "model/model.safetensors", "model/novelty.safetensors"):
                 load_model(run_dir / "model")  # checks the weights' sha256 against config.json
             elif name.startswith("checkpoints/") and name.endswith(".ckpt"):
                 assert "state_dict" in torch.load(path, map_location="cpu", weights_only=True)
@@ -149,6 +154,14 @@ def check_run_dir(run_dir: Path, *, finished: bool) -> None:
                 raise AssertionError("unexpected file: no check knows it")
         except Exception as error:
             raise AssertionError(f"{name} is not whole: {type(error).__name__}: {error}") from error
+
+
+def _check_audit_table(path: Path) -> None:
+    """A whole audit CSV: its header, then rows of as many cells, ending in a newline."""
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n"), "no final newline"
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows and all(len(row) == len(rows[0]) for row in rows), "ragged rows"
 
 
 def _check_history(path: Path) -> None:

@@ -64,3 +64,50 @@ def print_info(report: dict, list_duplicates: bool) -> None:
 
 def _counts(counter: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counter.items(), key=lambda kv: -kv[1]))
+
+
+@app.command()
+def audit(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
+          out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for label_issues.csv, "
+                                                 "outliers.csv, conflicts.csv, quality.csv, audit.json "
+                                                 "and audit.html [default: runs/audit-DATA-TIME]."),
+          backbone: Optional[str] = flag("backbone", help="The frozen backbone that embeds the images: "
+                                         "a timm model name or alias [default: efficientnet_lite0]."),
+          weights: Optional[str] = flag("weights", help="imagenet, or a weights file [default: "
+                                        "imagenet]."),
+          folds: Optional[int] = flag("folds"),
+          seed: Optional[int] = flag("seed"),
+          layout: Optional[str] = flag("layout"),
+          max_pixels: Optional[int] = flag("max_pixels"),
+          exclude: Optional[Path] = flag("exclude"),
+          relabel: Optional[Path] = flag("relabel"),
+          batch_size: Optional[int] = flag("batch_size"),
+          workers: Optional[int] = flag("workers"),
+          precision: Optional[str] = flag("precision"),
+          device: Optional[str] = flag("device"),
+          cache_dir: Optional[Path] = flag("cache_dir"),
+          no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the caches."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results an --out "
+                                         "folder holds."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")):
+    """What is wrong with a labelled folder: likely wrong labels, outliers, copies with different
+    labels, and poor images, from the frozen backbone's (cached) embeddings."""
+    setup_logging()
+    from ..data.cache import default_cache_dir
+    from ..data.folder import ImageFolderData
+    from ..workflows.audit import audit as audit_folder
+
+    cache = None if no_cache else str(cache_dir or default_cache_dir())
+    dataset = ImageFolderData(data, cache_dir=cache, **given(seed=seed, layout=layout,
+                                                              max_pixels=max_pixels, exclude=exclude,
+                                                              relabel=relabel))
+    result = audit_folder(dataset, out=out_dir, overwrite=overwrite, show_progress=not quiet,
+                          **given(backbone=backbone, weights=weights, folds=folds, seed=seed,
+                                  batch_size=batch_size, workers=workers, precision=precision,
+                                  device=device))
+    counts = result.summary["counts"]
+    out.print(f"{counts['images']} images: {counts['label_issues']} label issues, {counts['outliers']} "
+              f"outliers, {counts['conflict_groups']} duplicate groups with conflicting labels, "
+              f"{counts['quality_flags']} quality flags ({result.summary['seconds']:.1f} s)")
+    out.print(f"label_issues.csv, outliers.csv, conflicts.csv, quality.csv and audit.html in "
+              f"[bold]{escape(str(result.dir))}[/]")

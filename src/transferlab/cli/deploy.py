@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from .app import app, err, given, out, setup_logging
-from .flags import flag, names
+from .flags import REJECT_HELP, flag, names
 
 
 @app.command()
@@ -66,7 +66,8 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
           top_k: Optional[int] = flag("top_k", help="Classes per image when the request does not "
                                       "say [default: 3]."),
           max_batch: Optional[int] = flag("max_batch"),
-          batch_window_ms: Optional[float] = flag("batch_window_ms")):
+          batch_window_ms: Optional[float] = flag("batch_window_ms"),
+          reject_unknown: bool = typer.Option(False, "--reject-unknown", help=REJECT_HELP)):
     """Serve MODEL over HTTP: POST /predict (multipart field `file`), GET /health, GET /model, a
     page to try it at / and the API docs at /docs."""
     from ..options import check
@@ -91,4 +92,5 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
                 max_upload_bytes=round(max_upload_mb * 2**20),
                 **given(max_pixels=max_pixels, max_files=max_files, max_concurrent=max_concurrent,
                         top_k=top_k, max_batch=max_batch, batch_window_ms=batch_window_ms,
-                        device=device, allowed_hosts=names(allowed_hosts)))
+                        device=device, allowed_hosts=names(allowed_hosts)),
+                reject_unknown=reject_unknown)

@@ -29,7 +29,8 @@ def annotation(name: str) -> Any:
 
 # The options `train` and `compare` share, in the order --help lists them.
 TRAINING_FLAGS = (
-    "weights", "layout", "val", "test", "seed", "max_pixels", "dedupe_split", "cut_layer", "head_pool",
+    "weights", "layout", "val", "test", "seed", "max_pixels", "dedupe_split", "exclude", "relabel",
+    "cut_layer", "head_pool",
     "classifier", "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip",
     "augment", "class_weights", "early_stopping", "head_dim", "dropout", "unfreeze", "unfreeze_from",
     "warmup_epochs", "backbone_lr_scale", "batch_size", "workers", "precision", "device",
@@ -92,7 +93,7 @@ def split_settings(settings: dict) -> tuple[dict, dict, bool]:
     show_progress = not settings.pop("quiet")
     no_cache, cache_dir = settings.pop("no_cache"), settings.pop("cache_dir")
     dataset = {name: settings.pop(name) for name in ("val", "test", "dedupe_split", "max_pixels",
-                                                      "layout")}
+                                                      "layout", "exclude", "relabel")}
     dataset = {k: v for k, v in dataset.items() if v is not None}
     options = {k: v for k, v in settings.items() if v is not None}
     if cache_dir is not None:
@@ -101,3 +102,6 @@ def split_settings(settings: dict) -> tuple[dict, dict, bool]:
         options["cache_dir"] = None
     dataset.update(seed=options.get("seed", 0), cache_dir=options.get("cache_dir", "default"))
     return dataset, options, show_progress
+
+REJECT_HELP = ("Answer `unknown` instead of a class for an image unlike the training images (novelty "
+               "over the threshold set on the validation images).")

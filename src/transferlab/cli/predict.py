@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app, err, given, out, setup_logging
-from .flags import flag
+from .flags import REJECT_HELP, flag
 
 
 @app.command()
@@ -26,7 +26,8 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
             backend: str = flag("backend", default="torch"),
             tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image "
                                      "and its mirror image (twice the compute)."),
-            max_pixels: Optional[int] = flag("max_pixels")):
+            max_pixels: Optional[int] = flag("max_pixels"),
+            reject_unknown: bool = typer.Option(False, "--reject-unknown", help=REJECT_HELP)):
     """Top-k classes with probabilities for images."""
     from ..errors import ConfigError
     from ..options import check
@@ -41,7 +42,8 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
     paths = expand_inputs(inputs)
     if not paths:
         raise ConfigError(f"no files match {' '.join(inputs)}")
-    results = predictor.iter_predictions(paths, top_k=top_k, tta=tta, **given(
+    results = predictor.iter_predictions(paths, top_k=top_k, tta=tta, reject_unknown=reject_unknown,
+                                         **given(
         batch_size=batch_size, precision=precision, max_pixels=max_pixels))
     bad = _stream(results, output_format, min(top_k, len(predictor.classes)))
     for result in bad:
@@ -63,16 +65,14 @@ def _stream(results, output_format: str, columns: int) -> list:
         print('{"predictions": [', end="", flush=True)
     elif output_format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["file", "rank", "label", "probability"])
+        writer.writerow(["file", "rank", "label", "probability", "novelty", "unknown"])
     for result in results:
         if output_format == "json":
             print(("\n" if first else ",\n") + json.dumps(result.to_dict()), end="", flush=True)
         elif result.error:
             bad.append(result)
         elif output_format == "csv":  # names made safe to open in a spreadsheet
-            writer.writerows([spreadsheet_safe(result.file), rank, spreadsheet_safe(label),
-                              f"{probability:.6f}"] for rank, (label, probability)
-                             in enumerate(result.top_k, 1))
+            writer.writerows(_csv_rows(result, spreadsheet_safe))
             sys.stdout.flush()
         else:
             _print_row(result, columns, header=first)
@@ -84,10 +84,27 @@ def _stream(results, output_format: str, columns: int) -> list:
     return bad
 
 
+def _csv_rows(result, safe) -> list[list]:
+    """One row per class of the top-k; a rejected input's one row says `unknown`, no probability."""
+    novelty = ["", ""] if result.novelty is None else [f"{result.novelty:.6f}",
+                                                         str(result.unknown).lower()]
+    if result.rejected:
+        return [[safe(result.file), 1, result.label, "", *novelty]]
+    return [[safe(result.file), rank, safe(label), f"{probability:.6f}", *novelty]
+            for rank, (label, probability) in enumerate(result.top_k, 1)]
+
+
 def _print_row(result, columns: int, header: bool) -> None:
     table = Table(show_header=header, box=None, pad_edge=False)
     table.add_column("file", min_width=40, overflow="fold")
     for rank in range(1, columns + 1):
         table.add_column(f"#{rank}", min_width=18)
-    table.add_row(escape(result.file), *(f"{escape(l)} {p:.1%}" for l, p in result.top_k))
+    cells = [f"{escape(l)} {p:.1%}" for l, p in result.top_k]
+    if result.novelty is not None:
+        table.add_column("novelty", min_width=12)
+        cells.append(f"[bold yellow]{result.novelty:.2f} unknown[/]" if result.unknown
+                     else f"{result.novelty:.2f}")
+    if result.rejected:
+        cells = ["[bold yellow]unknown[/]", *[""] * (columns - 1), cells[-1]]
+    table.add_row(escape(result.file), *cells)
     out.print(table)

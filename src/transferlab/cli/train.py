@@ -27,6 +27,7 @@ def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-
                                                 "directory from its last checkpoint."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results an --out "
                                          "folder holds from an earlier run."),
+          audit: Optional[bool] = flag("audit", "--audit/--no-audit"),
           settings: dict = None):
     """Train a classifier on DATA and write a run directory (model/, metrics.json, report.html, ...)."""
     setup_logging()
@@ -38,13 +39,13 @@ def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-
         given_data = None if data is None else {"root": data, **{
             k: v for k, v in dataset.items() if k not in ("seed", "cache_dir") and settings[k] is not None}}
         run = train_run(given_data, strategy, resume=resume, out=out_dir, show_progress=show_progress,
-                        **given(backbone=backbone), **options)
+                        **given(backbone=backbone, audit=audit), **options)
     else:
         if data is None:
             raise ConfigError("give DATA, the folder of labelled images, or --resume RUN_DIR")
         run = train_run(ImageFolderData(data, **dataset), strategy=strategy, out=out_dir,
-                        overwrite=overwrite, show_progress=show_progress, **given(backbone=backbone),
-                        **options)
+                        overwrite=overwrite, show_progress=show_progress,
+                        **given(backbone=backbone, audit=audit), **options)
     if run is not None:  # None on the helper processes of a distributed run
         print_run(run)
 

@@ -6,12 +6,14 @@ import logging
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Iterable, Mapping
 
 from ..errors import ConfigError, DataError
 from ..options import check
 from .cache import default_cache_dir
 from .decode import DEFAULT_MAX_PIXELS
 from .duplicates import Duplicates, find_duplicates
+from .edits import Edits, apply_edits
 from .scan import Scan, scan_folder
 from .split import MIN_IMAGES_TO_SPLIT, SPLITS, split_groups, split_notes
 
@@ -34,13 +36,19 @@ class ImageFolderData:
 
     Work happens on first use: `scan` reads every file once, `split` deals the images out.
     `cache_dir` ("default": ~/.cache/transferlab; None: no cache) remembers per-file scan results.
+    `exclude` (a CSV with a `file` column, or a list of files relative to `root`) leaves files out;
+    `relabel` (a CSV with `file` and `label` columns, or a file -> label mapping) overrides labels.
     """
 
     def __init__(self, root: str | os.PathLike, val: float = 0.15, test: float = 0.15, seed: int = 0,
                  near_duplicates: bool = True, dedupe_split: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = "default",
-                 min_classes: int = 2, layout: str = "auto"):
-        check({"val": val, "test": test, "seed": seed, "max_pixels": max_pixels, "layout": layout})
+                 min_classes: int = 2, layout: str = "auto",
+                 exclude: str | os.PathLike | Iterable[str] | None = None,
+                 relabel: str | os.PathLike | Mapping[str, str] | None = None):
+        check({"val": val, "test": test, "seed": seed, "max_pixels": max_pixels, "layout": layout,
+               **{name: str(value) for name, value in (("exclude", exclude), ("relabel", relabel))
+                  if isinstance(value, (str, os.PathLike))}})
         if val + test >= 1.0:
             raise ConfigError(f"val={val} + test={test} leaves nothing to train on; keep the sum below 1")
         self.root = Path(root)
@@ -51,11 +59,23 @@ class ImageFolderData:
         self.min_classes = min_classes
         self.layout = layout
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
+        self.edits = Edits.given(exclude, relabel)  # a bad CSV is refused here, before any work
 
     @cached_property
-    def scan(self) -> Scan:
-        return scan_folder(self.root, near_duplicates=self.near_duplicates, max_pixels=self.max_pixels,
+    def _edited(self) -> tuple[Scan, list[dict]]:
+        scan = scan_folder(self.root, near_duplicates=self.near_duplicates, max_pixels=self.max_pixels,
                            cache_dir=self.cache_dir, min_classes=self.min_classes, layout=self.layout)
+        return apply_edits(scan, self.edits)
+
+    @property
+    def scan(self) -> Scan:
+        """The folder's images and labels, after --exclude and --relabel."""
+        return self._edited[0]
+
+    @property
+    def relabelled(self) -> list[dict]:
+        """{file, from, to} of every label --relabel changed."""
+        return self._edited[1]
 
     @cached_property
     def duplicates(self) -> Duplicates:
@@ -122,14 +142,16 @@ class ImageFolderData:
                        near_duplicate_groups=len(self.duplicates.near),
                        groups_across_splits=len(self.groups_across_splits()),
                        dedupe_split=self.dedupe_split, unreadable=len(self.scan.unreadable),
-                       presplit=self.scan.presplit is not None)
+                       presplit=self.scan.presplit is not None, excluded=len(self.edits.exclude),
+                       relabelled=len(self.relabelled))
         return summary
 
     def options(self) -> dict:
         """The constructor's arguments (cache aside): ImageFolderData(**options) splits the same way."""
         return {"root": str(self.root.resolve()), "val": self.val, "test": self.test, "seed": self.seed,
                 "near_duplicates": self.near_duplicates, "dedupe_split": self.dedupe_split,
-                "max_pixels": self.max_pixels, "min_classes": self.min_classes, "layout": self.layout}
+                "max_pixels": self.max_pixels, "min_classes": self.min_classes, "layout": self.layout,
+                **self.edits.to_options()}
 
     def split_record(self) -> dict:
         """What split.json holds: the exact file lists and the duplicate groups, relative to root."""
@@ -143,4 +165,7 @@ class ImageFolderData:
         record["near_duplicate_group_files"] = scan.relative_groups(self.duplicates.near)
         record["unreadable"] = [{"file": str(p), "reason": r} for p, r in scan.unreadable]
         record["notes"] = self.notes()
+        record["excluded"] = [item.file for item in self.edits.exclude]
+        record["relabelled"] = self.relabelled
+        record["edit_sources"] = dict(self.edits.sources)
         return record

@@ -25,14 +25,17 @@ from ..data.decode import sha256_of
 from ..devices import resolve_device
 from ..errors import ConfigError, ExportError
 from ..evaluation.metrics import probability_agreement
-from ..inference.bundle import INT8_FILE, ONNX_FILE, BundleConfig, load_network, read_config, record_export
+from ..inference.bundle import (INT8_FILE, ONNX_FILE, BundleConfig, load_network, load_trust,
+                                read_config, record_export)
 from ..inference.engines import OnnxEngine, TorchEngine
 from ..inference.predictor import Predictor
+from ..inference.trust import Trust
+from ..models.network import WithFeatures
 from ..options import check
 from ..rundir.atomic import atomic_path, check_writable
 from ..rundir.layout import RunDir, read_json
 
-INPUT_NAME, OUTPUT_NAME = OnnxEngine.INPUT, OnnxEngine.OUTPUT
+INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = OnnxEngine.INPUT, OnnxEngine.OUTPUT, OnnxEngine.FEATURES
 # The torch.export-based exporter writes opset 18 natively; asking it for 17 runs a version
 # converter that failed on EfficientNet (ReduceMean's axes) and then silently kept opset 18.
 DEFAULT_OPSET = 18
@@ -110,7 +113,8 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
             raise ExportError(f"{out}: asked for opset {opset}, the exporter wrote {written}; "
                               f"use --opset {written}")
         parity = measure_parity(net, OnnxEngine(staged, config.preprocessing), config, images, labels,
-                                batch_size=batch_size, workers=workers, device=resolve_device(device))
+                                batch_size=batch_size, workers=workers, device=resolve_device(device),
+                                trust=load_trust(model_dir, config))
         if not quantize and parity["max_abs_prob_diff"] > FP32_TOLERANCE:
             raise ExportError(
                 f"{out}: not written; onnxruntime's probabilities differ from torch's by up to "
@@ -128,11 +132,13 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
 def _export_graph(net: torch.nn.Module, config: BundleConfig, path: Path, opset: int) -> None:
     """torch.onnx.export with the torch.export-based ("dynamo") exporter: the TorchScript one works
     on these models too but is deprecated and warns that it will be removed. One file (no external
-    data), so its sha256 covers everything; the batch axis is dynamic."""
+    data), so its sha256 covers everything; the batch axis is dynamic. The graph outputs the
+    penultimate features beside the logits, which novelty is scored on."""
     example = torch.zeros(2, *config.preprocessing.input_size)  # a size-1 axis would be fixed
     try:
-        torch.onnx.export(net, (example,), str(path), dynamo=True, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        torch.onnx.export(WithFeatures(net), (example,), str(path), dynamo=True,
+                          opset_version=opset, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME, FEATURES_NAME],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                           verbose=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises many types, all fatal here
@@ -172,29 +178,35 @@ def _opset_of(path: Path) -> int:
 def measure_parity(net: torch.nn.Module, engine: OnnxEngine, config: BundleConfig,
                    images: Sequence[str | Path] | None = None, labels: Sequence[int] | None = None,
                    *, batch_size: int = 32, workers: int | None = None,
-                   device: torch.device | str = "cpu") -> dict:
-    """How closely `engine` reproduces the torch network's fp32 probabilities (see export_onnx); the
-    torch reference runs on `device`."""
+                   device: torch.device | str = "cpu", trust: Trust | None = None) -> dict:
+    """How closely `engine` reproduces the torch network's fp32 probabilities, and novelty when the
+    bundle scores it (see export_onnx); the torch reference runs on `device`. `trust`: the
+    bundle's (load_trust), through which both answer."""
     pre = config.preprocessing
-    reference = Predictor(TorchEngine(net, pre, device), config.classes, pre)
-    candidate = Predictor(engine, config.classes, pre)
+    reference = Predictor(TorchEngine(WithFeatures(net), pre, device), config.classes, pre,
+                          trust=trust)
+    candidate = Predictor(engine, config.classes, pre, trust=trust)
     if images:
-        expected, errors = reference.predict_proba(images, batch_size=batch_size, workers=workers,
-                                                   precision="32")
-        got, _ = candidate.predict_proba(images, batch_size=batch_size, workers=workers)
+        expected, errors = reference.predict_scores(images, batch_size=batch_size, workers=workers,
+                                                    precision="32")
+        got, _ = candidate.predict_scores(images, batch_size=batch_size, workers=workers)
         read = np.array([not error for error in errors])
         if not read.any():
             raise ConfigError(f"none of the {len(images)} parity images could be read "
                               f"(first: {images[0]}: {errors[0]})")
-        expected, got, source = expected[read], got[read], "images"
+        source = "images"
     else:
         generator = torch.Generator().manual_seed(0)
         pixels = torch.randint(0, 256, (NOISE_IMAGES, *pre.input_size), generator=generator,
                                dtype=torch.uint8)
-        expected = reference.predict_batch(pixels, precision="32").numpy()
-        got = candidate.predict_batch(pixels).numpy()
-        source = "random-noise"
-    parity = {"source": source, "images": len(expected), **probability_agreement(expected, got)}
+        expected = reference.score_batch(pixels, precision="32")
+        got = candidate.score_batch(pixels)
+        read, source = np.ones(NOISE_IMAGES, dtype=bool), "random-noise"
+    parity = {"source": source, "images": int(read.sum()),
+              **probability_agreement(expected.proba[read], got.proba[read])}
+    if expected.novelty is not None and got.novelty is not None:
+        parity["max_abs_novelty_diff"] = float(np.abs(expected.novelty - got.novelty)[read].max())
+    expected, got = expected.proba[read], got.proba[read]
     if labels is not None and images:
         truth = np.asarray(labels)[read]
         torch_accuracy = float((expected.argmax(1) == truth).mean())
@@ -220,7 +232,10 @@ def _record_export(model_dir: Path, out: Path, config: BundleConfig, result: Exp
                         "expects": "resized, centre-cropped, (pixel / 255 - mean) / std; see "
                                    "preprocessing"},
               "output": {"name": OUTPUT_NAME, "shape": ["batch", len(config.classes)],
-                         "expects": "logits; softmax gives the probabilities"},
+                         "expects": "logits; softmax(logits / trust.temperature) gives the "
+                                    "probabilities"},
+              "features": {"name": FEATURES_NAME, "expects": "penultimate features; novelty is "
+                                                             "scored on them (trust.novelty)"},
               "parity": result.parity,
               "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                            "onnxruntime": onnxruntime.__version__}}

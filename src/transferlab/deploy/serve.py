@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..data.decode import SUPPORTED_FORMATS
 from ..inference.backends import load_model
-from ..inference.predictor import Prediction
+from ..inference.predictor import Scores
 from ..options import check
 from ..process import scoped_environment
 from .batching import MicroBatcher
@@ -85,7 +85,10 @@ class TopClass(BaseModel):
 
 class FilePrediction(BaseModel):
     file: str
+    label: str  # the top class, or "unknown" when the service rejects unknown inputs
     top_k: list[TopClass]
+    novelty: float | None = None  # higher: less like the training images (bundles that have a bank)
+    unknown: bool | None = None  # novelty over the bundle's threshold
 
 
 class PredictResponse(BaseModel):
@@ -114,10 +117,11 @@ class Classifier:
     MicroBatcher (max_batch > 1), or on each request's images on their own (max_batch == 1)."""
 
     def __init__(self, model_dir: str | Path, backend: str, limits: ServiceLimits,
-                 max_batch: int, window_ms: float, device: str = "auto"):
+                 max_batch: int, window_ms: float, device: str = "auto",
+                 reject_unknown: bool = False):
         check({"max_batch": max_batch, "batch_window_ms": window_ms})
         self.predictor = load_model(model_dir, backend=backend, device=device)
-        self.backend, self.limits = backend, limits
+        self.backend, self.limits, self.reject_unknown = backend, limits, reject_unknown
         self.decoders = Threads("decode", os.cpu_count() or 1)
         self.network = Threads("network")
         self.batcher = (MicroBatcher(self.run_batch, max_batch, window_ms, self.network.run)
@@ -127,9 +131,10 @@ class Classifier:
         self.decoders.close()
         self.network.close()
 
-    def run_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Probabilities for uint8 CHW images, one row each (called in a worker thread)."""
-        return list(self.predictor.predict_batch(torch.stack(images)))
+    def run_batch(self, images: list[torch.Tensor]) -> list[Scores]:
+        """Scores for uint8 CHW images, one each (called in the network's thread)."""
+        scores = self.predictor.score_batch(torch.stack(images))
+        return [scores.row(i) for i in range(len(images))]
 
     async def predict(self, uploads: list[Upload], top_k: int) -> list[dict]:
         images = await asyncio.gather(*(self._decode(upload) for upload in uploads),
@@ -141,7 +146,7 @@ class Classifier:
             rows = await asyncio.gather(*(self.batcher.submit(image) for image in images))
         else:
             rows = await self.network.run(self.run_batch, images)
-        return [Prediction(upload.name, self.predictor.top_k(row, top_k)).to_dict()
+        return [self.predictor.prediction(upload.name, row, 0, top_k, self.reject_unknown).to_dict()
                 for upload, row in zip(uploads, rows)]
 
     async def _decode(self, upload: Upload) -> torch.Tensor:
@@ -158,7 +163,11 @@ class Classifier:
         """GET /model: what the model is, how it was trained and what the service accepts."""
         config, pre = self.predictor.config, self.predictor.preprocessing
         training = config.training
+        novelty = self.predictor.trust.novelty
         return {**self.summary(), "classes": self.predictor.classes,
+                "trust": {"temperature": self.predictor.trust.temperature,
+                          "novelty_threshold": novelty.threshold if novelty else None,
+                          "reject_unknown": self.reject_unknown},
                 "input_size": list(pre.input_size), "preprocessing": pre.to_dict(),
                 "transferlab_version": config.transferlab_version,
                 "training": {"strategy": training.get("strategy"), "weights": training.get("weights"),
@@ -192,7 +201,8 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
                max_pixels: int = ServiceLimits.max_pixels, max_files: int = ServiceLimits.max_files,
                max_concurrent: int = ServiceLimits.max_concurrent, top_k: int = DEFAULT_TOP_K,
                max_batch: int = DEFAULT_MAX_BATCH, batch_window_ms: float = DEFAULT_WINDOW_MS,
-               device: str = "auto", allowed_hosts: list[str] | None = None) -> FastAPI:
+               device: str = "auto", allowed_hosts: list[str] | None = None,
+               reject_unknown: bool = False) -> FastAPI:
     """The service for the bundle in `model_dir` (loaded now, so a bad bundle fails here), on
     `device` (auto: a GPU when there is one).
 
@@ -200,11 +210,13 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
     max_batch: images per model call across concurrent requests (1: no batching across requests);
     batch_window_ms: how long a batch waits for more images after its first;
     allowed_hosts: the Host headers answered (None: any; `serve` defaults to loopback names when
-    it listens on a loopback address).
+    it listens on a loopback address);
+    reject_unknown: answer "unknown" instead of a class for an input over the novelty threshold.
     """
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files, max_concurrent)
     check({"top_k": top_k})
-    classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms, device)
+    classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms, device,
+                            reject_unknown)
 
     parser = Threads("multipart")
 

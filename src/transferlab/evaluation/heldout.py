@@ -1,6 +1,7 @@
-"""A trained model measured on the held-out splits of its data: val and test probabilities (from the
-Predictor that will serve it, unless the strategy already has them), the metrics of metrics.json,
-how much a leaky split flatters the test score, and how far bf16 predictions are from fp32."""
+"""A trained model measured on the held-out splits of its data: its trust fitted (temperature and
+novelty bank), val and test probabilities through it (from the Predictor that will serve it, unless
+the strategy already has the raw outputs), the metrics of metrics.json, how much a leaky split
+flatters the test score, and how far bf16 predictions are from fp32."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..data.folder import ImageFolderData
-from ..inference.predictor import Predictor
-from .metrics import classification_metrics, probability_agreement
+from ..inference.predictor import NetworkOutputs, Predictor
+from ..inference.trust import Trust
+from .metrics import (classification_metrics, expected_calibration_error, log_loss,
+                      probability_agreement)
+from .trust import fit_trust, training_outputs
 
 log = logging.getLogger(__name__)
 
@@ -24,26 +29,70 @@ MIN_PARITY_AGREEMENT = 0.98
 
 @dataclass
 class HeldOutResult:
-    probabilities: dict[str, np.ndarray]  # per split: (images, classes)
+    probabilities: dict[str, np.ndarray]  # per split: (images, classes), calibrated
     metrics: dict[str, dict]  # per split: classification_metrics (+ "leakage" in test)
     parity: dict  # bf16 vs fp32 on validation images; empty in fp32
+    trust: Trust  # the temperature and novelty bank fitted on this run's data
+    novelty: dict[str, np.ndarray | None]  # per split: each image's novelty, None without a bank
+    unknown: dict[str, np.ndarray | None]  # per split: novelty over the threshold
 
 
 def evaluate_held_out(predictor: Predictor, data: ImageFolderData, *, batch_size: int = 32,
                       workers: int | None = None, precision: str = "auto",
-                      probabilities: dict[str, np.ndarray] | None = None,
+                      outputs: dict[str, NetworkOutputs] | None = None,
                       show_progress: bool = False) -> HeldOutResult:
-    """Predict val and test with `predictor` (unless `probabilities` are given) and measure them."""
-    probabilities = probabilities or {
-        name: predictor.predict_proba(data.files(name), batch_size=batch_size, workers=workers,
-                                      precision=precision, show_progress=show_progress)[0]
-        for name in HELD_OUT}
-    metrics = {name: classification_metrics(np.array(data.labels(name)), probabilities[name],
-                                            data.classes) for name in HELD_OUT}
+    """Fit the trust of the model behind `predictor` (a temperature on val, a novelty bank of
+    training features thresholded on val), then measure val and test with it. The raw outputs come
+    from the predictor unless the strategy has them (`outputs`, by split; train optional)."""
+    options = {"batch_size": batch_size, "workers": workers, "precision": precision}
+    outputs = dict(outputs or {name: predictor.predict_outputs(data.files(name), **options,
+                                                               show_progress=show_progress)[0]
+                               for name in HELD_OUT})
+    labels = {name: np.array(data.labels(name), dtype=np.int64) for name in HELD_OUT}
+    if "train" in outputs:
+        train, train_labels = outputs["train"], np.array(data.labels("train"), dtype=np.int64)
+    else:
+        train, train_labels = training_outputs(predictor, data, **options)
+    trust = fit_trust(train, train_labels, outputs["val"], labels["val"], seed=data.seed)
+    measured = {name: measure(outputs[name], labels[name], data.classes, trust)
+                for name in HELD_OUT}
+    metrics = {name: measured[name].metrics for name in HELD_OUT}
+    probabilities = {name: measured[name].proba for name in HELD_OUT}
     if data.groups_across_splits():
         metrics["test"]["leakage"] = leakage(data, probabilities["test"])
-    parity = precision_parity(predictor, data, probabilities["val"], batch_size, precision)
-    return HeldOutResult(probabilities, metrics, parity)
+    calibrated = Predictor(predictor.engine, predictor.classes, predictor.preprocessing,
+                           config=predictor.config, trust=trust)
+    parity = precision_parity(calibrated, data, probabilities["val"], batch_size, precision)
+    return HeldOutResult(probabilities, metrics, parity, trust,
+                         {name: measured[name].novelty for name in HELD_OUT},
+                         {name: measured[name].unknown for name in HELD_OUT})
+
+
+@dataclass
+class Measured:
+    proba: np.ndarray
+    metrics: dict
+    novelty: np.ndarray | None = None
+    unknown: np.ndarray | None = None
+
+
+def measure(outputs: NetworkOutputs, labels: np.ndarray, classes: list[str], trust: Trust,
+            seed: int = 0) -> Measured:
+    """The metrics of raw outputs answered through `trust`: classification_metrics of the calibrated
+    probabilities, the ECE before calibration beside it, and the share flagged unknown."""
+    proba = trust.probabilities(torch.from_numpy(outputs.logits)).numpy()
+    metrics = classification_metrics(labels, proba, classes, seed)
+    measured = Measured(proba, metrics)
+    if len(labels):
+        before = outputs.softmax()
+        metrics.update(ece_uncalibrated=expected_calibration_error(labels, before),
+                       loss_uncalibrated=log_loss(labels, before), temperature=trust.temperature)
+    if trust.novelty is not None and outputs.features is not None:
+        measured.novelty = trust.novelty.score(torch.from_numpy(outputs.features)).numpy()
+        measured.unknown = measured.novelty > trust.novelty.threshold
+        if len(labels):
+            metrics["unknown_rate"] = float(measured.unknown.mean())
+    return measured
 
 
 def leakage(data: ImageFolderData, proba: np.ndarray) -> dict:

@@ -4,8 +4,9 @@ torchmetrics for calibration, scipy for the bootstrap interval."""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, log_loss,
+from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score,
                              precision_recall_fscore_support, roc_auc_score)
+from sklearn.metrics import log_loss as sklearn_log_loss
 
 CALIBRATION_BINS = 15  # the usual choice for expected calibration error (Guo et al., 2017)
 BOOTSTRAP_RESAMPLES = 2000
@@ -26,7 +27,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
     return {
         "accuracy": float(accuracy_score(y_true, predicted)),
         "accuracy_ci95": accuracy_interval(y_true == predicted, seed),
-        "loss": float(log_loss(y_true, np.clip(proba, 1e-7, 1.0), labels=labels)),
+        "loss": log_loss(y_true, proba),
         "macro_f1": float(f1_score(y_true, predicted, labels=labels, average="macro", zero_division=0)),
         "roc_auc": roc_auc(y_true, proba),
         "ece": expected_calibration_error(y_true, proba),
@@ -36,6 +37,12 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
                       for i, name in enumerate(classes)},
         "confusion_matrix": confusion_matrix(y_true, predicted, labels=labels).tolist(),
     }
+
+
+def log_loss(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes, probabilities clipped at 1e-7."""
+    return float(sklearn_log_loss(y_true, np.clip(proba, 1e-7, 1.0),
+                                  labels=list(range(proba.shape[1]))))
 
 
 def accuracy_interval(correct: np.ndarray, seed: int = 0) -> list[float]:

@@ -9,20 +9,27 @@ import torch
 
 from ..devices import resolve_device
 from ..options import check
-from .bundle import BundleConfig, checked_export, load_network, read_config
+from ..errors import BundleError
+from ..models.network import WithFeatures
+from .bundle import BundleConfig, checked_export, load_network, load_trust, read_config
 from .engines import Engine, OnnxEngine, TorchEngine
 from .predictor import Predictor
 
 
 def _torch_engine(folder: Path, device: torch.device) -> tuple[Engine, BundleConfig]:
     net, config = load_network(folder)
-    return TorchEngine(net, config.preprocessing, device), config
+    module = WithFeatures(net) if config.trust.get("novelty") else net
+    return TorchEngine(module, config.preprocessing, device), config
 
 
 def _onnx_engine(folder: Path, device: torch.device) -> tuple[Engine, BundleConfig]:
     path = checked_export(folder)
     config = read_config(folder)
-    return OnnxEngine(path, config.preprocessing, device), config
+    engine = OnnxEngine(path, config.preprocessing, device)
+    if config.trust.get("novelty") and not engine.has_features:
+        raise BundleError(f"{path} was exported before the bundle scored novelty: export it again "
+                          f"with `transferlab export {folder}`")
+    return engine, config
 
 
 # How each backend runs a bundle; `load_model(backend=NAME)`.
@@ -34,6 +41,8 @@ def load_model(folder: str | Path, backend: str = "torch", device: str = "auto")
     model.onnx in onnxruntime (see `transferlab export`), on `device` (auto: a GPU when there is
     one). Every backend predicts through the same decoding, batching and softmax."""
     check({"backend": backend, "device": device}, {"backend": BACKENDS})
-    engine, config = BACKENDS[backend](Path(folder), resolve_device(device))
-    return Predictor(engine, config.classes, config.preprocessing, config=config)
+    folder = Path(folder)
+    engine, config = BACKENDS[backend](folder, resolve_device(device))
+    return Predictor(engine, config.classes, config.preprocessing, config=config,
+                     trust=load_trust(folder, config))
 

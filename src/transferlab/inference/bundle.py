@@ -3,7 +3,8 @@ without unpickling anything (backends.py turns one into a Predictor on any engin
 
 The weights' sha256 is checked before they are used, and every field of config.json is validated:
 a bundle may come from anywhere. Exports (deploy/export.py) live in the bundle too, each recorded
-under "exports" with its own sha256, which is checked before an engine runs it.
+under "exports" with its own sha256, which is checked before an engine runs it; so is the novelty
+bank (novelty.safetensors, under "trust" with the temperature; see trust.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import BundleError
 from ..models.heads import HeadSpec, build_head
 from ..models.network import ClassifierNet
 from ..rundir.atomic import temporary_folder_beside, write_json
+from .trust import NOVELTY_FILE, Novelty, Trust
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -41,14 +43,16 @@ class BundleConfig:
     cut_layer: int | None = None
     training: dict = field(default_factory=dict)
     exports: dict = field(default_factory=dict)
+    trust: dict = field(default_factory=dict)  # Trust.to_dict() with the novelty file's sha256
     format_version: int = FORMAT_VERSION
     transferlab_version: str = __version__
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data.update(head=self.head.to_dict(), preprocessing=self.preprocessing.to_dict())
-        if not self.exports:
-            del data["exports"]  # a bundle lists its exports once it has one
+        for name in ("exports", "trust"):
+            if not data[name]:
+                del data[name]  # a bundle lists its exports once it has one; older ones had no trust
         return data
 
     @classmethod
@@ -64,9 +68,10 @@ class BundleConfig:
         cut_layer = data.get("cut_layer")
         if cut_layer is not None and (not isinstance(cut_layer, int) or isinstance(cut_layer, bool)):
             raise ValueError(f"cut_layer={cut_layer!r}: expected a feature stage index")
-        for name in ("training", "exports"):
+        for name in ("training", "exports", "trust"):
             if not isinstance(data.get(name, {}), dict):
                 raise ValueError(f"{name}: expected an object")
+        Trust.check_record(data.get("trust", {}))
         head = _parse("head", HeadSpec.from_dict, data)
         if head.num_classes != len(classes):
             raise ValueError(f"head: {head.num_classes} outputs for {len(classes)} classes")
@@ -74,6 +79,7 @@ class BundleConfig:
                    preprocessing=_parse("preprocessing", Preprocessing.from_dict, data),
                    weights_sha256=data["weights_sha256"], cut_layer=cut_layer,
                    training=data.get("training", {}), exports=data.get("exports", {}),
+                   trust=data.get("trust", {}),
                    format_version=data["format_version"],
                    transferlab_version=data.get("transferlab_version", "unknown"))
 
@@ -90,8 +96,10 @@ def _parse(name: str, parse, data: dict):
 
 
 def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes: list[str],
-               head: HeadSpec, preprocessing: Preprocessing, training: dict | None = None) -> Path:
-    """Write the bundle into `folder`, replacing any bundle there only once the new one is complete."""
+               head: HeadSpec, preprocessing: Preprocessing, training: dict | None = None,
+               trust: Trust | None = None) -> Path:
+    """Write the bundle into `folder`, replacing any bundle there only once the new one is complete.
+    `trust`: the temperature and novelty bank its answers go through (inference/trust.py)."""
     from safetensors.torch import save
 
     folder = Path(folder)
@@ -104,7 +112,7 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
         (staging / WEIGHTS_FILE).write_bytes(save(tensors))
         config = BundleConfig(backbone=backbone, classes=list(classes), head=head,
                               preprocessing=preprocessing, cut_layer=net.cut_layer,
-                              training=training or {},
+                              training=training or {}, trust=_save_trust(staging, trust),
                               weights_sha256=sha256_of(staging / WEIGHTS_FILE))
         write_config(staging, config)
         if folder.exists():
@@ -118,6 +126,37 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _save_trust(folder: Path, trust: Trust | None) -> dict:
+    from safetensors.torch import save
+
+    if trust is None:
+        return {}
+    record = trust.to_dict()
+    if trust.novelty is not None:
+        (folder / NOVELTY_FILE).write_bytes(save(trust.novelty.tensors()))
+        record["novelty"]["sha256"] = sha256_of(folder / NOVELTY_FILE)
+    return record
+
+
+def load_trust(folder: str | Path, config: BundleConfig) -> Trust:
+    """The bundle's temperature and novelty bank (checked against the sha256 config.json records);
+    a bundle from before them gives plain softmax and no novelty."""
+    from safetensors.torch import load_file
+
+    record = config.trust
+    if not record.get("novelty"):
+        return Trust(record.get("temperature", 1.0))
+    path = Path(folder) / NOVELTY_FILE
+    if not path.is_file() or sha256_of(path) != record["novelty"]["sha256"]:
+        raise BundleError(f"{path}: missing, or its sha256 does not match config.json; re-save or "
+                          "re-train the model")
+    try:
+        novelty = Novelty.from_parts(record["novelty"], load_file(str(path)))
+    except Exception as error:  # noqa: BLE001 - a bundle may come from anywhere
+        raise BundleError(f"{path}: not a usable novelty bank ({error}); re-train the model") from None
+    return Trust(record.get("temperature", 1.0), novelty)
 
 
 def write_config(folder: str | Path, config: BundleConfig) -> None:

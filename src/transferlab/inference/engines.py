@@ -23,8 +23,12 @@ from ..errors import BundleError, ConfigError
 class Engine(Protocol):
     device: torch.device
 
-    def __call__(self, images: torch.Tensor, precision: str = "32") -> torch.Tensor:
-        """uint8 NCHW images -> float32 outputs (logits or features) on the CPU."""
+    def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
+        """uint8 NCHW images -> float32 outputs on the CPU: one tensor (logits, or a backbone's
+        features), or a tuple (logits, penultimate features) for a network WithFeatures."""
+
+
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 class TorchEngine:
@@ -37,20 +41,23 @@ class TorchEngine:
         self.pre = pre
         self.module = module.eval().to(self.device, memory_format=torch.channels_last)
 
-    def __call__(self, images: torch.Tensor, precision: str = "32") -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
         with torch.inference_mode():
             batch = normalize(images.to(self.device, non_blocking=True), self.pre)
             with autocast(self.device, precision):
                 outputs = self.module(batch)
+            if isinstance(outputs, tuple):
+                return tuple(output.float().cpu() for output in outputs)
             return outputs.float().cpu()
 
 
 class OnnxEngine:
     """An exported model in onnxruntime: the CPU provider, or CUDA's for a CUDA device when the
     installed onnxruntime has it (onnxruntime-gpu). The graph runs in the types it was exported with,
-    so the only precision it takes is 32 (`auto` resolves to it)."""
+    so the only precision it takes is 32 (`auto` resolves to it). A graph exported with features
+    gives (logits, features), like a torch network WithFeatures."""
 
-    INPUT, OUTPUT = "images", "logits"
+    INPUT, OUTPUT, FEATURES = "images", "logits", "features"
 
     def __init__(self, path: str | Path, pre: Preprocessing, device: torch.device | str = "cpu"):
         import onnxruntime
@@ -74,11 +81,21 @@ class OnnxEngine:
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise BundleError(f"{path}: onnxruntime cannot load it ({error}); export it again with "
                               "`transferlab export`") from None
+        names = {output.name for output in self.session.get_outputs()}
+        if self.OUTPUT not in names:
+            raise BundleError(f"{path}: the graph has no {self.OUTPUT!r} output; export it again "
+                              "with `transferlab export`")
+        self.outputs = [name for name in (self.OUTPUT, self.FEATURES) if name in names]
 
-    def __call__(self, images: torch.Tensor, precision: str = "32") -> torch.Tensor:
+    @property
+    def has_features(self) -> bool:
+        return self.FEATURES in self.outputs
+
+    def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
         batch = normalize(images, self.pre, channels_last=False)
         array = np.ascontiguousarray(batch.numpy())
-        return torch.from_numpy(self.session.run([self.OUTPUT], {self.INPUT: array})[0])
+        outputs = [torch.from_numpy(o) for o in self.session.run(self.outputs, {self.INPUT: array})]
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
 
 def engine_precision(engine: Engine, precision: str) -> str:

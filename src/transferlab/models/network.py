@@ -23,10 +23,29 @@ class ClassifierNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
+    def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits, and the features the head's last layer sees (the penultimate layer: the
+        pooled backbone features for a linear head), which novelty is measured on."""
+        features = self.head[:-1](self.backbone(images))
+        return self.head[-1](features), features
+
     @property
     def cut_layer(self) -> int | None:
         """The feature stage the backbone is cut at (see CutBackbone), or None when it is whole."""
         return self.backbone.index if isinstance(self.backbone, CutBackbone) else None
+
+
+class WithFeatures(nn.Module):
+    """A ClassifierNet whose forward gives (logits, penultimate features): what an engine runs when
+    predictions carry a novelty score, and what an export's graph outputs."""
+
+    def __init__(self, net: ClassifierNet):
+        super().__init__()
+        self.net = net
+        self.train(net.training)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.logits_and_features(images)
 
 
 def feature_shape(backbone: nn.Module, pre: Preprocessing) -> tuple[int, ...]:

@@ -98,14 +98,21 @@ def roc(labels: np.ndarray, positive_scores: np.ndarray, positive: str) -> str:
     return figure_uri(fig)
 
 
-def reliability(correct: np.ndarray, confidence: np.ndarray) -> str:
-    """Top-label reliability diagram: accuracy against confidence, the picture behind the ECE."""
+def reliability(correct: np.ndarray, confidence: np.ndarray,
+                uncalibrated: np.ndarray | None = None) -> str:
+    """Top-label reliability diagram: accuracy against confidence, the picture behind the ECE; with
+    `uncalibrated` (the confidences before the temperature), both curves."""
     from sklearn.calibration import CalibrationDisplay
 
     fig = _figure(3.6, 3.4)
     ax = fig.add_subplot()
+    if uncalibrated is not None:
+        CalibrationDisplay.from_predictions(correct.astype(int), uncalibrated, n_bins=10, ax=ax,
+                                            name="before calibration", strategy="uniform",
+                                            color="#9ca3af")
     CalibrationDisplay.from_predictions(correct.astype(int), confidence, n_bins=10, ax=ax,
-                                        name="model", strategy="uniform")
+                                        name="calibrated" if uncalibrated is not None else "model",
+                                        strategy="uniform")
     ax.set_xlabel("confidence of the predicted class")
     ax.set_ylabel("fraction correct")
     ax.set_title("calibration")

@@ -16,8 +16,10 @@ from ..errors import TransferlabError
 from ..inference.bundle import load_network
 from ..models.summary import summarize
 from ..rundir.atomic import write_text
-from ..rundir.layout import RunDir, RunFiles, is_within, read_json
+from ..rundir.audit import AuditFiles
+from ..rundir.layout import RunDir, RunFiles, file_inside, read_json
 from . import plots
+from .audit import REPORT_SHOWN, audit_section
 from .tables import format_row
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,16 @@ def write_report_or_warn(folder: str | Path) -> None:
     except Exception as error:  # noqa: BLE001 - the model and metrics are already written
         log.warning("report.html not written (%s: %s); the results are complete, retry with "
                     "`transferlab report %s`", type(error).__name__, error, folder)
+
+
+def write_audit_page(folder: str | Path) -> Path:
+    """audit.html of the audit in `folder` (rundir/audit.py's files)."""
+    files = AuditFiles(folder)
+    section = audit_section(folder)
+    html = render("audit.html", {"title": f"Data audit of {Path(section['summary']['root']).name}",
+                                 "audit": section})
+    write_text(files.html, html)
+    return files.html
 
 
 def render(template: str, context: dict) -> str:
@@ -76,6 +88,7 @@ def run_context(files: RunFiles) -> dict:
         "results": _results(test, classes, files),
         "wrong": _confidently_wrong(files, root),
         "model": _model(model_dir),
+        "audit": audit_section(RunDir(files.dir).audit, REPORT_SHOWN),
         "command": shlex.join(files.run.get("command") or []) or None,
         "configuration": json.dumps({k: v for k, v in files.run.items() if k not in ("command",)},
                                     indent=2, sort_keys=True),
@@ -121,7 +134,13 @@ def _headline(metrics: dict) -> list[tuple[str, str]]:
         cards.append(("macro F1", _num(test.get("macro_f1")), f"loss {_num(test.get('loss'))}"))
         if test.get("roc_auc") is not None:
             cards.append(("ROC-AUC", _num(test["roc_auc"]), ""))
-        cards.append(("calibration error", _num(test.get("ece")), "ECE, 15 bins"))
+        before = test.get("ece_uncalibrated")
+        cards.append(("calibration error", _num(test.get("ece")), "ECE, 15 bins" + (
+            f"; {_num(before)} before temperature {test['temperature']:.2f}"
+            if before is not None and test.get("temperature") else "")))
+        if test.get("unknown_rate") is not None:
+            cards.append(("flagged unknown", _pct(test["unknown_rate"]),
+                          "of test images; the threshold passes 95% of val"))
     if val.get("accuracy") is not None:
         cards.append(("val accuracy", _pct(val["accuracy"]), f"loss {_num(val.get('loss'))}"))
     if metrics.get("epochs_run"):
@@ -176,10 +195,21 @@ def _results(test: dict, classes: list[str], files: RunFiles) -> dict | None:
         labels, proba = table.labels[rows], table.proba[rows]
         if len(rows):
             predicted = proba.argmax(1)
-            result["reliability"] = plots.reliability(predicted == labels, proba.max(1))
+            result["reliability"] = plots.reliability(predicted == labels, proba.max(1),
+                                                      _before_temperature(proba, test))
             if len(classes) == 2 and len(np.unique(labels)) == 2:
                 result["roc"] = plots.roc(labels == 1, proba[:, 1], classes[1])
     return result
+
+
+def _before_temperature(proba: np.ndarray, test: dict) -> np.ndarray | None:
+    """The top-class confidences before calibration: softmax(z / T) raised to the power T and
+    normalised is softmax(z), so predictions.csv and the temperature are enough."""
+    temperature = test.get("temperature")
+    if not temperature or temperature == 1:
+        return None
+    raw = np.power(np.clip(proba, 1e-12, 1.0), temperature)
+    return (raw / raw.sum(1, keepdims=True)).max(1)
 
 
 def _confidently_wrong(files: RunFiles, root: Path) -> list[dict]:
@@ -191,17 +221,8 @@ def _confidently_wrong(files: RunFiles, root: Path) -> list[dict]:
         predicted = int(table.proba[row].argmax())
         shown.append({"file": table.files[row], "true": table.classes[table.labels[row]],
                       "predicted": table.classes[predicted], "confidence": float(table.proba[row, predicted]),
-                      "image": plots.thumbnail(_inside(root, table.files[row]))})
+                      "image": plots.thumbnail(file_inside(root, table.files[row]))})
     return shown
-
-
-def _inside(root: Path, name: str) -> Path | None:
-    """root/name when `name` is a relative path that stays inside `root`, else None: a report
-    shows pictures of the data set, never another file a crafted predictions.csv names."""
-    path = Path(name)
-    if path.is_absolute() or ".." in path.parts or not is_within(root / path, root):
-        return None
-    return root / path
 
 
 def _model(model_dir: Path | None) -> dict | None:

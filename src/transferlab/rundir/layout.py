@@ -13,6 +13,8 @@ A run (train), an evaluation (evaluate) and a comparison (compare) are folders l
     checkpoints/      last.ckpt and best.ckpt (trained strategies)
     logs/             TensorBoard event files
     comparison.json   (a comparison) the rows of the table; marks the folder as a comparison
+    audit/            the data audit of the training split (rundir/audit.py; `transferlab audit`
+                      writes the same files at the top of its folder)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Iterator
 
 from ..errors import ConfigError
 from .atomic import write_json
+from .audit import AUDIT_DIR, AUDIT_FILES
 from .predictions import FILE as PREDICTIONS_FILE, PredictionTable
 
 METRICS_FILE = "metrics.json"
@@ -68,11 +71,13 @@ class RunDir:
     checkpoints = property(lambda self: self.path / CHECKPOINTS_DIR)
     last_checkpoint = property(lambda self: self.path / CHECKPOINTS_DIR / LAST_CHECKPOINT)
     comparison = property(lambda self: self.path / COMPARISON_FILE)
+    audit = property(lambda self: self.path / AUDIT_DIR)
 
 
 # What a run, an evaluation or a comparison writes: an --out holding any of them holds results.
 RUN_ENTRIES = (METRICS_FILE, RUN_FILE, SPLIT_FILE, HISTORY_FILE, REPORT_FILE, PREDICTIONS_FILE,
-               MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR, COMPARISON_FILE, *COMPARISON_TABLES)
+               MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR, COMPARISON_FILE, *COMPARISON_TABLES, AUDIT_DIR,
+               *AUDIT_FILES)
 
 
 def results_in(folder: str | Path) -> list[str]:
@@ -107,6 +112,15 @@ def is_within(path: str | Path, root: str | Path) -> bool:
     except (ValueError, OSError):
         return False
     return True
+
+
+def file_inside(root: str | Path, name: str) -> Path | None:
+    """root/name when `name` is a relative path that stays inside `root`, else None: a page shows
+    pictures of the data set only, never another file a crafted CSV names."""
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts or not is_within(Path(root) / path, root):
+        return None
+    return Path(root) / path
 
 
 def check_outside(out: Path, root: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..data.folder import ImageFolderData
 from ..errors import DataError
-from ..evaluation.metrics import classification_metrics
+from ..evaluation.heldout import measure
 from ..inference.backends import load_model
 from ..inference.bundle import read_config
 from ..inference.predictor import Predictor
@@ -70,25 +70,28 @@ def _evaluate(predictor: Predictor, model: Path, data: ImageFolderData, indices:
     files = [data.scan.images[i].path for i in indices]
     labels = np.array([to_model[data.scan.labels[i]] for i in indices], dtype=np.int64)
     started = time.perf_counter()
-    proba, errors = predictor.predict_proba(files, batch_size=batch_size, workers=workers,
-                                            precision=precision, show_progress=show_progress)
+    outputs, errors = predictor.predict_outputs(files, batch_size=batch_size, workers=workers,
+                                                precision=precision, show_progress=show_progress)
     seconds = time.perf_counter() - started
     read = np.array([not e for e in errors])
     for file, error in zip(files, errors):
         if error:
             log.warning("%s: skipped, cannot read it now (%s)", file, error)
     relative = [data.scan.relative(i) for i, ok in zip(indices, read) if ok]
+    measured = measure(outputs.select(np.flatnonzero(read)), labels[read], config.classes,
+                       predictor.trust)
 
     metrics = {"model": str(model.resolve()), "strategy": config.training.get("strategy"),
                "backbone": config.backbone, "classes": config.classes,
                "data": {"root": str(data.root.resolve()), "split": split, "images": int(read.sum()),
                         "classes": data.classes, "unreadable": len(data.scan.unreadable) + int((~read).sum())},
-               EVALUATED: classification_metrics(labels[read], proba[read], config.classes),
+               EVALUATED: measured.metrics,
                "timing": {"predict_s": round(seconds, 3),
                           "images_per_s": round(len(files) / seconds, 1) if seconds else None},
                "trained": {k: config.training.get(k) for k in ("val", "test")}}
     paths = RunDir(out)
-    PredictionTable.concat(config.classes, {EVALUATED: (relative, labels[read], proba[read])}).write(
+    PredictionTable.concat(config.classes, {EVALUATED: (
+        relative, labels[read], measured.proba, measured.novelty, measured.unknown)}).write(
         paths.predictions)
     write_run_record(out, model=metrics["model"], data=data.options(), split=split)
     write_json(paths.metrics, metrics)

@@ -21,14 +21,16 @@ from typing import Mapping
 
 from ..data.cache import default_cache_dir
 from ..data.describe import log_split
+from ..data.edits import Edits
 from ..data.folder import ImageFolderData
 from ..errors import ConfigError, DataError
 from ..evaluation.heldout import HELD_OUT, evaluate_held_out
 from ..inference.bundle import save_model
 from ..inference.engines import TorchEngine
 from ..inference.predictor import Predictor
-from ..models.backbones import count_parameters, resolve_name
-from ..options import OPTIONS
+from ..models.backbones import DEFAULT_BACKBONE, SIMPLE_CNN, count_parameters, resolve_name
+from ..models.network import WithFeatures
+from ..options import OPTIONS, check
 from ..reporting.report import write_report_or_warn
 from ..rundir.atomic import check_writable, remove_temporaries, write_json
 from ..rundir.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
@@ -38,6 +40,7 @@ from ..training.config import TrainConfig
 from ..training.strategies import FitContext, Strategy, TrainedModel, configure, get_strategy
 from ..training.strategies.base import COMMON_OPTIONS
 from ..training.trainer import is_main_process
+from .audit import Embedder, audit_training_split
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class Run:
 def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str | None = None,
           backbone: str | None = None, *, out: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, overwrite: bool = False,
-          show_progress: bool = True, **options) -> Run | None:
+          show_progress: bool = True, audit: bool | None = None, **options) -> Run | None:
     """Train `strategy` (default extract) on `data` and write a run directory (model/,
     metrics.json, split.json, ...).
 
@@ -67,10 +70,14 @@ def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str
     configuration, data and split; only `epochs` and how it runs (workers, devices, ...) may
     change. extract has no checkpoint: it starts again, and its embedding cache keeps the images a
     killed run embedded. In a distributed run, processes other than the main one return None.
+    `audit` audits the training split into RUN/audit/ and the report (default: on for extract, whose
+    embeddings are at hand, off for the others); a resumed run does what it did first.
     """
+    check({"audit": audit})
     if resume is not None:
         data, chosen, config = _resume(Path(resume), options, data=data, strategy=strategy, out=out)
         run_dir = Path(resume)
+        audit = (read_json(RunDir(run_dir).run) or {}).get("audit") if audit is None else audit
     else:
         chosen, config = configure(strategy or "extract",
                                    {"backbone": backbone, **with_default_cache(options)})
@@ -89,7 +96,8 @@ def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str
             claim_output(run_dir, overwrite)
         try:
             return _run(data, chosen, config, run_dir, resumed=resume is not None, main=main,
-                        show_progress=show_progress, started=started, scan_s=scan_s)
+                        show_progress=show_progress, started=started, scan_s=scan_s,
+                        audit=chosen.name == "extract" if audit is None else audit)
         except BaseException as error:
             if main and not isinstance(error, Exception):  # interrupted, terminated, exiting
                 log.warning("stopped; `transferlab train --resume %s` continues the run", run_dir)
@@ -105,17 +113,20 @@ def _as_data(data, config: TrainConfig) -> ImageFolderData:
 
 
 def _run(data: ImageFolderData, chosen: Strategy, config: TrainConfig, run_dir: Path, *,
-         resumed: bool, main: bool, show_progress: bool, started: float, scan_s: float) -> Run | None:
+         resumed: bool, main: bool, show_progress: bool, started: float, scan_s: float,
+         audit: bool) -> Run | None:
     log_split(data)
     paths = RunDir(run_dir)
     if main:
         if not resumed:
             write_json(paths.split, data.split_record())
-        write_run_record(run_dir, config=config.to_dict(), data=data.options())
+        write_run_record(run_dir, config=config.to_dict(), data=data.options(), audit=audit)
     model = chosen.fit(data, config, FitContext(run_dir, show_progress))
     if model is None or not main:
         return None
     metrics = _finish(data, config, run_dir, model)
+    if audit:
+        _audit(metrics, data, config, paths.audit, show_progress)
     metrics["timing"].update(scan_s=round(scan_s, 3), total_s=round(time.perf_counter() - started, 3))
     write_json(paths.metrics, metrics)
     write_report_or_warn(run_dir)
@@ -126,6 +137,27 @@ def _run(data: ImageFolderData, chosen: Strategy, config: TrainConfig, run_dir: 
     return Run(run_dir, metrics)
 
 
+def _audit(metrics: dict, data: ImageFolderData, config: TrainConfig, folder: Path,
+           show_progress: bool) -> None:
+    """The data audit of the training split (workflows/audit.py); its counts go into `metrics`
+    (`audit`) and its seconds under `timing`. A failure is a warning, not a lost run. The frozen backbone embeds the images through the
+    embedding cache (which extract has just filled): the run's own backbone when it is pretrained,
+    else the default one."""
+    pretrained = config.weights != "none" and config.backbone != SIMPLE_CNN
+    embedder = Embedder(config.backbone if pretrained else DEFAULT_BACKBONE,
+                        config.weights if pretrained else "imagenet", config.cache_dir,
+                        config.batch_size, config.workers, config.device, config.precision)
+    try:
+        summary = audit_training_split(data, folder, embedder, seed=config.seed,
+                                       show_progress=show_progress)
+    except Exception as error:  # noqa: BLE001 - the model is trained and measured already
+        log.warning("data audit not written (%s: %s); the run's other results are complete",
+                    type(error).__name__, error)
+        return
+    metrics["audit"] = summary["counts"]
+    metrics["timing"]["audit_s"] = summary["seconds"]
+
+
 def with_default_cache(options: dict) -> dict:
     """`options` with the default cache folder unless `cache_dir` was given (None turns it off)."""
     return options if "cache_dir" in options else {**options, "cache_dir": str(default_cache_dir())}
@@ -133,13 +165,14 @@ def with_default_cache(options: dict) -> dict:
 
 def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, model: TrainedModel) -> dict:
     """Measure on val and test, save the bundle and predictions.csv, and assemble metrics.json."""
-    predictor = Predictor(TorchEngine(model.network, model.preprocessing, config.device), data.classes,
-                          model.preprocessing)
-    held_out = evaluate_held_out(predictor, data, batch_size=config.batch_size, workers=config.workers,
-                                 precision=config.precision, probabilities=model.probabilities)
+    engine = TorchEngine(WithFeatures(model.network), model.preprocessing, config.device)
+    held_out = evaluate_held_out(Predictor(engine, data.classes, model.preprocessing), data,
+                                 batch_size=config.batch_size, workers=config.workers,
+                                 precision=config.precision, outputs=model.outputs)
     paths = RunDir(run_dir)
     PredictionTable.concat(data.classes, {
-        name: (data.relative_files(name), data.labels(name), held_out.probabilities[name])
+        name: (data.relative_files(name), data.labels(name), held_out.probabilities[name],
+               held_out.novelty[name], held_out.unknown[name])
         for name in HELD_OUT}).write(paths.predictions)
     total = count_parameters(model.network)
     params = {"total": total, "trainable": model.trainable, "non_trainable": total - model.trainable}
@@ -148,14 +181,14 @@ def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, model: Tr
     save_model(model.network, paths.model, backbone=resolve_name(config.backbone), classes=data.classes,
                head=model.head, preprocessing=model.preprocessing,
                training={"strategy": config.strategy, "weights": config.weights, "params": params,
-                         **short})
+                         **short}, trust=held_out.trust)
     details = dict(model.details)
     details["precision"] = {**details.get("precision", {}), **held_out.parity}
     return {"strategy": config.strategy, "backbone": config.backbone, "weights": config.weights,
             "classes": data.classes, "data": {"root": str(data.root.resolve())},
             "split": data.summary(), **held_out.metrics, "timing": model.timings.to_dict(),
             "params": params, "preprocessing": model.preprocessing.to_dict(), "train": model.train_fit,
-            **details}
+            "trust": held_out.trust.to_dict(), **details}
 
 
 def _resume(run_dir: Path, options: dict, *, data=None, strategy: str | None = None,
@@ -190,8 +223,10 @@ def _data_options(data) -> dict:
     ImageFolderData's arguments (the command line passes those the user gave)."""
     if isinstance(data, ImageFolderData):
         return data.options()
-    if isinstance(data, Mapping):
-        return {**data, "root": str(Path(data["root"]).resolve())}
+    if isinstance(data, Mapping):  # --exclude and --relabel CSVs as the lists run.json records
+        edits = Edits.given(data.get("exclude"), data.get("relabel")).to_options()
+        return {**data, "root": str(Path(data["root"]).resolve()),
+                **{name: edits[name] for name in ("exclude", "relabel") if data.get(name) is not None}}
     return {"root": str(Path(data).resolve())}
 
 

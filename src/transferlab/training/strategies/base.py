@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-import numpy as np
 from torch import nn
 
 from ...data.folder import ImageFolderData
 from ...data.transforms import Preprocessing
 from ...devices import resolve_device, resolve_precision
 from ...errors import ConfigError
+from ...inference.predictor import NetworkOutputs
 from ...models.backbones import DEFAULT_BACKBONE, create_backbone, resolve_name
 from ...models.heads import HeadSpec
 from ...models.network import ClassifierNet
@@ -61,8 +61,8 @@ class TrainedModel:
     history: list[dict] = field(default_factory=list)  # history.csv's rows (trained strategies)
     train_fit: dict = field(default_factory=dict)  # loss and accuracy on the training data
     details: dict = field(default_factory=dict)  # the strategy's own entries in metrics.json
-    # val/test probabilities when the strategy computed them already (extract, from its embeddings)
-    probabilities: dict[str, np.ndarray] | None = None
+    # raw outputs by split when the strategy computed them already (extract, from its embeddings)
+    outputs: dict[str, NetworkOutputs] | None = None
 
 
 @dataclass

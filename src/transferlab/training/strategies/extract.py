@@ -19,6 +19,7 @@ from ...data.split import SPLITS
 from ...data.transforms import Preprocessing
 from ...errors import DataError
 from ...inference.embeddings import embed_files
+from ...inference.predictor import NetworkOutputs
 from ...models.backbones import count_parameters
 from ...models.heads import HeadSpec, head_from_sklearn, pooling
 from ...models.network import ClassifierNet, build_network
@@ -64,11 +65,8 @@ class Extract(Strategy):
         spec, head = head_from_sklearn(estimator, num_classes=len(data.classes), pool=pool)
         linear = head[len(pooling(pool)):]  # the layers after pooling, which the embeddings skip
 
-        def head_proba(x: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return linear(torch.as_tensor(x, dtype=torch.float32)).softmax(1).numpy()
-
-        transplant_error = float(np.abs(head_proba(features["train"])
+        outputs = {name: _head_outputs(linear, features[name]) for name in SPLITS}
+        transplant_error = float(np.abs(outputs["train"].softmax()
                                         - estimator.predict_proba(features["train"])).max())
         if transplant_error > TRANSPLANT_TOLERANCE:
             raise RuntimeError(f"torch head differs from the fitted classifier by {transplant_error:.2e}")
@@ -81,7 +79,15 @@ class Extract(Strategy):
             details={"classifier": config.classifier,
                      "precision": {"embedding": config.precision,
                                    "transplant_max_abs_diff": transplant_error}},
-            probabilities={name: head_proba(features[name]) for name in ("val", "test")})
+            outputs=outputs)
+
+
+def _head_outputs(linear: nn.Sequential, embeddings: np.ndarray) -> NetworkOutputs:
+    """The head's logits and penultimate features for embeddings, as the saved network computes
+    them from images (ClassifierNet.logits_and_features)."""
+    with torch.no_grad():
+        features = linear[:-1](torch.as_tensor(embeddings, dtype=torch.float32))
+        return NetworkOutputs(linear[-1](features).numpy(), features.numpy())
 
 
 def _embed(data: ImageFolderData, embedder: nn.Module, pre: Preprocessing, config: TrainConfig,

@@ -1,0 +1,117 @@
+"""What a bundle knows beyond its weights, to say how far to trust an answer: a temperature that
+makes its probabilities mean what they say, and its training data's features, to score how unlike
+them an input is (novelty).
+
+Novelty is the cosine distance from an input's penultimate features to its k-th nearest training
+image (Sun et al., ICML 2022, "Out-of-Distribution Detection with Deep Nearest Neighbors"). It
+needs no assumption about the shape of each class, which class-conditional Gaussians (Lee et al.,
+2018) do; benchmarks/bench_trust.py measures both. The threshold is set on the validation split:
+THRESHOLD_QUANTILE of its images score under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+NOVELTY_FILE = "novelty.safetensors"
+NEIGHBOURS = 10  # k; measured on face-mask against 1, 5, 20 and 50 (benchmarks/bench_trust.py)
+THRESHOLD_QUANTILE = 0.95  # 95% of in-distribution validation images are not flagged
+# The training images kept to compare against: at most this many, and at most this many bytes in
+# float16, sampled evenly from every class. 4,096 Lite0 features (1,280 wide) take 10 MB; a wide
+# flattened feature map keeps fewer.
+MAX_BANK_IMAGES = 4096
+MAX_BANK_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Novelty:
+    """Unit-length features of training images, and the score over which an input is `unknown`."""
+
+    bank: torch.Tensor  # (images, features), float32 in memory, float16 on disk
+    threshold: float
+    k: int = NEIGHBOURS
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, seed: int = 0) -> "Novelty":
+        """A bank of the training features (a class-balanced sample of them when there are more
+        than the bank holds); the threshold is set later, on validation images (with_threshold)."""
+        features = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+        limit = max(1, min(MAX_BANK_IMAGES, MAX_BANK_BYTES // (2 * features.shape[1])))
+        keep = balanced_sample(np.asarray(labels), limit, seed)
+        bank = torch.nn.functional.normalize(torch.from_numpy(features[keep]), dim=1)
+        return cls(bank.half().float(), threshold=float("inf"), k=min(NEIGHBOURS, len(keep)))
+
+    def with_threshold(self, validation_features: np.ndarray) -> "Novelty":
+        scores = self.score(torch.as_tensor(validation_features)).numpy()
+        return Novelty(self.bank, float(np.quantile(scores, THRESHOLD_QUANTILE)), self.k)
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """(images,) novelty: 1 - cosine similarity to the k-th nearest bank image, in [0, 2]."""
+        unit = torch.nn.functional.normalize(features.float().reshape(len(features), -1), dim=1)
+        similarity = unit @ self.bank.T
+        return 1 - similarity.topk(self.k, dim=1).values[:, -1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.bank.half().contiguous()}
+
+    def to_dict(self) -> dict:
+        return {"method": "knn", "k": self.k, "threshold": self.threshold,
+                "bank_images": len(self.bank)}
+
+    @classmethod
+    def from_parts(cls, record: dict, tensors: dict[str, torch.Tensor]) -> "Novelty":
+        bank = tensors["bank"].float()
+        k, threshold = record["k"], record["threshold"]
+        if bank.ndim != 2 or not isinstance(k, int) or not 1 <= k <= len(bank):
+            raise ValueError(f"k={k!r} for a bank of {tuple(bank.shape)}")
+        if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+            raise ValueError(f"threshold={threshold!r}: expected a number")
+        return cls(bank, float(threshold), k)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """How a bundle's raw outputs become what it answers: probabilities = softmax(logits /
+    temperature); novelty from the penultimate features when the bundle has a bank."""
+
+    temperature: float = 1.0
+    novelty: Novelty | None = None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits.float() / self.temperature).softmax(dim=1)
+
+    def to_dict(self) -> dict:
+        record: dict = {"temperature": self.temperature}
+        if self.novelty is not None:
+            record["novelty"] = {**self.novelty.to_dict(), "file": NOVELTY_FILE}
+        return record
+
+    @classmethod
+    def check_record(cls, record: dict) -> None:
+        """A ValueError naming the field of config.json's "trust" that is wrong."""
+        temperature = record.get("temperature", 1.0)
+        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                or not 0 < temperature < float("inf")):
+            raise ValueError(f"trust.temperature={temperature!r}: expected a positive number")
+        novelty = record.get("novelty")
+        if novelty is not None and (not isinstance(novelty, dict)
+                                    or not {"k", "threshold", "sha256"} <= novelty.keys()):
+            raise ValueError("trust.novelty: expected k, threshold and sha256")
+
+
+def balanced_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Indices of at most `limit` items, as evenly spread over the classes as they allow."""
+    if len(labels) <= limit:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    chosen: list[np.ndarray] = []
+    remaining, left = limit, len(pools)
+    for pool in sorted(pools, key=len):  # small classes first: what they leave goes to the rest
+        take = min(len(pool), remaining // left)
+        chosen.append(pool[:take])
+        remaining, left = remaining - take, left - 1
+    return np.sort(np.concatenate(chosen))
