@@ -15,7 +15,8 @@ from transferlab.errors import BundleError
 from transferlab.evaluation.trust import fit_temperature, fit_trust
 from transferlab.inference.bundle import read_config
 from transferlab.inference.predictor import NetworkOutputs
-from transferlab.inference.trust import MAX_BANK_IMAGES, NOVELTY_FILE, Novelty, balanced_sample
+from transferlab.inference.trust import (MAX_BANK_BYTES, MAX_BANK_IMAGES, MAX_FEATURE_WIDTH,
+                                         NOVELTY_FILE, Novelty, balanced_sample)
 from transferlab.rundir.predictions import PredictionTable
 
 
@@ -68,12 +69,15 @@ def test_a_far_away_input_is_unknown_and_validation_mostly_passes():
 
 
 def test_the_bank_is_class_balanced_and_bounded():
-    labels = np.r_[np.zeros(10_000, dtype=int), np.ones(50, dtype=int)]
+    labels = np.r_[np.zeros(10_000, dtype=int), np.ones(50, dtype=int)]  # 50 < MAX_BANK_IMAGES / 2
     keep = balanced_sample(labels, MAX_BANK_IMAGES, seed=0)
     assert len(keep) == MAX_BANK_IMAGES
     assert (labels[keep] == 1).sum() == 50  # the small class is kept whole
-    wide = Novelty.fit(np.ones((100, 200_000), dtype=np.float32), np.zeros(100, dtype=int))
-    assert wide.bank.numel() * 2 <= 16 * 2**20  # a flattened feature map keeps fewer images
+    wide = Novelty.fit(np.random.default_rng(0).random((300, 65_536), dtype=np.float32),
+                       np.zeros(300, dtype=int))  # a flattened feature map is narrowed
+    assert wide.bank.shape == (300, MAX_FEATURE_WIDTH)
+    assert wide.bank.numel() * 2 * MAX_BANK_IMAGES / 300 <= MAX_BANK_BYTES
+    assert wide.score(torch.ones(2, 65_536)).shape == (2,)  # inputs are narrowed the same way
 
 
 def test_fit_trust_without_features_is_calibration_only():
