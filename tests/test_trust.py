@@ -68,6 +68,19 @@ def test_a_far_away_input_is_unknown_and_validation_mostly_passes():
     assert (novelty.score(torch.as_tensor(fresh)) <= novelty.threshold).float().mean() > 0.85
 
 
+def test_an_empty_split_is_measured_as_empty():  # flowers-12 has train/ and val/, no test/
+    from transferlab.evaluation.heldout import measure
+    from transferlab.inference.trust import Trust
+
+    centres = np.eye(8)[:2] * 5 + 1
+    train, labels = clusters(50, 0, centres)
+    trust = Trust(1.5, Novelty.fit(train, labels).with_threshold(train))
+    nothing = NetworkOutputs(np.zeros((0, 2), dtype=np.float32), np.zeros((0, 8), dtype=np.float32))
+    measured = measure(nothing, np.zeros(0, dtype=np.int64), ["a", "b"], trust)
+    assert measured.proba.shape == (0, 2) and measured.novelty.shape == (0,)
+    assert measured.metrics["size"] == 0
+
+
 def test_the_bank_is_class_balanced_and_bounded():
     labels = np.r_[np.zeros(10_000, dtype=int), np.ones(50, dtype=int)]  # 50 < MAX_BANK_IMAGES / 2
     keep = balanced_sample(labels, MAX_BANK_IMAGES, seed=0)

@@ -188,7 +188,7 @@ class Predictor:
         for _, (batch_logits, batch_features), batch_errors in self.iter_outputs(paths, **options):
             logits.append(batch_logits.numpy())
             if batch_features is not None:
-                features.append(batch_features.reshape(len(batch_features), -1).numpy())
+                features.append(batch_features.flatten(start_dim=1).numpy())
             errors += batch_errors
         if not logits:
             return NetworkOutputs(np.zeros((0, len(self.classes)), dtype=np.float32)), errors

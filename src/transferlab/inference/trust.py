@@ -109,7 +109,7 @@ class Trust:
 def unit(features: torch.Tensor) -> torch.Tensor:
     """(images, width) unit-length features, a wide feature map first averaged in consecutive
     groups to at most MAX_FEATURE_WIDTH."""
-    flat = features.float().reshape(len(features), -1)
+    flat = features.float().flatten(start_dim=1)
     group = math.ceil(flat.shape[1] / MAX_FEATURE_WIDTH)
     if group > 1:
         flat = torch.nn.functional.pad(flat, (0, group * math.ceil(flat.shape[1] / group)
