@@ -4,6 +4,9 @@ engine (engines.py) on its device, batch by batch."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -38,9 +41,14 @@ def run_batches(forward: Callable[[torch.Tensor, str], torch.Tensor], paths: Seq
 
 @contextlib.contextmanager
 def progress_bar(label: str, total: int, enabled: bool = True):
-    """Yield advance(n) for a Rich progress bar on stderr (stdout stays clean for JSON/CSV), or None."""
+    """Yield advance(n) for a Rich progress bar on stderr (stdout stays clean for JSON/CSV), or None.
+    When stderr is not a terminal (CI, nohup, a log file), a bar would print nothing until the end:
+    then advance(n) logs one plain line every tenth of the way instead."""
     if not enabled:
         yield None
+        return
+    if not sys.stderr.isatty():
+        yield PlainProgress(label, total)
         return
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -51,3 +59,22 @@ def progress_bar(label: str, total: int, enabled: bool = True):
     with Progress(*columns, console=Console(stderr=True)) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+class PlainProgress:
+    """advance(n) that logs "LABEL: done/total (p%, s)" each time another tenth is done."""
+
+    STEPS = 10
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done, self.logged = label, total, 0, 0
+        self.started = time.perf_counter()
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        step = self.done * self.STEPS // max(1, self.total)
+        if step > self.logged:
+            self.logged = step
+            logging.getLogger(__name__).info(
+                "%s: %d/%d (%d%%, %.0f s)", self.label, self.done, self.total,
+                100 * self.done // max(1, self.total), time.perf_counter() - self.started)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import time
 from pathlib import Path
 
@@ -68,6 +69,28 @@ class History(L.Callback):
         writer.writeheader()
         writer.writerows(self.rows)
         write_text(self.path, buffer.getvalue())
+
+
+class EpochLog(L.Callback):
+    """One plain log line per epoch, for output that is not a terminal (CI, nohup, a log file),
+    where a progress bar would stay silent for minutes."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.started = epochs, 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"{name} {float(metrics[key]):.4f}" for key, name in (
+            ("train_loss", "train loss"), ("val_loss", "val loss"), ("val_acc", "val accuracy"))
+            if key in metrics]
+        logging.getLogger(__name__).info("epoch %d/%d: %s (%.1f s)", trainer.current_epoch + 1,
+                                         self.epochs, ", ".join(parts),
+                                         time.perf_counter() - self.started)
 
 
 class Throughput(L.Callback):

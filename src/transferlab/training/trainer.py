@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..devices import lightning_accelerator, lightning_precision
 from ..errors import ConfigError, WeightsError
 from ..rundir.atomic import atomic_path
 from ..rundir.layout import BEST_CHECKPOINT, LOGS_DIR, RunDir
-from .callbacks import History, Throughput
+from .callbacks import EpochLog, History, Throughput
 
 
 @dataclass
@@ -118,8 +119,9 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
     behaviours: list[L.Callback] = [checkpoint, History(paths.history), timer, *callbacks]
     if early_stopping and has_val:
         behaviours.append(EarlyStopping(monitor="val_loss", mode="min", patience=early_stopping))
+    bars = show_progress and sys.stderr.isatty()  # else one log line per epoch (EpochLog)
     if show_progress:
-        behaviours.append(RichProgressBar())
+        behaviours.append(RichProgressBar() if bars else EpochLog(epochs))
     with _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=epochs, accelerator=distribution.accelerator, devices=distribution.devices,
@@ -127,7 +129,7 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
             precision=lightning_precision(precision),
             gradient_clip_val=grad_clip, callbacks=behaviours, plugins=[AtomicCheckpointIO()],
             logger=TensorBoardLogger(paths.path, name=LOGS_DIR, version="", default_hp_metric=False),
-            enable_progress_bar=show_progress, enable_model_summary=False, num_sanity_val_steps=0,
+            enable_progress_bar=bars, enable_model_summary=False, num_sanity_val_steps=0,
             log_every_n_steps=10, limit_val_batches=1.0 if has_val else 0)
         last = paths.last_checkpoint
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None,
