@@ -50,3 +50,17 @@ def _draw(shape: str, size: int, rng: random.Random) -> Image.Image:
     else:
         draw.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=colour)
     return image
+
+
+def synthetic_hashes(count: int, seed: int = 0) -> np.ndarray:
+    """`count` 64-bit perceptual hashes as a large photo set gives them: 90% random, 8% near copies
+    of those (0-4 bits flipped: re-encoded or resized), 2% exact repeats (copied files)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 2**64, int(count * 0.9), dtype=np.uint64, endpoint=False)
+    sources = base[rng.integers(0, len(base), int(count * 0.08))]
+    flips = np.zeros(len(sources), dtype=np.uint64)
+    for _ in range(4):
+        bit = rng.integers(0, 64, len(sources)).astype(np.uint64)
+        flips ^= np.where(rng.random(len(sources)) < 0.6, np.uint64(1) << bit, np.uint64(0))
+    repeats = base[rng.integers(0, len(base), count - len(base) - len(sources))]
+    return rng.permutation(np.concatenate([base, sources ^ flips, repeats]))
