@@ -60,6 +60,8 @@ def test_saving_over_a_bundle_replaces_it_whole(tiny_run, tmp_path):
                head=HeadSpec.from_dict(config.head.to_dict()),
                preprocessing=Preprocessing.from_dict(config.preprocessing.to_dict()))
     assert load_model(target).classes == ["a", "b"]
+    assert (target / "labels.txt").read_text(encoding="utf-8") == "a\nb\n"
+    assert not (target / "README.md").exists()  # the old bundle's card went with it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging left behind
 
 

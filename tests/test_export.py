@@ -45,8 +45,9 @@ def test_fp32_export_matches_torch_and_is_recorded(exported, tiny_run):
     assert record["sha256"] == result.sha256 and record["opset"] == result.opset == 18
     assert record["quantization"] is None and record["parity"]["tolerance"] == FP32_TOLERANCE
     assert record["input"]["shape"] == ["batch", *before["preprocessing"]["input_size"]]
-    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.onnx",
-                                                        "model.safetensors", "novelty.safetensors"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "config.json", "labels.txt",
+                                                        "model.onnx", "model.safetensors",
+                                                        "novelty.safetensors"]
     assert record["parity"]["max_abs_novelty_diff"] <= FP32_TOLERANCE
 
 
@@ -86,8 +87,8 @@ def test_an_export_that_disagrees_is_refused_and_leaves_no_file(tiny_run, image_
     monkeypatch.setattr(OnnxEngine, "__call__", skewed)
     with pytest.raises(ExportError, match="not written.*more than 0.0001"):
         export_onnx(bundle, images=_images(image_folder))
-    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors",
-                                                        "novelty.safetensors"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "config.json", "labels.txt",
+                                                        "model.safetensors", "novelty.safetensors"]
     assert (bundle / "config.json").read_bytes() == config_before
 
 

@@ -63,8 +63,8 @@ def fit_tiny(image_folder, tmp_path, strategy, epochs, extra_callbacks=(), **opt
 
 def test_head_run_directory_and_frozen_backbone(image_folder, tmp_path):
     run = train(image_folder, strategy="head", out=tmp_path / "run", epochs=2, **FAST)
-    for name in ("model/model.safetensors", "metrics.json", "history.csv", "split.json", "run.json",
-                 "checkpoints/last.ckpt"):
+    for name in ("model/model.safetensors", "model/labels.txt", "model/README.md", "metrics.json",
+                 "history.csv", "split.json", "run.json", "checkpoints/last.ckpt"):
         assert (run.dir / name).is_file(), name
     assert list((run.dir / "logs").glob("events.out.tfevents.*"))
     rows = history(run.dir)

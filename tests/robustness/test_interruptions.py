@@ -141,6 +141,8 @@ def check_run_dir(run_dir: Path, *, finished: bool) -> None:
                 _check_audit_table(path)
             elif name in ("model/config.json", "model/model.safetensors", "model/novelty.safetensors"):
                 load_model(run_dir / "model")  # checks the weights' sha256 against config.json
+            elif name in ("model/README.md", "model/labels.txt"):
+                _check_card(run_dir / "model")
             elif name.startswith("checkpoints/") and name.endswith(".ckpt"):
                 assert "state_dict" in torch.load(path, map_location="cpu", weights_only=True)
             elif name.startswith("logs/events.out.tfevents."):
@@ -154,6 +156,22 @@ def check_run_dir(run_dir: Path, *, finished: bool) -> None:
                 raise AssertionError("unexpected file: no check knows it")
         except Exception as error:
             raise AssertionError(f"{name} is not whole: {type(error).__name__}: {error}") from error
+
+
+def _check_card(model: Path) -> None:
+    """The model card starts with front matter a YAML parser reads; labels.txt lists config.json's
+    classes, one a line, ending in a newline."""
+    import yaml
+
+    classes = json.loads((model / "config.json").read_text(encoding="utf-8"))["classes"]
+    labels = (model / "labels.txt").read_text(encoding="utf-8")
+    assert labels.endswith("\n") and labels.splitlines() == classes, "labels.txt is not the classes"
+    card = model / "README.md"
+    if card.exists():  # written after the bundle: a run killed in between has none yet
+        text = card.read_text(encoding="utf-8")
+        assert text.startswith("---\n"), "no front matter"
+        meta = yaml.safe_load(text[4:].split("\n---\n", 1)[0])
+        assert meta["library_name"] == "transferlab" and "## How to use" in text
 
 
 def _check_audit_table(path: Path) -> None:

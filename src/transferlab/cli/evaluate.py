@@ -81,9 +81,11 @@ def print_metrics(metrics: dict, classes: list[str], title: str) -> None:
 
 @app.command()
 def report(folder: Path = typer.Argument(..., help="A run, evaluation or comparison folder.")):
-    """(Re)write FOLDER/report.html from the files a run, evaluation or comparison left there."""
+    """(Re)write FOLDER/report.html from the files a run, evaluation or comparison left there, and a
+    training run's model card (model/README.md)."""
     setup_logging(verbose=False)
     from ..errors import TransferlabError
+    from ..reporting.model_card import write_model_card_or_warn
     from ..reporting.report import write_report
 
     try:
@@ -95,3 +97,4 @@ def report(folder: Path = typer.Argument(..., help="A run, evaluation or compari
                   f"({type(error).__name__}: {escape(str(error)[:300])})", highlight=False)
         raise typer.Exit(1) from None
     out.print(f"wrote [bold]{escape(str(path))}[/]")
+    write_model_card_or_warn(folder)

@@ -4,7 +4,9 @@ without unpickling anything (backends.py turns one into a Predictor on any engin
 The weights' sha256 is checked before they are used, and every field of config.json is validated:
 a bundle may come from anywhere. Exports (deploy/export.py) live in the bundle too, each recorded
 under "exports" with its own sha256, which is checked before an engine runs it; so is the novelty
-bank (novelty.safetensors, under "trust" with the temperature; see trust.py).
+bank (novelty.safetensors, under "trust" with the temperature; see trust.py). labels.txt lists the
+classes, one a line in output order, for tools that read no config.json; README.md, the model card,
+is written beside them once the model is measured (reporting/model_card.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+LABELS_FILE = "labels.txt"
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
                               training=training or {}, trust=_save_trust(staging, trust),
                               weights_sha256=sha256_of(staging / WEIGHTS_FILE))
         write_config(staging, config)
+        (staging / LABELS_FILE).write_bytes(labels_text(classes).encode("utf-8", "surrogateescape"))
         if folder.exists():
             retired = folder.with_name(f".{folder.name}.old.tmp")  # a temporary too, if killed here
             shutil.rmtree(retired, ignore_errors=True)
@@ -126,6 +130,11 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def labels_text(classes: list[str]) -> str:
+    """labels.txt: one class a line, in output order, each line ending in a newline."""
+    return "".join(f"{name}\n" for name in classes)
 
 
 def _save_trust(folder: Path, trust: Trust | None) -> dict:

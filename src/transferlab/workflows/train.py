@@ -31,6 +31,7 @@ from ..inference.predictor import Predictor
 from ..models.backbones import DEFAULT_BACKBONE, SIMPLE_CNN, count_parameters, resolve_name
 from ..models.network import WithFeatures
 from ..options import OPTIONS, check
+from ..reporting.model_card import write_model_card_or_warn
 from ..reporting.report import write_report_or_warn
 from ..rundir.atomic import check_writable, remove_temporaries, write_json
 from ..rundir.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
@@ -129,6 +130,7 @@ def _run(data: ImageFolderData, chosen: Strategy, config: TrainConfig, run_dir: 
         _audit(metrics, data, config, paths.audit, show_progress)
     metrics["timing"].update(scan_s=round(scan_s, 3), total_s=round(time.perf_counter() - started, 3))
     write_json(paths.metrics, metrics)
+    write_model_card_or_warn(run_dir)  # model/README.md: needs the val and test metrics
     write_report_or_warn(run_dir)
     # A run killed earlier in this directory may have left temporaries (killed between a write and
     # its rename). Removed here, by the main process of a complete run: nothing can be writing one.
