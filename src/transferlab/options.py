@@ -292,6 +292,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("depth", int, "Levels of nested layers to show.", _whole(0, 20), "2"),
     Option("per_class", int, "Synthetic images per class.", _whole(3, 10_000), "40"),
     # the data audit, and acting on it
+    Option("labels", str, "A CSV with file and label columns (optional split: train, val, test) "
+           "giving each image of DATA its label, instead of class folders.", Text()),
     Option("exclude", str, "A CSV with a file column (such as an edited label_issues.csv): leave "
            "those files (relative to DATA) out.", Text()),
     Option("relabel", str, "A CSV with file and label columns: give those files (relative to DATA) "

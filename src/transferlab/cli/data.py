@@ -13,13 +13,17 @@ from rich.table import Table
 from .app import app, given, out, setup_logging
 from .flags import flag
 
+DATA_HELP = ("Folder with one sub-folder per class, or with a metadata.csv/jsonl; or a CSV with file "
+             "and label columns.")
+
 
 @app.command()
-def info(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
+def info(data: Path = typer.Argument(..., help=DATA_HELP),
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
          duplicates: bool = typer.Option(False, "--duplicates", help="List every duplicate group."),
          max_pixels: Optional[int] = flag("max_pixels"),
          layout: Optional[str] = flag("layout"),
+         labels: Optional[Path] = flag("labels"),
          no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the scan "
                                        "cache.")):
     """What is in a data folder, and what is wrong with it."""
@@ -28,7 +32,8 @@ def info(data: Path = typer.Argument(..., help="Folder with one sub-folder per c
     from ..data.folder import ImageFolderData
 
     cache = {"cache_dir": None} if no_cache else {}
-    report = describe(ImageFolderData(data, **given(max_pixels=max_pixels, layout=layout), **cache))
+    report = describe(ImageFolderData(data, **given(max_pixels=max_pixels, layout=layout,
+                                                    labels=labels), **cache))
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -45,7 +50,7 @@ def print_info(report: dict, list_duplicates: bool) -> None:
     size = report["image_size"]
     out.print(f"image size: width {size['min_width']}-{size['max_width']}, "
               f"height {size['min_height']}-{size['max_height']} px (median {size['median']})")
-    kept = ("a split keeps each group together" if report["layout"] == "class folders" else
+    kept = ("a split keeps each group together" if not report["presplit"] else
              f"the folder came split: {report['groups_across_splits']} groups span splits")
     out.print(f"duplicates: {report['duplicate_groups']} groups of byte-identical files, "
               f"{report['near_duplicate_groups']} groups of near-identical images ({kept})")
@@ -67,7 +72,7 @@ def _counts(counter: dict) -> str:
 
 
 @app.command()
-def audit(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
+def audit(data: Path = typer.Argument(..., help=DATA_HELP),
           out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for label_issues.csv, "
                                                  "outliers.csv, conflicts.csv, quality.csv, audit.json "
                                                  "and audit.html [default: runs/audit-DATA-TIME]."),
@@ -78,6 +83,7 @@ def audit(data: Path = typer.Argument(..., help="Folder with one sub-folder per 
           folds: Optional[int] = flag("folds"),
           seed: Optional[int] = flag("seed"),
           layout: Optional[str] = flag("layout"),
+          labels: Optional[Path] = flag("labels"),
           max_pixels: Optional[int] = flag("max_pixels"),
           exclude: Optional[Path] = flag("exclude"),
           relabel: Optional[Path] = flag("relabel"),
@@ -100,7 +106,7 @@ def audit(data: Path = typer.Argument(..., help="Folder with one sub-folder per 
     cache = None if no_cache else str(cache_dir or default_cache_dir())
     dataset = ImageFolderData(data, cache_dir=cache, **given(seed=seed, layout=layout,
                                                               max_pixels=max_pixels, exclude=exclude,
-                                                              relabel=relabel))
+                                                              relabel=relabel, labels=labels))
     result = audit_folder(dataset, out=out_dir, overwrite=overwrite, show_progress=not quiet,
                           **given(backbone=backbone, weights=weights, folds=folds, seed=seed,
                                   batch_size=batch_size, workers=workers, precision=precision,

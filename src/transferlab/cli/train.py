@@ -18,7 +18,8 @@ from .flags import flag, names, split_settings, with_training_options
 @app.command()
 @with_training_options
 def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-folder per class "
-                                                "(not needed with --resume)."),
+                                                "(or a metadata.csv), or a CSV with file and label "
+                                                "columns (not needed with --resume)."),
           strategy: Optional[str] = flag("strategy"),
           backbone: Optional[str] = flag("backbone"),
           out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory "
@@ -52,7 +53,8 @@ def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-
 
 @app.command()
 @with_training_options
-def compare(data: Path = typer.Argument(..., help="Folder with one sub-folder per class."),
+def compare(data: Path = typer.Argument(..., help="Folder with one sub-folder per class, or a "
+                                        "CSV with file and label columns."),
             strategies: str = flag("strategies", default="extract,head,finetune,scratch"),
             backbones: Optional[str] = flag("backbones"),
             repeats: int = flag("repeats", default=1),

@@ -26,7 +26,8 @@ def describe(data: ImageFolderData) -> dict:
     conflicts = [group for group in duplicates.near if len({scan.labels[i] for i in group}) > 1]
     return {
         "root": str(scan.root), "images": len(scan.images), "classes": classes,
-        "layout": "train/val/test folders" if scan.presplit is not None else "class folders",
+        "layout": _layout(scan), "presplit": scan.presplit is not None,
+        "labels_file": None if scan.source is None else str(scan.source),
         "image_size": {"min_width": int(widths.min()), "max_width": int(widths.max()),
                        "min_height": int(heights.min()), "max_height": int(heights.max()),
                        "median": f"{int(np.median(widths))}x{int(np.median(heights))}"},
@@ -39,6 +40,12 @@ def describe(data: ImageFolderData) -> dict:
         "ignored": len(scan.ignored),
         "split_notes": data.notes(),
     }
+
+
+def _layout(scan) -> str:
+    if scan.source is not None:
+        return f"labels from {scan.source.name}" + (" (split given)" if scan.presplit is not None else "")
+    return "train/val/test folders" if scan.presplit is not None else "class folders"
 
 
 def log_split(data: ImageFolderData) -> None:

@@ -63,24 +63,32 @@ class Edits:
                 "relabel": {item.file: item.label for item in self.relabel}}
 
 
-def _rows(path: Path, option: str, needed: tuple[str, ...]) -> Iterable[tuple[int, dict]]:
-    """(row number, row) of a CSV that has the `needed` columns; one clear error otherwise."""
+def read_table(path: Path, where: str) -> tuple[list[str], Iterable[tuple[int, dict]]]:
+    """(column names, (row number, row) of each row) of a UTF-8 CSV with a header row; `where`
+    starts the error when it cannot be read (such as "--exclude drop.csv")."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or str(error)
-        raise ConfigError(f"--{option} {path}: cannot read it ({reason}); give a UTF-8 CSV file "
+        raise ConfigError(f"{where}: cannot read it ({reason}); give a UTF-8 CSV file "
                           "with a header row") from None
     reader = csv.DictReader(text.splitlines())
     columns = [name.strip() for name in reader.fieldnames or []]
+    rows = ((number, {(k or "").strip(): (v or "").strip() for k, v in row.items() if k})
+            for number, row in enumerate(reader, 2))
+    return columns, rows
+
+
+def _rows(path: Path, option: str, needed: tuple[str, ...]) -> Iterable[tuple[int, dict]]:
+    """(row number, row) of a CSV that has the `needed` columns; one clear error otherwise."""
+    columns, rows = read_table(path, f"--{option} {path}")
     for column in needed:
         if column not in columns:
             hint = (" (label_issues.csv calls it suggested_label: rename that column to label after "
                     "checking each row)" if column == "label" and "suggested_label" in columns else "")
             raise ConfigError(f"--{option} {path}: no column named {column} in its header row "
                               f"({', '.join(columns) or 'empty'}); add one{hint}")
-    for number, row in enumerate(reader, 2):
-        yield number, {(k or "").strip(): (v or "").strip() for k, v in row.items() if k}
+    yield from rows
 
 
 def read_exclude(path: Path) -> tuple[Listed, ...]:

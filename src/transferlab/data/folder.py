@@ -14,6 +14,7 @@ from .cache import default_cache_dir
 from .decode import DEFAULT_MAX_PIXELS
 from .duplicates import Duplicates, find_duplicates
 from .edits import Edits, apply_edits
+from .labels_file import labels_source, scan_labels_file
 from .scan import Scan, scan_folder
 from .split import MIN_IMAGES_TO_SPLIT, SPLITS, split_groups, split_notes
 
@@ -38,6 +39,8 @@ class ImageFolderData:
     `cache_dir` ("default": ~/.cache/transferlab; None: no cache) remembers per-file scan results.
     `exclude` (a CSV with a `file` column, or a list of files relative to `root`) leaves files out;
     `relabel` (a CSV with `file` and `label` columns, or a file -> label mapping) overrides labels.
+    `root` may be a labels file (a CSV with `file` and `label` columns), or a folder with `labels`
+    (such a file; paths relative to the folder) or with a metadata.csv/jsonl: see data/labels_file.py.
     """
 
     def __init__(self, root: str | os.PathLike, val: float = 0.15, test: float = 0.15, seed: int = 0,
@@ -45,9 +48,11 @@ class ImageFolderData:
                  max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = "default",
                  min_classes: int = 2, layout: str = "auto",
                  exclude: str | os.PathLike | Iterable[str] | None = None,
-                 relabel: str | os.PathLike | Mapping[str, str] | None = None):
+                 relabel: str | os.PathLike | Mapping[str, str] | None = None,
+                 labels: str | os.PathLike | None = None):
         check({"val": val, "test": test, "seed": seed, "max_pixels": max_pixels, "layout": layout,
-               **{name: str(value) for name, value in (("exclude", exclude), ("relabel", relabel))
+               **{name: str(value) for name, value in (("exclude", exclude), ("relabel", relabel),
+                                                       ("labels", labels))
                   if isinstance(value, (str, os.PathLike))}})
         if val + test >= 1.0:
             raise ConfigError(f"val={val} + test={test} leaves nothing to train on; keep the sum below 1")
@@ -60,11 +65,15 @@ class ImageFolderData:
         self.layout = layout
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
         self.edits = Edits.given(exclude, relabel)  # a bad CSV is refused here, before any work
+        self.labels_file = None if labels is None else Path(labels)
+        self.source = labels_source(self.root, self.labels_file, layout)  # None: class folders
 
     @cached_property
     def _edited(self) -> tuple[Scan, list[dict]]:
-        scan = scan_folder(self.root, near_duplicates=self.near_duplicates, max_pixels=self.max_pixels,
-                           cache_dir=self.cache_dir, min_classes=self.min_classes, layout=self.layout)
+        reading = dict(near_duplicates=self.near_duplicates, max_pixels=self.max_pixels,
+                       cache_dir=self.cache_dir, min_classes=self.min_classes)
+        scan = (scan_labels_file(self.source, **reading) if self.source else
+                scan_folder(self.root, layout=self.layout, **reading))
         return apply_edits(scan, self.edits)
 
     @property
@@ -151,6 +160,7 @@ class ImageFolderData:
         return {"root": str(self.root.resolve()), "val": self.val, "test": self.test, "seed": self.seed,
                 "near_duplicates": self.near_duplicates, "dedupe_split": self.dedupe_split,
                 "max_pixels": self.max_pixels, "min_classes": self.min_classes, "layout": self.layout,
+                "labels": None if self.labels_file is None else str(self.labels_file.resolve()),
                 **self.edits.to_options()}
 
     def split_record(self) -> dict:

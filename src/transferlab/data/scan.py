@@ -29,12 +29,21 @@ class Scan:
     presplit: list[str] | None  # split name per image when the folder has train/ val/ test/
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    source: Path | None = None  # the labels file (CSV, metadata.jsonl), when not class folders
 
     def relative(self, index: int) -> str:
-        return self.images[index].path.relative_to(self.root).as_posix()
+        """The image's path relative to root (with ../ when a labels file names one outside it)."""
+        return relative_to(self.images[index].path, self.root)
 
     def relative_groups(self, groups: list[list[int]]) -> list[list[str]]:
         return [[self.relative(i) for i in group] for group in groups]
+
+
+def relative_to(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return Path(os.path.relpath(path, root)).as_posix()
 
 
 def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
