@@ -260,11 +260,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("top_k", int, "Classes to show per image.", _whole(1), "1", flag="--top-k"),
     Option("output_format", str, "table, json or csv.", OneOf(("table", "json", "csv")), "table",
            flag="--format"),
-    Option("backend", str, "torch, or onnx: the bundle's model.onnx in onnxruntime (made by "
-           "`transferlab export`).", OneOf(registry="backend"), "torch"),
+    Option("backend", str, "torch; onnx: the bundle's model.onnx in onnxruntime; openvino: its "
+           "model.xml in OpenVINO (made by `transferlab export`).", OneOf(registry="backend"),
+           "torch"),
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
-    Option("export_format", str, "onnx (the only format).", OneOf(registry="export_format"),
+    Option("export_format", str, "onnx, or openvino (IR: model.xml + model.bin; needs "
+           "transferlab[openvino]).", OneOf(registry="export_format"),
            "onnx", flag="--format"),
     Option("quantize", str, "int8: dynamic int8 quantisation (smaller; compare its accuracy "
            "below).", OneOf(("int8",))),

@@ -16,22 +16,25 @@ from .flags import REJECT_HELP, flag, names
 def export(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
            export_format: str = flag("export_format", default="onnx"),
            out_file: Optional[Path] = typer.Option(None, "--out", help="Output file [default: "
-                                                   "MODEL/model.onnx, or MODEL/model.int8.onnx]."),
+                                                   "MODEL/model.onnx, MODEL/model.int8.onnx or "
+                                                   "MODEL/model.xml]."),
            quantize: Optional[str] = flag("quantize"),
            opset: Optional[int] = flag("opset"),
            device: Optional[str] = flag("device")):
-    """Export MODEL's whole network to ONNX, checked against torch, and record it in config.json.
+    """Export MODEL's whole network to ONNX (or OpenVINO IR), checked against torch, and record it in
+    config.json.
 
     The check uses the run's validation images when MODEL is a run's model/ folder (64 of them; all
     of them with --quantize, to measure the accuracy change), random noise otherwise."""
     setup_logging(verbose=False)
-    from ..deploy.export import EXPORT_FORMATS, check_export_target, run_val_images
+    from ..deploy.export import check_export_target, run_val_images
+    from ..deploy.formats import EXPORT_FORMATS
     from ..evaluation.heldout import PARITY_IMAGES
     from ..options import check
 
     check({"export_format": export_format, "quantize": quantize, "opset": opset, "device": device},
           {"export_format": EXPORT_FORMATS})
-    check_export_target(model, out_file, quantize)  # before reading any image
+    check_export_target(model, out_file, quantize, export_format)  # before reading any image
     labelled = run_val_images(model, limit=None if quantize else PARITY_IMAGES)
     images, labels = labelled or (None, None)
     result = EXPORT_FORMATS[export_format](model, out_file, quantize=quantize, images=images,
@@ -46,8 +49,8 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
               f"{parity['max_abs_prob_diff']:.2e} (mean {parity['mean_abs_prob_diff']:.2e})")
     if "accuracy" in parity:
         accuracy = parity["accuracy"]
-        out.print(f"accuracy: torch {accuracy['torch']:.2%}, onnx {accuracy['onnx']:.2%} "
-                  f"(change {100 * accuracy['change']:+.2f} points)")
+        out.print(f"accuracy: torch {accuracy['torch']:.2%}, {export_format} "
+                  f"{accuracy[export_format]:.2%} (change {100 * accuracy['change']:+.2f} points)")
 
 
 @app.command()

@@ -25,8 +25,8 @@ from ..data.decode import sha256_of
 from ..devices import resolve_device
 from ..errors import ConfigError, ExportError
 from ..evaluation.metrics import probability_agreement
-from ..inference.bundle import (INT8_FILE, ONNX_FILE, BundleConfig, load_network, load_trust,
-                                read_config, record_export)
+from ..inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, BundleConfig, load_network,
+                                load_trust, read_config, record_export)
 from ..inference.engines import OnnxEngine, TorchEngine
 from ..inference.predictor import Predictor
 from ..inference.trust import Trust
@@ -54,20 +54,27 @@ class ExportResult:
     parity: dict
 
 
-def export_path(model_dir: str | Path, out: str | Path | None = None, quantize: str | None = None) -> Path:
-    """Where an export goes: `out`, else model.onnx (or model.int8.onnx) in the bundle."""
-    return Path(out) if out else Path(model_dir) / (INT8_FILE if quantize else ONNX_FILE)
+def export_path(model_dir: str | Path, out: str | Path | None = None, quantize: str | None = None,
+                export_format: str = "onnx") -> Path:
+    """Where an export goes: `out`, else model.onnx (model.int8.onnx, model.xml) in the bundle."""
+    return Path(out) if out else Path(model_dir) / default_file(export_format, quantize)
+
+
+def default_file(export_format: str, quantize: str | None = None) -> str:
+    if export_format == "openvino":
+        return OPENVINO_FILE
+    return INT8_FILE if quantize else ONNX_FILE
 
 
 def check_export_target(model_dir: str | Path, out: str | Path | None = None,
-                        quantize: str | None = None) -> Path:
+                        quantize: str | None = None, export_format: str = "onnx") -> Path:
     """The export's path, after checking, before any work, that it can be written and recorded:
     `out` is not a folder, its folder and the bundle's (config.json records the export) can be
     written."""
-    path = export_path(model_dir, out, quantize)
+    path = export_path(model_dir, out, quantize, export_format)
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; give --out a file name, such as "
-                          f"{path / (INT8_FILE if quantize else ONNX_FILE)}")
+                          f"{path / default_file(export_format, quantize)}")
     check_writable(path.parent)
     if not Path(model_dir).is_dir():
         read_config(model_dir)  # the one clear error for what is not a bundle
@@ -257,7 +264,3 @@ def run_val_images(model_dir: str | Path, limit: int | None = None,
     if limit and len(rows) > limit:
         rows = rows[::math.ceil(len(rows) / limit)]
     return [root / row["file"] for row in rows], [classes.index(row["label"]) for row in rows]
-
-
-# The formats `transferlab export --format` offers: name -> exporter(model_dir, out, **options).
-EXPORT_FORMATS = {"onnx": export_onnx}

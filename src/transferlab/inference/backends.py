@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..options import check
 from ..errors import BundleError
+from ..options import check
 from ..models.network import WithFeatures
-from .bundle import BundleConfig, checked_export, load_network, load_trust, read_config
-from .engines import Engine, OnnxEngine, TorchEngine
+from .bundle import (OPENVINO_FILE, BundleConfig, checked_export, load_network, load_trust,
+                     read_config)
+from .engines import Engine, OnnxEngine, OpenVinoEngine, TorchEngine
 from .predictor import Predictor
 
 
@@ -32,8 +33,18 @@ def _onnx_engine(folder: Path, device: torch.device) -> tuple[Engine, BundleConf
     return engine, config
 
 
+def _openvino_engine(folder: Path, device: torch.device) -> tuple[Engine, BundleConfig]:
+    path = checked_export(folder, OPENVINO_FILE)
+    config = read_config(folder)
+    engine = OpenVinoEngine(path, config.preprocessing, device)
+    if config.trust.get("novelty") and not engine.has_features:
+        raise BundleError(f"{path} has no features output: export it again with "
+                          f"`transferlab export {folder} --format openvino`")
+    return engine, config
+
+
 # How each backend runs a bundle; `load_model(backend=NAME)`.
-BACKENDS = {"torch": _torch_engine, "onnx": _onnx_engine}
+BACKENDS = {"torch": _torch_engine, "onnx": _onnx_engine, "openvino": _openvino_engine}
 
 
 def load_model(folder: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:

@@ -30,6 +30,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+OPENVINO_FILE = "model.xml"  # its weights in model.bin beside it
 LABELS_FILE = "labels.txt"
 
 
@@ -236,12 +237,17 @@ def checked_export(folder: str | Path, file: str = ONNX_FILE) -> Path:
     folder = Path(folder)
     config = read_config(folder)
     path = folder / file
-    fix = f"export it with `transferlab export {folder}`"
+    openvino = file == OPENVINO_FILE
+    fix = f"export it with `transferlab export {folder}{' --format openvino' if openvino else ''}`"
     if not path.is_file():
-        raise BundleError(f"{path} is missing: this model has not been exported to ONNX; {fix}")
+        raise BundleError(f"{path} is missing: this model has not been exported to "
+                          f"{'OpenVINO' if openvino else 'ONNX'}; {fix}")
     record = config.exports.get(file) or {}
+    weights = path.with_suffix(".bin")
     if (not isinstance(record, dict) or record.get("sha256") != sha256_of(path)
-            or record.get("weights_sha256") != config.weights_sha256):
+            or record.get("weights_sha256") != config.weights_sha256
+            or (openvino and (not weights.is_file()
+                              or record.get("bin_sha256") != sha256_of(weights)))):
         raise BundleError(f"{path}: sha256 does not match the export recorded in {CONFIG_FILE}; the "
                           f"file was altered or belongs to other weights, {fix} again")
     return path

@@ -98,11 +98,49 @@ class OnnxEngine:
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
 
+class OpenVinoEngine:
+    """An OpenVINO IR export (model.xml + model.bin) on the CPU, compiled to compute in fp32 (on a
+    CPU with bf16 units OpenVINO would otherwise pick bf16 and stray from the checked export)."""
+
+    def __init__(self, path: str | Path, pre: Preprocessing, device: torch.device | str = "cpu"):
+        try:
+            import openvino
+        except ImportError:
+            raise ConfigError("backend='openvino' needs the openvino package: pip install "
+                              "'transferlab[openvino]'") from None
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            raise ConfigError(f"backend='openvino' runs on the CPU here, not {self.device.type}; use "
+                              "--backend torch")
+        self.pre = pre
+        try:
+            self.compiled = openvino.Core().compile_model(
+                str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        except Exception as error:  # noqa: BLE001 - OpenVINO raises its own untyped errors
+            raise BundleError(f"{path}: OpenVINO cannot load it ({str(error)[:200]}); export it "
+                              "again with `transferlab export --format openvino`") from None
+        names = {name for output in self.compiled.outputs for name in output.get_names()}
+        self.outputs = [name for name in (OnnxEngine.OUTPUT, OnnxEngine.FEATURES) if name in names]
+        if OnnxEngine.OUTPUT not in names:
+            raise BundleError(f"{path}: the model has no {OnnxEngine.OUTPUT!r} output; export it again")
+
+    @property
+    def has_features(self) -> bool:
+        return OnnxEngine.FEATURES in self.outputs
+
+    def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
+        batch = np.ascontiguousarray(normalize(images, self.pre, channels_last=False).numpy())
+        result = self.compiled(batch)
+        outputs = [torch.from_numpy(np.array(result[self.compiled.output(name)]))
+                   for name in self.outputs]
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+
 def engine_precision(engine: Engine, precision: str) -> str:
-    """`precision` resolved for the engine's device; an ONNX graph only runs as exported."""
-    if isinstance(engine, OnnxEngine):
+    """`precision` resolved for the engine's device; an exported graph only runs as exported."""
+    if isinstance(engine, (OnnxEngine, OpenVinoEngine)):
         if precision not in ("auto", "32", "32-true", "fp32"):
-            raise ConfigError(f"precision={precision!r}: applies to the torch backend; an ONNX model "
-                              "runs as it was exported, drop --precision")
+            raise ConfigError(f"precision={precision!r}: applies to the torch backend; an exported "
+                              "model runs as it was exported, drop --precision")
         return "32"
     return resolve_precision(precision, engine.device)

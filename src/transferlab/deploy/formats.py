@@ -1,0 +1,8 @@
+"""The formats `transferlab export --format` offers: name -> exporter(model_dir, out, **options)."""
+
+from __future__ import annotations
+
+from .export import export_onnx
+from .openvino import export_openvino
+
+EXPORT_FORMATS = {"onnx": export_onnx, "openvino": export_openvino}
