@@ -9,10 +9,10 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import BundleError
-from ..options import check
 from ..models.network import WithFeatures
-from .bundle import (OPENVINO_FILE, BundleConfig, checked_export, load_network, load_trust,
-                     read_config)
+from ..options import check
+from .bundle import (ONNX_FILE, OPENVINO_FILE, BundleConfig, checked_export, load_network,
+                     load_trust, read_config)
 from .engines import Engine, OnnxEngine, OpenVinoEngine, TorchEngine
 from .predictor import Predictor
 
@@ -23,28 +23,25 @@ def _torch_engine(folder: Path, device: torch.device) -> tuple[Engine, BundleCon
     return TorchEngine(module, config.preprocessing, device), config
 
 
-def _onnx_engine(folder: Path, device: torch.device) -> tuple[Engine, BundleConfig]:
-    path = checked_export(folder)
-    config = read_config(folder)
-    engine = OnnxEngine(path, config.preprocessing, device)
-    if config.trust.get("novelty") and not engine.has_features:
-        raise BundleError(f"{path} was exported before the bundle scored novelty: export it again "
-                          f"with `transferlab export {folder}`")
-    return engine, config
+def _exported(file: str, engine_class, export_format: str):
+    """A backend that runs the export `file` of a bundle (made by `transferlab export --format
+    export_format`) with `engine_class`."""
 
+    def engine(folder: Path, device: torch.device) -> tuple[Engine, BundleConfig]:
+        path = checked_export(folder, file)
+        config = read_config(folder)
+        found = engine_class(path, config.preprocessing, device)
+        if config.trust.get("novelty") and not found.has_features:
+            raise BundleError(f"{path} was exported before the bundle scored novelty: export it "
+                              f"again with `transferlab export {folder} --format {export_format}`")
+        return found, config
 
-def _openvino_engine(folder: Path, device: torch.device) -> tuple[Engine, BundleConfig]:
-    path = checked_export(folder, OPENVINO_FILE)
-    config = read_config(folder)
-    engine = OpenVinoEngine(path, config.preprocessing, device)
-    if config.trust.get("novelty") and not engine.has_features:
-        raise BundleError(f"{path} has no features output: export it again with "
-                          f"`transferlab export {folder} --format openvino`")
-    return engine, config
+    return engine
 
 
 # How each backend runs a bundle; `load_model(backend=NAME)`.
-BACKENDS = {"torch": _torch_engine, "onnx": _onnx_engine, "openvino": _openvino_engine}
+BACKENDS = {"torch": _torch_engine, "onnx": _exported(ONNX_FILE, OnnxEngine, "onnx"),
+            "openvino": _exported(OPENVINO_FILE, OpenVinoEngine, "openvino")}
 
 
 def load_model(folder: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
