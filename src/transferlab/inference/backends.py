@@ -1,5 +1,6 @@
 """Backends: how a saved bundle becomes a Predictor, by the engine that runs it (torch on any device,
-or its ONNX export in onnxruntime). `load_model(folder, backend=NAME)` picks one from BACKENDS."""
+its ONNX export in onnxruntime, or its OpenVINO export). `load_model(folder, backend=NAME)` picks
+one from BACKENDS."""
 
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ BACKENDS = {"torch": _torch_engine, "onnx": _exported(ONNX_FILE, OnnxEngine, "on
 
 
 def load_model(folder: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
-    """A Predictor for the bundle in `folder`: the torch network, or (backend="onnx") its exported
-    model.onnx in onnxruntime (see `transferlab export`), on `device` (auto: a GPU when there is
-    one). Every backend predicts through the same decoding, batching and softmax."""
+    """A Predictor for the bundle in `folder`: the torch network, its exported model.onnx in
+    onnxruntime (backend="onnx") or model.xml in OpenVINO (backend="openvino"; see `transferlab
+    export`), on `device` (auto: a GPU when there is one). Every backend predicts through the same
+    decoding, batching, temperature, softmax and novelty."""
     check({"backend": backend, "device": device}, {"backend": BACKENDS})
     folder = Path(folder)
     engine, config = BACKENDS[backend](folder, resolve_device(device))
