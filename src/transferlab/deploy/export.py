@@ -27,7 +27,7 @@ from ..errors import ConfigError, ExportError
 from ..evaluation.metrics import probability_agreement
 from ..inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, BundleConfig, load_network,
                                 load_trust, read_config, record_export)
-from ..inference.engines import OnnxEngine, TorchEngine
+from ..inference.engines import Engine, OnnxEngine, TorchEngine
 from ..inference.predictor import Predictor
 from ..inference.trust import Trust
 from ..models.network import WithFeatures
@@ -182,13 +182,14 @@ def _opset_of(path: Path) -> int:
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
-def measure_parity(net: torch.nn.Module, engine: OnnxEngine, config: BundleConfig,
+def measure_parity(net: torch.nn.Module, engine: Engine, config: BundleConfig,
                    images: Sequence[str | Path] | None = None, labels: Sequence[int] | None = None,
                    *, batch_size: int = 32, workers: int | None = None,
-                   device: torch.device | str = "cpu", trust: Trust | None = None) -> dict:
+                   device: torch.device | str = "cpu", trust: Trust | None = None,
+                   export_format: str = "onnx") -> dict:
     """How closely `engine` reproduces the torch network's fp32 probabilities, and novelty when the
     bundle scores it (see export_onnx); the torch reference runs on `device`. `trust`: the
-    bundle's (load_trust), through which both answer."""
+    bundle's (load_trust), through which both answer; `export_format` names the engine's accuracy."""
     pre = config.preprocessing
     reference = Predictor(TorchEngine(WithFeatures(net), pre, device), config.classes, pre,
                           trust=trust)
@@ -217,9 +218,9 @@ def measure_parity(net: torch.nn.Module, engine: OnnxEngine, config: BundleConfi
     if labels is not None and images:
         truth = np.asarray(labels)[read]
         torch_accuracy = float((expected.argmax(1) == truth).mean())
-        onnx_accuracy = float((got.argmax(1) == truth).mean())
-        parity["accuracy"] = {"torch": torch_accuracy, "onnx": onnx_accuracy,
-                              "change": onnx_accuracy - torch_accuracy}
+        export_accuracy = float((got.argmax(1) == truth).mean())
+        parity["accuracy"] = {"torch": torch_accuracy, export_format: export_accuracy,
+                              "change": export_accuracy - torch_accuracy}
     return parity
 
 
@@ -228,10 +229,6 @@ def _record_export(model_dir: Path, out: Path, config: BundleConfig, result: Exp
     import onnx
     import onnxruntime
 
-    try:  # a file inside the bundle is named relative to it, so the bundle can move
-        name = out.resolve().relative_to(model_dir.resolve()).as_posix()
-    except ValueError:
-        name = str(out.resolve())
     record = {"format": "onnx", "opset": result.opset, "quantization": result.quantization,
               "sha256": result.sha256, "weights_sha256": config.weights_sha256,
               "input": {"name": INPUT_NAME, "shape": ["batch", *config.preprocessing.input_size],
@@ -246,7 +243,16 @@ def _record_export(model_dir: Path, out: Path, config: BundleConfig, result: Exp
               "parity": result.parity,
               "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                            "onnxruntime": onnxruntime.__version__}}
-    record_export(model_dir, name, record)
+    record_export(model_dir, export_name(model_dir, out), record)
+
+
+def export_name(model_dir: Path, out: Path) -> str:
+    """The key of an export in config.json's "exports": a file inside the bundle is named relative
+    to it, so the bundle can move; one elsewhere by its absolute path."""
+    try:
+        return out.resolve().relative_to(model_dir.resolve()).as_posix()
+    except ValueError:
+        return str(out.resolve())
 
 
 def run_val_images(model_dir: str | Path, limit: int | None = None,

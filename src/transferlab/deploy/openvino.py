@@ -19,7 +19,7 @@ from ..inference.bundle import BundleConfig, load_network, load_trust, record_ex
 from ..inference.engines import OpenVinoEngine
 from ..options import check
 from .export import (DEFAULT_OPSET, FP32_TOLERANCE, INPUT_NAME, ExportResult, _export_graph,
-                     check_export_target, measure_parity)
+                     check_export_target, export_name, measure_parity)
 
 
 def export_openvino(model_dir: str | Path, out: str | Path | None = None, *,
@@ -47,14 +47,13 @@ def export_openvino(model_dir: str | Path, out: str | Path | None = None, *,
         openvino.save_model(openvino.convert_model(graph), staged, compress_to_fp16=False)
         parity = measure_parity(net, OpenVinoEngine(staged, config.preprocessing), config, images,
                                 labels, batch_size=batch_size, workers=workers,
-                                device=resolve_device(device), trust=load_trust(model_dir, config))
+                                device=resolve_device(device), trust=load_trust(model_dir, config),
+                                export_format="openvino")
         if parity["max_abs_prob_diff"] > FP32_TOLERANCE:
             raise ExportError(f"{out}: not written; OpenVINO's probabilities differ from torch's by "
                               f"up to {parity['max_abs_prob_diff']:.2e} (more than "
                               f"{FP32_TOLERANCE:g}); keep using the torch or onnx backend")
         parity["tolerance"] = FP32_TOLERANCE
-        if "accuracy" in parity:  # measure_parity names the candidate as the ONNX export's
-            parity["accuracy"]["openvino"] = parity["accuracy"].pop("onnx")
         weights = out.with_suffix(".bin")
         os.replace(staged.with_suffix(".bin"), weights)  # the weights first: model.xml names them
         os.replace(staged, out)
@@ -65,11 +64,7 @@ def export_openvino(model_dir: str | Path, out: str | Path | None = None, *,
 
 def _record(model_dir: Path, out: Path, weights: Path, config: BundleConfig, result: ExportResult,
             version: str) -> None:
-    try:  # a file inside the bundle is named relative to it, so the bundle can move
-        name = out.resolve().relative_to(model_dir.resolve()).as_posix()
-    except ValueError:
-        name = str(out.resolve())
-    record_export(model_dir, name, {
+    record_export(model_dir, export_name(model_dir, out), {
         "format": "openvino", "sha256": result.sha256, "bin_sha256": sha256_of(weights),
         "weights_sha256": config.weights_sha256, "precision": "fp32",
         "input": {"name": INPUT_NAME, "shape": ["batch", *config.preprocessing.input_size],
