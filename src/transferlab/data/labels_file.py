@@ -10,7 +10,7 @@ split is used and none is made. Which file is used (`labels_source`):
    are relative to DATA, and the class folders, if any, are not used;
 4. otherwise the class folders (data/scan.py).
 
-The files are read as class folders are (scan._read_all and the scan cache) into the same `Scan`,
+The files are read as class folders are (scan.read_images and the scan cache) into the same `Scan`,
 sorted by (split, class, path) as a folder scan sorts them, so the same images give the same split.
 A row naming a missing file, with an empty label, or giving a file a second label is one warning
 naming the labels file and the row as a spreadsheet numbers it (the header is row 1; in a .jsonl
@@ -29,9 +29,9 @@ from typing import Iterable
 from ..errors import ConfigError, DataError
 from ..rundir.predictions import from_spreadsheet
 from .cache import ScanCache
-from .decode import DEFAULT_MAX_PIXELS, UnreadableImage
+from .decode import DEFAULT_MAX_PIXELS
 from .edits import read_table
-from .scan import _SPLIT_FOLDERS, Scan, _read_all, relative_to
+from .scan import _SPLIT_FOLDERS, Scan, read_images, relative_to
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,8 @@ def scan_labels_file(source: Source, near_duplicates: bool = True,
     entries, missing = read_labels(source)
     entries.sort(key=lambda e: (e.split or "", e.label, relative_to(e.path, source.root)))
     cache = ScanCache(Path(cache_dir), source.root) if cache_dir else None
-    results = _read_all([e.path for e in entries], cache, near_duplicates, max_pixels, workers)
-    unreadable = [(e.path, str(r)) for e, r in zip(entries, results) if isinstance(r, UnreadableImage)]
-    for path, reason in unreadable:
-        log.warning("skipped %s: %s", path, reason)
-    readable = [(e, r) for e, r in zip(entries, results) if not isinstance(r, UnreadableImage)]
+    readable, unreadable = read_images(entries, [e.path for e in entries], cache, near_duplicates,
+                                       max_pixels, workers)
     classes = sorted({e.label for e, _ in readable})
     for name in sorted({e.label for e in entries} - set(classes)):
         log.warning("%s: no file labelled %s could be read; that class is ignored", source.file, name)

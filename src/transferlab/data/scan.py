@@ -59,14 +59,8 @@ def scan_folder(root: str | os.PathLike, near_duplicates: bool = True,
     layout = _layout(root, layout)
     candidates, folders, ignored = _candidates(root, layout)
     cache = ScanCache(Path(cache_dir), root) if cache_dir else None
-    results = _read_all([path for path, _, _ in candidates], cache, near_duplicates, max_pixels,
-                        workers)
-    unreadable = [(path, str(result)) for (path, _, _), result in zip(candidates, results)
-                  if isinstance(result, UnreadableImage)]
-    for path, reason in unreadable:
-        log.warning("skipped %s: %s", path, reason)
-    readable = [(item, result) for item, result in zip(candidates, results)
-                if not isinstance(result, UnreadableImage)]
+    readable, unreadable = read_images(candidates, [path for path, _, _ in candidates], cache,
+                                       near_duplicates, max_pixels, workers)
     classes = _classes(root, readable, folders, unreadable, min_classes)
     scan = Scan(root, classes, [], [], [] if layout[0][0] else None, unreadable, ignored)
     for (path, class_name, split_name), result in readable:
@@ -125,6 +119,20 @@ def _candidates(root: Path, layout: list[tuple[str | None, Path]]):
             f", only {len(loose)} loose files; put each class's images in a sub-folder per class, "
             "such as cats/ and dogs/" if loose else "; give a folder with one sub-folder per class"))
     return candidates, folders, ignored
+
+
+def read_images(items: list, paths: list[Path], cache: ScanCache | None, near_duplicates: bool,
+                max_pixels: int, workers: int | None) -> tuple[list[tuple], list[tuple[Path, str]]]:
+    """Read `paths` (one per item of `items`): (item, ImageInfo) of each readable one, and (path,
+    reason) of each that is not, which is logged."""
+    results = _read_all(paths, cache, near_duplicates, max_pixels, workers)
+    unreadable = [(path, str(result)) for path, result in zip(paths, results)
+                  if isinstance(result, UnreadableImage)]
+    for path, reason in unreadable:
+        log.warning("skipped %s: %s", path, reason)
+    readable = [(item, result) for item, result in zip(items, results)
+                if not isinstance(result, UnreadableImage)]
+    return readable, unreadable
 
 
 def _read_all(paths: list[Path], cache: ScanCache | None, near_duplicates: bool, max_pixels: int,
