@@ -26,13 +26,18 @@ class ClassifierNet(nn.Module):
     def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits, and the features the head's last layer sees (the penultimate layer: the
         pooled backbone features for a linear head), which novelty is measured on."""
-        features = self.head[:-1](self.backbone(images))
-        return self.head[-1](features), features
+        return head_outputs(self.head, self.backbone(images))
 
     @property
     def cut_layer(self) -> int | None:
         """The feature stage the backbone is cut at (see CutBackbone), or None when it is whole."""
         return self.backbone.index if isinstance(self.backbone, CutBackbone) else None
+
+
+def head_outputs(head: nn.Sequential, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head's logits and the features its last layer sees, from what the head takes in."""
+    features = head[:-1](inputs)
+    return head[-1](features), features
 
 
 class WithFeatures(nn.Module):

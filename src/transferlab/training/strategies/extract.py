@@ -22,7 +22,7 @@ from ...inference.embeddings import embed_files
 from ...inference.predictor import NetworkOutputs
 from ...models.backbones import count_parameters
 from ...models.heads import HeadSpec, head_from_sklearn, pooling
-from ...models.network import ClassifierNet, build_network
+from ...models.network import ClassifierNet, build_network, head_outputs
 from ..config import TrainConfig
 from .base import FitContext, Strategy, Timings, TrainedModel, backbone_for
 
@@ -86,8 +86,8 @@ def _head_outputs(linear: nn.Sequential, embeddings: np.ndarray) -> NetworkOutpu
     """The head's logits and penultimate features for embeddings, as the saved network computes
     them from images (ClassifierNet.logits_and_features)."""
     with torch.no_grad():
-        features = linear[:-1](torch.as_tensor(embeddings, dtype=torch.float32))
-        return NetworkOutputs(linear[-1](features).numpy(), features.numpy())
+        logits, features = head_outputs(linear, torch.as_tensor(embeddings, dtype=torch.float32))
+        return NetworkOutputs(logits.numpy(), features.numpy())
 
 
 def _embed(data: ImageFolderData, embedder: nn.Module, pre: Preprocessing, config: TrainConfig,
