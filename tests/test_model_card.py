@@ -3,7 +3,6 @@
 import logging
 import shutil
 
-import pytest
 import yaml
 from typer.testing import CliRunner
 

@@ -99,7 +99,7 @@ def _print_row(result, columns: int, header: bool) -> None:
     table.add_column("file", min_width=40, overflow="fold")
     for rank in range(1, columns + 1):
         table.add_column(f"#{rank}", min_width=18)
-    cells = [f"{escape(l)} {p:.1%}" for l, p in result.top_k]
+    cells = [f"{escape(label)} {p:.1%}" for label, p in result.top_k]
     if result.novelty is not None:
         table.add_column("novelty", min_width=12)
         cells.append(f"[bold yellow]{result.novelty:.2f} unknown[/]" if result.unknown

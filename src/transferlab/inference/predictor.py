@@ -42,7 +42,7 @@ class Prediction:
         if self.error:
             return {"file": self.file, "error": self.error}
         answer = {"file": self.file, "label": self.label,
-                  "top_k": [{"label": l, "probability": p} for l, p in self.top_k]}
+                  "top_k": [{"label": label, "probability": p} for label, p in self.top_k]}
         if self.novelty is not None:
             answer.update(novelty=self.novelty, unknown=self.unknown)
         return answer

@@ -126,7 +126,7 @@ def accuracy_bars(names: list[str], accuracy: list[float], low: list[float | Non
     ax = fig.add_subplot()
     positions = np.arange(len(names))
     acc = np.asarray(accuracy, dtype=float)
-    below = [a - l if s is None and l is not None else (s or 0.0) for a, l, s in zip(acc, low, std)]
+    below = [a - lo if s is None and lo is not None else (s or 0.0) for a, lo, s in zip(acc, low, std)]
     above = [h - a if s is None and h is not None else (s or 0.0) for a, h, s in zip(acc, high, std)]
     ax.barh(positions, acc, xerr=[below, above], color="#4c78a8", ecolor="#1d232b", capsize=3)
     finite = acc[np.isfinite(acc)]
