@@ -162,6 +162,21 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's generators take seeds below 2**32
 
 
 @dataclass(frozen=True)
+class Duration(Rule):
+    """A positive time: seconds, or a number followed by s, m or h ("90s", "10m", "1.5h")."""
+
+    def problem(self, value: Any) -> str | None:
+        text = str(value).strip().lower()
+        number = text[:-1] if text[-1:] in ("s", "m", "h") else text
+        try:
+            if math.isfinite(float(number)) and float(number) > 0:
+                return None
+        except ValueError:
+            pass
+        return "expected a time such as 90s, 10m or 1.5h"
+
+
+@dataclass(frozen=True)
 class Device(Rule):
     """auto, cpu, cuda, cuda:N or mps; whether the device is on this machine is checked when it is
     resolved (devices.resolve_device), still before any work."""
@@ -188,8 +203,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "test/ folders, each with one folder per class) or auto.", OneOf(("auto", "flat", "split")),
            "auto"),
     # what to train
-    Option("strategy", str, "extract, head, finetune or scratch.", OneOf(registry="strategy"),
+    Option("strategy", str, "extract, head, finetune, scratch, or auto (extract, then fine-tuning "
+           "if --time-budget allows; keeps the lower val loss).", OneOf(registry="strategy"),
            "extract"),
+    Option("time_budget", str, "auto: wall time to spend, such as 90s, 10m or 1.5h.", Duration(),
+           "20 forward passes over the data, at least 2m", per_strategy=True),
     Option("backbone", str, "timm model name, alias or simple-cnn.", Text(),
            "efficientnet_lite0; scratch: simple-cnn"),
     Option("weights", str, "imagenet, none, or a weights file.", Text(), "imagenet; scratch: none"),
@@ -200,9 +218,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            OneOf(POOLS), "avg", per_strategy=True, requires=("cut_layer", ())),
     Option("classifier", str, "extract: logistic or mlp.", OneOf(CLASSIFIERS), "logistic",
            per_strategy=True),
-    Option("head_dim", int, "Width of the head's hidden Dense layer.", _whole(1), "256",
-           per_strategy=True),
-    Option("dropout", float, "Dropout of the head.", _fraction(), "0.5", per_strategy=True),
+    Option("head_init", str, "head, finetune: probe (start from the linear classifier extract fits "
+           "on the cached embeddings: linear probing, then fine-tuning) or random.",
+           OneOf(("probe", "random")), "probe", per_strategy=True),
+    Option("head_dim", int, "Width of a hidden Dense layer in the head (with --head-init random).",
+           _whole(1), "scratch 256, else none: a linear head", per_strategy=True),
+    Option("dropout", float, "Dropout after the head's hidden layer.", _fraction(), "scratch 0.5",
+           per_strategy=True, requires=("head_dim", ())),
     # how to train
     Option("epochs", int, "Training epochs.", _whole(1), "head 5, finetune 3, scratch 10",
            per_strategy=True, resumable=True),
@@ -214,7 +236,10 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            per_strategy=True, requires=("optimizer", ("sgd", "rmsprop"))),
     Option("weight_decay", float, "Weight decay.", Number(whole=False, low=0), "0",
            per_strategy=True),
-    Option("schedule", str, "constant, cosine or onecycle.", OneOf(SCHEDULES), "constant",
+    Option("schedule", str, "constant, cosine (after a linear warm-up over the first 5% of steps) "
+           "or onecycle.", OneOf(SCHEDULES), "finetune cosine, else constant", per_strategy=True),
+    Option("label_smoothing", float, "Label smoothing of the training loss (validation loss, early "
+           "stopping and the kept epoch use plain cross-entropy).", _fraction(), "finetune 0.1, else 0",
            per_strategy=True),
     Option("grad_clip", float, "Clip the gradient norm to this.", _positive("1.0"),
            per_strategy=True),

@@ -30,9 +30,10 @@ def annotation(name: str) -> Any:
 # The options `train` and `compare` share, in the order --help lists them.
 TRAINING_FLAGS = (
     "weights", "layout", "val", "test", "seed", "max_pixels", "dedupe_split", "labels", "exclude",
-    "relabel", "cut_layer", "head_pool",
+    "relabel", "time_budget", "cut_layer", "head_pool",
     "classifier", "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip",
-    "augment", "class_weights", "early_stopping", "head_dim", "dropout", "unfreeze", "unfreeze_from",
+    "augment", "label_smoothing", "class_weights", "early_stopping", "head_init", "head_dim",
+    "dropout", "unfreeze", "unfreeze_from",
     "warmup_epochs", "backbone_lr_scale", "batch_size", "workers", "precision", "device",
     "accelerator", "devices", "num_nodes", "distributed")
 _EXTRA = {"distributed": ("--distributed", "--strategy-dist")}

@@ -22,6 +22,8 @@ class TrainConfig:
     head_pool: str | None = None
     # extract
     classifier: str | None = None
+    # auto
+    time_budget: str | None = None
     # the trained strategies: head, finetune, scratch
     epochs: int | None = None
     optimizer: str | None = None
@@ -33,6 +35,8 @@ class TrainConfig:
     augment: str | None = None
     class_weights: str | None = None
     early_stopping: int | None = None
+    label_smoothing: float | None = None
+    head_init: str | None = None
     head_dim: int | None = None
     dropout: float | None = None
     accelerator: str | None = None

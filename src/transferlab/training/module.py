@@ -7,6 +7,7 @@ callback that switches `requires_grad` on (see callbacks.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -33,6 +34,7 @@ class Optimization:
     momentum: float | None = None  # sgd and rmsprop only
     weight_decay: float = 0.0
     schedule: str = "constant"
+    label_smoothing: float = 0.0  # of the training loss only
 
 
 @dataclass
@@ -57,14 +59,27 @@ def build_optimizer(groups: list[ParameterGroup], opt: Optimization) -> torch.op
     return torch.optim.Adam(param_groups, **kwargs)
 
 
+WARMUP_SHARE = 0.05  # of the run's steps, over which cosine's rate rises linearly from ~0
+
+
 def build_schedule(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
-    """A per-step learning-rate schedule over the whole run, or None for a constant rate."""
+    """A per-step learning-rate schedule over the whole run, or None for a constant rate. Cosine
+    starts with a short linear warm-up: Adam's first steps, with its moment estimates still empty,
+    would otherwise take full-size steps that disturb the pretrained (and probed) weights."""
+    total_steps = max(2, total_steps)
     if schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+        warmup = max(1, round(WARMUP_SHARE * total_steps))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
-            total_steps=max(2, total_steps))
+            total_steps=total_steps)
     return None
 
 
@@ -80,7 +95,9 @@ class ClassifierModule(L.LightningModule):
         self.groups = groups
         self.optimization = optimization
         self.freeze_batchnorm = freeze_batchnorm
-        self.loss = nn.CrossEntropyLoss(weight=class_weights)
+        self.loss = nn.CrossEntropyLoss(weight=class_weights)  # validation: what selects the epoch
+        self.training_loss = nn.CrossEntropyLoss(weight=class_weights,
+                                                 label_smoothing=optimization.label_smoothing)
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.example_input_array = torch.zeros((1, *pre.input_size), dtype=torch.uint8)
@@ -102,7 +119,7 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_index):
         images, labels, _ = batch  # (images, labels, errors): see data.loaders.ImageDataset
         logits = self(images)
-        loss = self.loss(logits.float(), labels)
+        loss = self.training_loss(logits.float(), labels)
         if not torch.isfinite(loss):  # everything after would be NaN: stop now, and say why
             raise TrainingDiverged(
                 f"training diverged: the loss became {float(loss.detach())} at epoch "

@@ -98,7 +98,7 @@ def read_checkpoint(path: str | Path) -> dict:
 def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path, *,
         epochs: int, precision: str, distribution: Distribution, grad_clip: float | None = None,
         early_stopping: int | None = None, callbacks: list[L.Callback] = (),
-        show_progress: bool = True) -> FitResult:
+        show_progress: bool = True, max_time_s: float | None = None) -> FitResult:
     """Train, resuming from run_dir/checkpoints/last.ckpt when it exists, then load the weights of the
     epoch with the lowest validation loss into `module`.
 
@@ -124,7 +124,8 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
         behaviours.append(RichProgressBar() if bars else EpochLog(epochs))
     with _quiet_lightning():
         trainer = L.Trainer(
-            max_epochs=epochs, accelerator=distribution.accelerator, devices=distribution.devices,
+            max_epochs=epochs, max_time={"seconds": max_time_s} if max_time_s else None,
+            accelerator=distribution.accelerator, devices=distribution.devices,
             num_nodes=distribution.num_nodes, strategy=distribution.strategy,
             precision=lightning_precision(precision),
             gradient_clip_val=grad_clip, callbacks=behaviours, plugins=[AtomicCheckpointIO()],

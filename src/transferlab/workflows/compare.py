@@ -96,7 +96,7 @@ def _compare(data, plan, configs, out: Path, options: dict, seed: int, repeats: 
              show_progress: bool, report: bool) -> Comparison:
     runs = []
     for (strategy, backbone, run_seed), config in zip(plan, configs):
-        name = f"{strategy}-{config.backbone.replace('/', '_')}" + (f"-seed{run_seed}" if repeats > 1 else "")
+        name = f"{strategy}-{(config.backbone or 'auto').replace('/', '_')}" + (f"-seed{run_seed}" if repeats > 1 else "")
         log.info("compare: %s (%d of %d)", name, len(runs) + 1, len(plan))
         record = {"strategy": strategy, "backbone": config.backbone, "seed": run_seed, "dir": name}
         try:

@@ -145,7 +145,7 @@ def _audit(metrics: dict, data: ImageFolderData, config: TrainConfig, folder: Pa
     (`audit`) and its seconds under `timing`. A failure is a warning, not a lost run. The frozen backbone embeds the images through the
     embedding cache (which extract has just filled): the run's own backbone when it is pretrained,
     else the default one."""
-    pretrained = config.weights != "none" and config.backbone != SIMPLE_CNN
+    pretrained = config.weights != "none" and config.backbone not in (SIMPLE_CNN, None)
     embedder = Embedder(config.backbone if pretrained else DEFAULT_BACKBONE,
                         config.weights if pretrained else "imagenet", config.cache_dir,
                         config.batch_size, config.workers, config.device, config.precision)
@@ -180,13 +180,14 @@ def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, model: Tr
     params = {"total": total, "trainable": model.trainable, "non_trainable": total - model.trainable}
     short = {name: {k: held_out.metrics[name].get(k) for k in ("accuracy", "loss", "macro_f1")}
              for name in HELD_OUT}
-    save_model(model.network, paths.model, backbone=resolve_name(config.backbone), classes=data.classes,
+    backbone = model.backbone or config.backbone
+    save_model(model.network, paths.model, backbone=resolve_name(backbone), classes=data.classes,
                head=model.head, preprocessing=model.preprocessing,
                training={"strategy": config.strategy, "weights": config.weights, "params": params,
                          **short}, trust=held_out.trust)
     details = dict(model.details)
     details["precision"] = {**details.get("precision", {}), **held_out.parity}
-    return {"strategy": config.strategy, "backbone": config.backbone, "weights": config.weights,
+    return {"strategy": config.strategy, "backbone": backbone, "weights": config.weights,
             "classes": data.classes, "data": {"root": str(data.root.resolve())},
             "split": data.summary(), **held_out.metrics, "timing": model.timings.to_dict(),
             "params": params, "preprocessing": model.preprocessing.to_dict(), "train": model.train_fit,

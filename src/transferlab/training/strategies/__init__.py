@@ -10,13 +10,15 @@ from typing import Any, Mapping
 
 from ...errors import ConfigError
 from ..config import TrainConfig
+from .auto import Auto
 from .base import FitContext, Strategy, Timings, TrainedModel
 from .extract import Extract
 from .finetune import Finetune
 from .head import Head
 from .scratch import Scratch
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Extract(), Head(), Finetune(), Scratch())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Extract(), Head(), Finetune(), Scratch(),
+                                                       Auto())}
 
 
 def register(strategy: Strategy) -> Strategy:

@@ -63,14 +63,17 @@ class TrainedModel:
     details: dict = field(default_factory=dict)  # the strategy's own entries in metrics.json
     # raw outputs by split when the strategy computed them already (extract, from its embeddings)
     outputs: dict[str, NetworkOutputs] | None = None
+    backbone: str | None = None  # the backbone the network holds, when the strategy chose it
 
 
 @dataclass
 class FitContext:
-    """Where a fit writes (checkpoints, history.csv, logs) and whether it shows progress."""
+    """Where a fit writes (checkpoints, history.csv, logs), whether it shows progress and how long it
+    may train."""
 
     run_dir: Path
     show_progress: bool = True
+    time_limit_s: float | None = None  # training stops at this many seconds (auto's budget)
 
 
 class Strategy:

@@ -8,6 +8,7 @@ flatten); the head of the saved network pools the same way, so the bundle predic
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from ...data.folder import ImageFolderData
 from ...data.split import SPLITS
 from ...data.transforms import Preprocessing
 from ...errors import DataError
-from ...inference.embeddings import embed_files
+from ...inference.embeddings import EmbeddingStats, embed_files
 from ...inference.predictor import NetworkOutputs
 from ...models.backbones import count_parameters
 from ...models.heads import HeadSpec, head_from_sklearn, pooling
@@ -52,34 +53,58 @@ class Extract(Strategy):
     def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel:
         torch.manual_seed(config.seed)
         backbone, pre = backbone_for(config)
-        pool = config.head_pool if config.cut_layer is not None else ""
-        embedder = nn.Sequential(backbone, *pooling(pool)) if pool else backbone
-        features, stats = _embed(data, embedder, pre, config, context.show_progress)
-        labels = {name: np.array(data.labels(name), dtype=np.int64) for name in SPLITS}
-        if len(set(labels["train"].tolist())) < 2:
-            raise DataError(f"{data.root}: the training split holds only one class; add images")
-
-        started = time.perf_counter()
-        estimator = _classifier(config).fit(features["train"], labels["train"])
-        fit_s = time.perf_counter() - started
-        spec, head = head_from_sklearn(estimator, num_classes=len(data.classes), pool=pool)
-        linear = head[len(pooling(pool)):]  # the layers after pooling, which the embeddings skip
-
-        outputs = {name: _head_outputs(linear, features[name]) for name in SPLITS}
-        transplant_error = float(np.abs(outputs["train"].softmax()
-                                        - estimator.predict_proba(features["train"])).max())
-        if transplant_error > TRANSPLANT_TOLERANCE:
-            raise RuntimeError(f"torch head differs from the fitted classifier by {transplant_error:.2e}")
+        probe = fit_probe(data, config, backbone, pre, context.show_progress)
         return TrainedModel(
-            network=ClassifierNet(backbone, head.eval()), head=spec, preprocessing=pre,
-            trainable=count_parameters(head),
-            timings=Timings(train_s=fit_s, embed_s=stats.seconds, embed_images_per_s=stats.images_per_s,
-                            embedded=stats.embedded, cached=stats.cached),
-            train_fit=_training_fit(estimator, features["train"], labels["train"]),
+            network=ClassifierNet(backbone, probe.head.eval()), head=probe.spec, preprocessing=pre,
+            trainable=count_parameters(probe.head),
+            timings=Timings(train_s=probe.fit_s, embed_s=probe.embedding.seconds,
+                            embed_images_per_s=probe.embedding.images_per_s,
+                            embedded=probe.embedding.embedded, cached=probe.embedding.cached),
+            train_fit=probe.train_fit,
             details={"classifier": config.classifier,
                      "precision": {"embedding": config.precision,
-                                   "transplant_max_abs_diff": transplant_error}},
-            outputs=outputs)
+                                   "transplant_max_abs_diff": probe.transplant_error}},
+            outputs=probe.outputs)
+
+
+@dataclass
+class Probe:
+    """A classifier fitted on the frozen backbone's embeddings and transplanted into a torch head:
+    extract's model, and the head that finetune and head start from (linear probing, then
+    fine-tuning)."""
+
+    spec: HeadSpec
+    head: nn.Sequential  # pooling (for a cut backbone's feature map), then the fitted layers
+    outputs: dict[str, NetworkOutputs]  # the head's logits and features by split
+    train_fit: dict
+    transplant_error: float
+    fit_s: float
+    embedding: EmbeddingStats
+
+
+def fit_probe(data: ImageFolderData, config: TrainConfig, backbone: nn.Module, pre: Preprocessing,
+              show_progress: bool) -> Probe:
+    """Embed every image with the frozen `backbone` (cached), fit `config.classifier` on the training
+    split and transplant it into a torch head; it must give the classifier's probabilities."""
+    pool = _pool(config)
+    features, stats = embed_splits(data, backbone, pre, config, show_progress)
+    labels = np.array(data.labels("train"), dtype=np.int64)
+    if len(set(labels.tolist())) < 2:
+        raise DataError(f"{data.root}: the training split holds only one class; add images")
+
+    started = time.perf_counter()
+    estimator = classifier(config).fit(features["train"], labels)
+    fit_s = time.perf_counter() - started
+    spec, head = head_from_sklearn(estimator, num_classes=len(data.classes), pool=pool)
+    linear = head[len(pooling(pool)):]  # the layers after pooling, which the embeddings skip
+
+    outputs = {name: _head_outputs(linear, features[name]) for name in SPLITS}
+    transplant_error = float(np.abs(outputs["train"].softmax()
+                                    - estimator.predict_proba(features["train"])).max())
+    if transplant_error > TRANSPLANT_TOLERANCE:
+        raise RuntimeError(f"torch head differs from the fitted classifier by {transplant_error:.2e}")
+    return Probe(spec, head, outputs, _training_fit(estimator, features["train"], labels),
+                 transplant_error, fit_s, stats)
 
 
 def _head_outputs(linear: nn.Sequential, embeddings: np.ndarray) -> NetworkOutputs:
@@ -90,9 +115,17 @@ def _head_outputs(linear: nn.Sequential, embeddings: np.ndarray) -> NetworkOutpu
         return NetworkOutputs(logits.numpy(), features.numpy())
 
 
-def _embed(data: ImageFolderData, embedder: nn.Module, pre: Preprocessing, config: TrainConfig,
-           show_progress: bool):
-    """Every image's embedding (from the cache where it is there), split by split."""
+def _pool(config: TrainConfig) -> str:
+    """How a cut backbone's feature map is pooled into an embedding ("" for a whole backbone)."""
+    return config.head_pool if config.cut_layer is not None else ""
+
+
+def embed_splits(data: ImageFolderData, backbone: nn.Module, pre: Preprocessing, config: TrainConfig,
+                 show_progress: bool) -> tuple[dict[str, np.ndarray], EmbeddingStats]:
+    """Every image's embedding by the frozen `backbone` (pooled when it is cut; from the cache where
+    it is there), split by split."""
+    pool = _pool(config)
+    embedder = nn.Sequential(backbone, *pooling(pool)) if pool else backbone
     order = [i for name in SPLITS for i in data.split[name]]
     images = [data.scan.images[i] for i in order]
     embeddings, stats = embed_files(
@@ -108,7 +141,7 @@ def _embed(data: ImageFolderData, embedder: nn.Module, pre: Preprocessing, confi
     return features, stats
 
 
-def _classifier(config: TrainConfig):
+def classifier(config: TrainConfig):
     """A StandardScaler, then logistic regression or an MLP: the scaler is folded into the head."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
@@ -116,11 +149,9 @@ def _classifier(config: TrainConfig):
     from sklearn.preprocessing import StandardScaler
 
     if config.classifier == "mlp":
-        classifier = MLPClassifier(hidden_layer_sizes=MLP_HIDDEN, random_state=config.seed,
-                                   max_iter=300)
-    else:
-        classifier = LogisticRegression(max_iter=3000)
-    return make_pipeline(StandardScaler(), classifier)
+        return make_pipeline(StandardScaler(), MLPClassifier(
+            hidden_layer_sizes=MLP_HIDDEN, random_state=config.seed, max_iter=300))
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
 
 
 def _training_fit(estimator, features: np.ndarray, labels: np.ndarray) -> dict:

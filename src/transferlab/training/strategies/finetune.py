@@ -25,9 +25,12 @@ from .trained import TRAINING_DEFAULTS, TRAINING_OPTIONS, NetworkStrategy, Plan
 class Finetune(NetworkStrategy):
     name = "finetune"
     summary = "head warm-up, then the top blocks at a lower rate, BatchNorm frozen"
-    uses = TRAINING_OPTIONS | {"unfreeze", "unfreeze_from", "warmup_epochs", "backbone_lr_scale"}
-    defaults = {**TRAINING_DEFAULTS, "optimizer": "sgd", "lr": 1e-3, "epochs": 3, "augment": "light",
-                "unfreeze": "all", "warmup_epochs": 1, "backbone_lr_scale": 0.1}
+    uses = TRAINING_OPTIONS | {"unfreeze", "unfreeze_from", "warmup_epochs", "backbone_lr_scale",
+                               "head_init"}
+    defaults = {**TRAINING_DEFAULTS, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01,
+                "schedule": "cosine", "label_smoothing": 0.1, "epochs": 10, "early_stopping": 3,
+                "augment": "light", "unfreeze": "all", "warmup_epochs": 0, "backbone_lr_scale": 1.0,
+                "head_init": "probe"}
 
     def check_backbone(self, backbone: nn.Module, values: dict) -> None:
         select_blocks(backbone, values["unfreeze"], values.get("unfreeze_from"))

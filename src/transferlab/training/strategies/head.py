@@ -8,14 +8,15 @@ from ...models.freezing import set_trainable
 from ...models.network import ClassifierNet
 from ..config import TrainConfig
 from ..module import ParameterGroup
-from .trained import TRAINING_DEFAULTS, NetworkStrategy, Plan
+from .trained import TRAINING_DEFAULTS, TRAINING_OPTIONS, NetworkStrategy, Plan
 
 
 class Head(NetworkStrategy):
     name = "head"
     summary = "frozen backbone, a new dense head trained with augmentation"
+    uses = TRAINING_OPTIONS | {"head_init"}
     defaults = {**TRAINING_DEFAULTS, "optimizer": "adam", "lr": 1e-4, "epochs": 5,
-                "augment": "standard"}
+                "augment": "standard", "head_init": "probe"}
 
     def plan(self, net: ClassifierNet, config: TrainConfig) -> Plan:
         set_trainable(net.backbone, None, False)

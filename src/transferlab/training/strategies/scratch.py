@@ -16,7 +16,7 @@ class Scratch(NetworkStrategy):
     name = "scratch"
     summary = "random weights, everything trains: the baseline"
     defaults = {**TRAINING_DEFAULTS, "backbone": SIMPLE_CNN, "weights": "none", "optimizer": "adam",
-                "lr": 1e-4, "epochs": 10, "augment": "standard"}
+                "lr": 1e-4, "epochs": 10, "augment": "standard", "head_dim": 256, "dropout": 0.5}
 
     def resolve(self, values: dict, given: set[str]) -> dict:
         if values["weights"] != "none":

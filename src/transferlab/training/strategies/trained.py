@@ -15,6 +15,7 @@ import torch
 from ...data.folder import ImageFolderData
 from ...data.loaders import ImageFolderDataModule
 from ...data.transforms import Preprocessing
+from ...errors import ConfigError
 from ...models.heads import HeadSpec
 from ...models.network import ClassifierNet, build_network
 from ...process import scoped_environment
@@ -23,12 +24,13 @@ from ..config import TrainConfig
 from ..module import ClassifierModule, Optimization, ParameterGroup
 from ..trainer import Distribution, fit
 from .base import FitContext, Strategy, Timings, TrainedModel, backbone_for
+from .extract import fit_probe
 
 TRAINING_OPTIONS = frozenset({
     "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip", "augment",
     "class_weights", "early_stopping", "cut_layer", "head_pool", "head_dim", "dropout",
-    "accelerator", "devices", "num_nodes", "distributed"})
-TRAINING_DEFAULTS = {"weight_decay": 0.0, "schedule": "constant", "head_dim": 256, "dropout": 0.5,
+    "label_smoothing", "accelerator", "devices", "num_nodes", "distributed"})
+TRAINING_DEFAULTS = {"weight_decay": 0.0, "schedule": "constant", "label_smoothing": 0.0,
                      "head_pool": "avg", "num_nodes": 1, "distributed": "auto"}
 MOMENTUM = {"sgd": 0.9, "rmsprop": 0.0}  # the usual SGD momentum; Keras's RMSprop has none
 
@@ -61,6 +63,10 @@ class NetworkStrategy(Strategy):
             values["momentum"] = MOMENTUM.get(values["optimizer"])
         if values.get("cut_layer") is None and "head_pool" not in given:
             values["head_pool"] = None  # nothing to pool: the backbone gives vectors
+        if values.get("head_init") == "probe" and values.get("head_dim"):
+            raise ConfigError(f"head_dim={values['head_dim']}: the head starts from the linear "
+                              "probe (--head-init probe), which has no hidden layer; drop "
+                              "--head-dim or add --head-init random")
         return values
 
     def network(self, config: TrainConfig, num_classes: int
@@ -71,8 +77,9 @@ class NetworkStrategy(Strategy):
     def build(self, config: TrainConfig, num_classes: int):
         """The network, its head spec, its preprocessing and the plan of what trains."""
         backbone, pre = backbone_for(config)
-        net, spec = build_network(backbone, pre, num_classes, hidden=(config.head_dim,),
-                                  dropout=config.dropout, pool=config.head_pool or "avg")
+        net, spec = build_network(backbone, pre, num_classes,
+                                  hidden=(config.head_dim,) if config.head_dim else (),
+                                  dropout=config.dropout or 0.0, pool=config.head_pool or "avg")
         return net, spec, pre, self.plan(net, config)
 
     def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel | None:
@@ -84,8 +91,11 @@ class NetworkStrategy(Strategy):
     def _fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel | None:
         L.seed_everything(config.seed, workers=True, verbose=False)
         net, spec, pre, plan = self.build(config, len(data.classes))
+        resuming = RunDir(context.run_dir).last_checkpoint.is_file()  # its weights replace these
+        probe = start_from_probe(net, data, config, pre, context) if (
+            config.head_init == "probe" and not resuming) else None
         optimization = Optimization(config.optimizer, config.lr, config.momentum, config.weight_decay,
-                                    config.schedule)
+                                    config.schedule, config.label_smoothing or 0.0)
         module = ClassifierModule(net, pre, plan.groups, optimization, num_classes=len(data.classes),
                                   freeze_batchnorm=plan.freeze_batchnorm,
                                   class_weights=class_weights(data) if config.class_weights else None)
@@ -94,20 +104,51 @@ class NetworkStrategy(Strategy):
                                            pin_memory=device.type == "cuda")
         distribution = Distribution.resolve(device, config.accelerator, config.devices,
                                             config.num_nodes, config.distributed)
+        initial = {k: v.detach().clone() for k, v in net.state_dict().items()} if probe else None
         result = fit(module, datamodule, context.run_dir, epochs=config.epochs,
                      precision=config.precision, distribution=distribution,
                      grad_clip=config.grad_clip, early_stopping=config.early_stopping,
-                     callbacks=plan.callbacks, show_progress=context.show_progress)
+                     callbacks=plan.callbacks, show_progress=context.show_progress,
+                     max_time_s=context.time_limit_s)
         if not result.is_main_process:
             return None
         history = read_history(RunDir(context.run_dir).history)
+        details = {"epochs_run": result.epochs, "best_epoch": result.best_epoch,
+                   "stopped_early": result.stopped_early, "augment": config.augment,
+                   "precision": {"training": config.precision}}
+        train_fit = kept_epoch_fit(history, result.best_epoch)
+        if probe:
+            details["probe"] = probe
+            best = next((r["val_loss"] for r in history if r["epoch"] == result.best_epoch), None)
+            if probe["val_loss"] is not None and (best is None or probe["val_loss"] <= best):
+                # no epoch beat the probe it started from on val loss: keep the probe
+                module.net.load_state_dict(initial)
+                details.update(best_epoch=None, kept="probe")
+                train_fit = probe["train_fit"]
         return TrainedModel(
             network=module.net.eval(), head=spec, preprocessing=pre, trainable=plan.trainable,
             timings=Timings(train_s=result.train_s, train_images_per_s=result.train_images_per_s),
-            history=history, train_fit=kept_epoch_fit(history, result.best_epoch),
-            details={"epochs_run": result.epochs, "best_epoch": result.best_epoch,
-                     "stopped_early": result.stopped_early, "augment": config.augment,
-                     "precision": {"training": config.precision}})
+            history=history, train_fit=train_fit, details=details)
+
+
+def start_from_probe(net: ClassifierNet, data: ImageFolderData, config: TrainConfig,
+                     pre: Preprocessing, context: FitContext) -> dict:
+    """Give `net` the head extract fits on the frozen backbone's cached embeddings (linear probing,
+    then fine-tuning: Kumar et al., ICLR 2022): a random head's first gradients would distort the
+    pretrained features before the head is any good. Returns what the probe scored, for
+    metrics.json."""
+    probe = fit_probe(data, config, net.backbone, pre, context.show_progress)
+    net.head.load_state_dict(probe.head.state_dict())
+    logits = torch.as_tensor(probe.outputs["val"].logits)
+    labels = torch.as_tensor(data.labels("val"), dtype=torch.int64)
+    weights = class_weights(data) if config.class_weights else None
+    scored = len(labels) > 0
+    return {"val_accuracy": float((logits.argmax(1) == labels).float().mean()) if scored else None,
+            # as the training module measures each epoch, so that the two compare
+            "val_loss": float(torch.nn.functional.cross_entropy(logits, labels, weight=weights))
+            if scored else None,
+            "train_fit": probe.train_fit, "fit_s": round(probe.fit_s, 3),
+            "embed_s": round(probe.embedding.seconds, 3), "cached": probe.embedding.cached}
 
 
 def kept_epoch_fit(history: list[dict], best_epoch: int | None) -> dict:

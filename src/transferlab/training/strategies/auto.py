@@ -1,0 +1,221 @@
+"""`auto`: the best model a time budget buys.
+
+1. Backbones: when `--backbone` is not given and more than one backbone's ImageNet weights are
+   installed (models.backbones.OFFLINE_WEIGHTS), each whose embedding pass fits a share of the budget
+   gets a linear probe on its cached embeddings; the one with the best cross-validated accuracy on
+   the training split is kept (5 folds; val stays untouched for step 3).
+2. `extract` on that backbone: seconds once its embeddings are cached.
+3. The cost of a fine-tuning epoch is measured (a few training steps on the device), and `finetune`
+   (linear probe, then fine-tuning) runs for as many epochs as the rest of the budget holds, up to
+   its own default, only if at least one fits. Lightning stops it at the budget in any case, so a
+   run never exceeds it by more than one training step plus the final evaluation.
+4. Whichever model has the lower validation loss is kept; extract's is kept on a tie, so auto never
+   returns a model worse on val than extract's.
+
+Everything tried, with its seconds and val accuracy and loss, is recorded in metrics.json under
+"auto", and the report shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ...data.folder import ImageFolderData
+from ...data.transforms import Preprocessing, normalize
+from ...devices import autocast
+from ...models.backbones import DEFAULT_BACKBONE, create_backbone, offline_backbones
+from ...models.network import ClassifierNet, feature_shape
+from ..config import TrainConfig
+from .base import COMMON_OPTIONS, FitContext, Strategy, TrainedModel, backbone_for
+from .extract import Extract, classifier, embed_splits
+from .finetune import Finetune
+
+log = logging.getLogger(__name__)
+
+PASSES_IN_DEFAULT_BUDGET = 20  # default budget: 20 forward passes over the data set
+MIN_DEFAULT_BUDGET_S = 120.0
+PROBE_SHARE = 0.4  # of the budget, at most, for embedding the images with other backbones
+TIMING_OVERHEAD = 1.25  # decoding and augmentation on top of the measured network steps
+CV_FOLDS = 5
+
+
+class Auto(Strategy):
+    name = "auto"
+    summary = "extract, then fine-tuning if the time budget allows; keeps the lower val loss"
+    uses = frozenset({"time_budget"})
+
+    def configure(self, given, users_of) -> TrainConfig:
+        """Without --backbone, the backbone is auto's to choose: None until fit() has chosen."""
+        config = super().configure(given, users_of)
+        return config if given.get("backbone") else replace(config, backbone=None)
+
+    def network(self, config: TrainConfig, num_classes: int):
+        return Extract().network(replace(config, backbone=config.backbone or DEFAULT_BACKBONE),
+                                 num_classes)
+
+    def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel:
+        started = time.perf_counter()
+        budget = parse_duration(config.time_budget) if config.time_budget else None
+        tried: list[dict] = []
+        backbone, speed = self._choose_backbone(data, config, context, budget, tried)
+        if budget is None:
+            budget = max(MIN_DEFAULT_BUDGET_S,
+                         PASSES_IN_DEFAULT_BUDGET * len(data.scan.images) * speed.forward_s)
+        common = {name: getattr(config, name) for name in COMMON_OPTIONS - {"strategy"}}
+        clock = time.perf_counter()
+        extract = Extract()
+        best = extract.fit(data, extract.configure({**common, "backbone": backbone}, {}), context)
+        tried.append(_row("extract", backbone, time.perf_counter() - clock,
+                          _val_scores(best.outputs["val"].logits, data)))
+        best_loss, chosen = tried[-1]["val_loss"], "extract"
+
+        remaining = budget - (time.perf_counter() - started)
+        epoch_s = speed.epoch_s(len(data.split["train"]), len(data.split["val"]))
+        finetune = Finetune()
+        epochs = min(int(remaining // epoch_s), finetune.defaults["epochs"])
+        if epochs >= 1 and best_loss is not None:
+            tuned_config = finetune.configure({**common, "backbone": backbone, "epochs": epochs}, {})
+            clock = time.perf_counter()
+            tuned = finetune.fit(data, tuned_config, replace(context, time_limit_s=remaining))
+            scores = _best_epoch(tuned)
+            tried.append(_row(f"finetune ({epochs} epochs)", backbone, time.perf_counter() - clock,
+                              scores))
+            if scores["val_loss"] is not None and scores["val_loss"] < best_loss:
+                best, best_loss, chosen = tuned, scores["val_loss"], "finetune"
+        else:
+            why = (f"an epoch takes about {epoch_s:.0f} s; {max(0.0, remaining):.0f} s of the "
+                   "budget were left") if best_loss is not None else "no validation images"
+            tried.append({"strategy": "finetune", "backbone": backbone, "seconds": 0.0,
+                          "skipped": why})
+        elapsed = time.perf_counter() - started
+        log.info("auto: kept %s on %s after %.0f s of a %.0f s budget", chosen, backbone, elapsed,
+                 budget)
+        best.backbone = backbone
+        best.timings.train_s = elapsed
+        best.details = {**best.details, "auto": {
+            "budget_s": round(budget, 1), "seconds": round(elapsed, 1), "chosen": chosen,
+            "backbone": backbone, "epoch_estimate_s": round(epoch_s, 1), "tried": tried}}
+        return best
+
+    def _choose_backbone(self, data: ImageFolderData, config: TrainConfig, context: FitContext,
+                         budget: float | None, tried: list[dict]) -> tuple[str, "Speed"]:
+        """The backbone to use and its measured speed: the one given, else the installed backbone
+        whose linear probe cross-validates best, among those whose embedding fits the budget."""
+        candidates = [config.backbone] if config.backbone else offline_backbones() or [
+            DEFAULT_BACKBONE]
+        speeds = {name: Speed.measure(name, config) for name in candidates}
+        if len(candidates) == 1:
+            return candidates[0], speeds[candidates[0]]
+        allowance = (budget or math.inf) * PROBE_SHARE
+        scores: dict[str, float] = {}
+        for name in sorted(candidates, key=lambda n: speeds[n].forward_s):  # cheapest first
+            cost = len(data.scan.images) * speeds[name].forward_s
+            if scores and cost > allowance:
+                tried.append({"strategy": "probe", "backbone": name, "seconds": 0.0,
+                              "skipped": f"embedding every image would take about {cost:.0f} s"})
+                continue
+            clock = time.perf_counter()
+            scores[name] = cross_validated_probe(data, replace(config, backbone=name), context)
+            seconds = time.perf_counter() - clock
+            allowance -= seconds
+            tried.append({"strategy": "probe", "backbone": name, "seconds": round(seconds, 1),
+                          "cv_accuracy": round(scores[name], 4)})
+        chosen = max(scores, key=lambda name: scores[name])
+        return chosen, speeds[chosen]
+
+
+@dataclass
+class Speed:
+    """Seconds per image of a backbone's forward pass (embedding) and of a training step (forward
+    and backward through the whole network), measured on the device on a random batch."""
+
+    forward_s: float
+    train_s: float
+
+    @classmethod
+    def measure(cls, backbone_name: str, config: TrainConfig, steps: int = 2) -> "Speed":
+        backbone = create_backbone(backbone_name, "none")  # speed does not depend on the weights
+        pre = Preprocessing.from_model(backbone)
+        width = math.prod(feature_shape(backbone, pre))
+        net = ClassifierNet(backbone, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(width, 2)))
+        device = torch.device(config.device)
+        net = net.to(device, memory_format=torch.channels_last)
+        images = torch.randint(0, 256, (config.batch_size, *pre.input_size), dtype=torch.uint8,
+                               device=device)
+        forward_s = _per_image(lambda: _forward(net, images, pre, config), steps, len(images))
+        train_s = _per_image(lambda: _train_step(net, images, pre, config), steps, len(images))
+        return cls(forward_s, train_s)
+
+    def epoch_s(self, train_images: int, val_images: int) -> float:
+        return TIMING_OVERHEAD * (train_images * self.train_s + val_images * self.forward_s)
+
+
+def _per_image(step, repeats: int, images: int) -> float:
+    step()  # the first call pays for allocation and kernel selection
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - started) / (repeats * images)
+
+
+def _forward(net: ClassifierNet, images: torch.Tensor, pre: Preprocessing, config: TrainConfig):
+    with torch.inference_mode(), autocast(images.device, config.precision):
+        net.eval()(normalize(images, pre))
+
+
+def _train_step(net: ClassifierNet, images: torch.Tensor, pre: Preprocessing, config: TrainConfig):
+    net.train()
+    with autocast(images.device, config.precision):
+        loss = net(normalize(images, pre)).float().logsumexp(1).mean()
+    loss.backward()
+    net.zero_grad(set_to_none=True)
+
+
+def cross_validated_probe(data: ImageFolderData, config: TrainConfig, context: FitContext) -> float:
+    """Mean accuracy of extract's classifier over CV_FOLDS stratified folds of the training split's
+    embeddings by `config.backbone` (cached for extract to reuse)."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    backbone, pre = backbone_for(config)
+    features = embed_splits(data, backbone, pre, config, context.show_progress)[0]["train"]
+    labels = np.array(data.labels("train"))
+    folds = min(CV_FOLDS, int(np.bincount(labels).min()))
+    if folds < 2:
+        return 0.0
+    return float(cross_val_score(classifier(config), features, labels,
+                                 cv=StratifiedKFold(folds, shuffle=True, random_state=config.seed)).mean())
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90s", "10m", "1.5h" or a plain number of seconds (checked by options.Duration)."""
+    text = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    return float(text[:-1]) * scale if scale else float(text)
+
+
+def _val_scores(logits: np.ndarray, data: ImageFolderData) -> dict:
+    labels = np.array(data.labels("val"), dtype=np.int64)
+    if not len(labels):
+        return {"val_accuracy": None, "val_loss": None}
+    loss = torch.nn.functional.cross_entropy(torch.as_tensor(logits), torch.as_tensor(labels))
+    return {"val_accuracy": float((logits.argmax(1) == labels).mean()), "val_loss": float(loss)}
+
+
+def _best_epoch(model: TrainedModel) -> dict:
+    """Val accuracy and loss of the epoch whose weights a trained model kept (history.csv)."""
+    best = model.details.get("best_epoch")
+    row = next((r for r in model.history if r["epoch"] == best), None)
+    if row is None:
+        return {"val_accuracy": None, "val_loss": None}
+    return {"val_accuracy": row.get("val_acc"), "val_loss": row.get("val_loss")}
+
+
+def _row(strategy: str, backbone: str, seconds: float, scores: dict) -> dict:
+    rounded = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}
+    return {"strategy": strategy, "backbone": backbone, "seconds": round(seconds, 1), **rounded}
