@@ -54,7 +54,8 @@ def run_one(data, name: str, strategy: str, options: dict, out: Path) -> dict:
         row["auto"] = {k: auto[k] for k in ("budget_s", "seconds", "chosen", "epoch_estimate_s")}
         row["auto"]["tried"] = auto["tried"]
     if "probe" in metrics:
-        row["probe_val_accuracy"] = metrics["probe"]["val_accuracy"]
+        row["probe_val_accuracy"] = metrics["probe"]["val_acc"]
+        row["kept"] = metrics.get("kept", "fine-tuned")
     return row
 
 

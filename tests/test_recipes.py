@@ -53,7 +53,7 @@ def test_the_head_starts_with_the_probes_predictions(image_folder, tmp_path):
     probe = fit_probe(data, config, net.backbone, pre, show_progress=False)
     val = probe.outputs["val"]
     labels = np.array(data.labels("val"))
-    assert record["val_accuracy"] == pytest.approx(float((val.logits.argmax(1) == labels).mean()))
+    assert record["val_acc"] == pytest.approx(float((val.logits.argmax(1) == labels).mean()))
     # the network, from images, gives what the fitted classifier gives from the embeddings
     dataset = ImageDataset([data.scan.images[i].path for i in data.split["val"]], pre)
     images = torch.stack([dataset[k][0] for k in range(3)])
@@ -64,7 +64,7 @@ def test_the_head_starts_with_the_probes_predictions(image_folder, tmp_path):
 
 def test_finetune_records_its_probe_and_can_start_from_a_random_head(image_folder, tmp_path):
     run = train(image_folder, strategy="finetune", out=tmp_path / "lpft", epochs=1, **FAST)
-    assert 0 <= run.metrics["probe"]["val_accuracy"] <= 1
+    assert 0 <= run.metrics["probe"]["val_acc"] <= 1
     random = train(image_folder, strategy="finetune", out=tmp_path / "random", epochs=1,
                    head_init="random", **FAST)
     assert "probe" not in random.metrics
@@ -129,7 +129,7 @@ def test_auto_fine_tunes_within_its_budget_and_keeps_the_lower_val_loss(image_fo
     extract, tuned = auto["tried"]
     assert tuned["strategy"].startswith("finetune") and "skipped" not in tuned
     kept = tuned if auto["chosen"] == "finetune" else extract
-    assert kept["val_loss"] <= extract["val_loss"]
+    assert kept["val_loss_calibrated"] <= extract["val_loss_calibrated"]
     assert auto["seconds"] <= auto["budget_s"]
     assert "auto" in (run.dir / "report.html").read_text()
 
@@ -162,8 +162,8 @@ def test_lite1_and_lite2_load_their_offline_imagenet_weights():
 def test_finetune_keeps_the_probe_when_no_epoch_beats_it(image_folder, tmp_path):
     run = train(image_folder, strategy="finetune", out=tmp_path / "wild", epochs=2, optimizer="sgd",
                 lr=5.0, grad_clip=0.5, precision="32", **FAST)
-    losses = [float(row["val_loss"]) for row in history_rows(run.dir)]
-    assert min(losses) > run.metrics["probe"]["val_loss"]  # the wild rate made every epoch worse
+    losses = [float(row["val_loss_calibrated"]) for row in history_rows(run.dir)]
+    assert min(losses) > run.metrics["probe"]["val_loss_calibrated"]  # every epoch was worse
     assert run.metrics["kept"] == "probe" and run.metrics["best_epoch"] is None
     assert run.metrics["val"]["loss_uncalibrated"] == pytest.approx(run.metrics["probe"]["val_loss"],
                                                                     abs=1e-4)

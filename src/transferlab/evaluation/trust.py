@@ -8,33 +8,7 @@ import numpy as np
 
 from ..data.folder import ImageFolderData
 from ..inference.predictor import NetworkOutputs, Predictor
-from ..inference.trust import MAX_BANK_IMAGES, Novelty, Trust, balanced_sample
-
-# The temperature is searched over [1/50, 50]: wider than any network needs (Guo et al., 2017,
-# report 1.1-3.6 on ImageNet models), narrow enough that a degenerate split cannot give 0 or inf.
-LOG_TEMPERATURE_BOUNDS = (-np.log(50), np.log(50))
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T minimising the log loss of softmax(logits / T) on these images (Guo et al.,
-    ICML 2017, "On Calibration of Modern Neural Networks"); 1 when there is nothing to fit on."""
-    from scipy.optimize import minimize_scalar
-
-    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
-    if len(labels) < 2 or len(np.unique(labels)) < 2 or not np.isfinite(logits).all():
-        return 1.0
-    rows = np.arange(len(labels))
-
-    def loss(log_t: float) -> float:
-        scaled = logits / np.exp(log_t)
-        scaled -= scaled.max(axis=1, keepdims=True)
-        log_proba = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
-        return float(-log_proba[rows, labels].mean())
-
-    result = minimize_scalar(loss, bounds=LOG_TEMPERATURE_BOUNDS, method="bounded",
-                             options={"xatol": 1e-4})
-    return float(np.exp(result.x)) if loss(result.x) <= loss(0.0) else 1.0
-
+from ..inference.trust import MAX_BANK_IMAGES, Novelty, Trust, balanced_sample, fit_temperature
 
 def fit_trust(train: NetworkOutputs, train_labels: np.ndarray, val: NetworkOutputs,
               val_labels: np.ndarray, seed: int = 0) -> Trust:

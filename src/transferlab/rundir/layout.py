@@ -48,7 +48,8 @@ BEST_CHECKPOINT = "best"  # ModelCheckpoint's file name, which adds .ckpt
 LOGS_DIR = "logs"
 COMPARISON_FILE = "comparison.json"
 COMPARISON_TABLES = ("comparison.csv", "comparison.md")
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_loss_calibrated",
+                   "lr", "seconds")
 RUNS_ROOT = Path("runs")
 
 

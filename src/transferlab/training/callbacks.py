@@ -62,6 +62,7 @@ class History(L.Callback):
         self.rows.append({"epoch": trainer.current_epoch, "train_loss": value("train_loss"),
                           "train_acc": value("train_acc"), "val_loss": value("val_loss"),
                           "val_acc": value("val_acc"),
+                          "val_loss_calibrated": value("val_loss_calibrated"),
                           "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.3g}",
                           "seconds": f"{time.perf_counter() - self.started:.2f}"})
         buffer = io.StringIO()

@@ -17,8 +17,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.transforms import Preprocessing, normalize
 from ..errors import TransferlabError
+from ..inference.trust import calibrated_log_loss
 from ..models.freezing import keep_inference_mode
 from ..models.network import ClassifierNet
+
+
+VAL_SELECTION_METRIC = "val_loss_calibrated"  # what checkpointing and early stopping follow
 
 
 class TrainingDiverged(TransferlabError):
@@ -101,6 +105,7 @@ class ClassifierModule(L.LightningModule):
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.example_input_array = torch.zeros((1, *pre.input_size), dtype=torch.uint8)
+        self.val_outputs = []
         # Lightning (2.2+) keeps each submodule in the mode it finds it in, and restores those modes
         # after every validation, so the policy is applied now, before fit() sees the modules.
         self.train()
@@ -138,6 +143,20 @@ class ClassifierModule(L.LightningModule):
         self.log("val_loss", self.loss(logits.float(), labels), on_epoch=True, prog_bar=True,
                  batch_size=len(labels), sync_dist=True)
         self.log("val_acc", self.val_accuracy, on_epoch=True, prog_bar=True)
+        self.val_outputs.append((logits.detach().float().cpu(), labels.cpu()))
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_validation_epoch_end(self) -> None:
+        """The val loss after temperature scaling, which selects the epoch kept (see
+        inference.trust.calibrated_log_loss); in a distributed run, the mean over the processes'
+        shards."""
+        if not self.val_outputs:
+            return
+        logits, labels = (torch.cat(parts).numpy() for parts in zip(*self.val_outputs))
+        self.log(VAL_SELECTION_METRIC, calibrated_log_loss(logits, labels), sync_dist=True)
+        self.val_outputs = []
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.groups, self.optimization)

@@ -21,6 +21,7 @@ from ..errors import ConfigError, WeightsError
 from ..rundir.atomic import atomic_path
 from ..rundir.layout import BEST_CHECKPOINT, LOGS_DIR, RunDir
 from .callbacks import EpochLog, History, Throughput
+from .module import VAL_SELECTION_METRIC
 
 
 @dataclass
@@ -113,12 +114,14 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
     paths = RunDir(run_dir)
     has_val = len(datamodule.data.split["val"]) > 0
     checkpoint = ModelCheckpoint(dirpath=paths.checkpoints, filename=BEST_CHECKPOINT, save_last=True,
-                                 monitor="val_loss" if has_val else None, mode="min", save_top_k=1,
+                                 monitor=VAL_SELECTION_METRIC if has_val else None, mode="min",
+                                 save_top_k=1,
                                  enable_version_counter=False)
     timer = Throughput()
     behaviours: list[L.Callback] = [checkpoint, History(paths.history), timer, *callbacks]
     if early_stopping and has_val:
-        behaviours.append(EarlyStopping(monitor="val_loss", mode="min", patience=early_stopping))
+        behaviours.append(EarlyStopping(monitor=VAL_SELECTION_METRIC, mode="min",
+                                        patience=early_stopping))
     bars = show_progress and sys.stderr.isatty()  # else one log line per epoch (EpochLog)
     if show_progress:
         behaviours.append(RichProgressBar() if bars else EpochLog(epochs))

@@ -9,8 +9,9 @@
    (linear probe, then fine-tuning) runs for as many epochs as the rest of the budget holds, up to
    its own default, only if at least one fits. Lightning stops it at the budget in any case, so a
    run never exceeds it by more than one training step plus the final evaluation.
-4. Whichever model has the lower validation loss is kept; extract's is kept on a tie, so auto never
-   returns a model worse on val than extract's.
+4. Whichever model has the lower validation loss after temperature scaling (the loss the saved
+   model will have) is kept; extract's on a tie, so auto never returns a model worse on val than
+   extract's.
 
 Everything tried, with its seconds and val accuracy and loss, is recorded in metrics.json under
 "auto", and the report shows it.
@@ -32,9 +33,11 @@ from ...devices import autocast
 from ...models.backbones import DEFAULT_BACKBONE, create_backbone, offline_backbones
 from ...models.network import ClassifierNet, feature_shape
 from ..config import TrainConfig
+from ..module import VAL_SELECTION_METRIC
 from .base import COMMON_OPTIONS, FitContext, Strategy, TrainedModel, backbone_for
 from .extract import Extract, classifier, embed_splits
 from .finetune import Finetune
+from .trained import val_scores
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,8 @@ class Auto(Strategy):
         extract = Extract()
         best = extract.fit(data, extract.configure({**common, "backbone": backbone}, {}), context)
         tried.append(_row("extract", backbone, time.perf_counter() - clock,
-                          _val_scores(best.outputs["val"].logits, data)))
-        best_loss, chosen = tried[-1]["val_loss"], "extract"
+                          val_scores(best.outputs["val"].logits, data)))
+        best_loss, chosen = tried[-1][VAL_SELECTION_METRIC], "extract"
 
         remaining = budget - (time.perf_counter() - started)
         epoch_s = speed.epoch_s(len(data.split["train"]), len(data.split["val"]))
@@ -86,8 +89,8 @@ class Auto(Strategy):
             scores = _best_epoch(tuned)
             tried.append(_row(f"finetune ({epochs} epochs)", backbone, time.perf_counter() - clock,
                               scores))
-            if scores["val_loss"] is not None and scores["val_loss"] < best_loss:
-                best, best_loss, chosen = tuned, scores["val_loss"], "finetune"
+            if scores[VAL_SELECTION_METRIC] is not None and scores[VAL_SELECTION_METRIC] < best_loss:
+                best, best_loss, chosen = tuned, scores[VAL_SELECTION_METRIC], "finetune"
         else:
             why = (f"an epoch takes about {epoch_s:.0f} s; {max(0.0, remaining):.0f} s of the "
                    "budget were left") if best_loss is not None else "no validation images"
@@ -199,21 +202,15 @@ def parse_duration(text: str) -> float:
     return float(text[:-1]) * scale if scale else float(text)
 
 
-def _val_scores(logits: np.ndarray, data: ImageFolderData) -> dict:
-    labels = np.array(data.labels("val"), dtype=np.int64)
-    if not len(labels):
-        return {"val_accuracy": None, "val_loss": None}
-    loss = torch.nn.functional.cross_entropy(torch.as_tensor(logits), torch.as_tensor(labels))
-    return {"val_accuracy": float((logits.argmax(1) == labels).mean()), "val_loss": float(loss)}
-
-
 def _best_epoch(model: TrainedModel) -> dict:
-    """Val accuracy and loss of the epoch whose weights a trained model kept (history.csv)."""
-    best = model.details.get("best_epoch")
-    row = next((r for r in model.history if r["epoch"] == best), None)
+    """The val scores of the epoch whose weights a trained model kept (history.csv), or of the
+    probe it started from when no epoch beat it."""
+    if model.details.get("kept") == "probe":
+        return {k: model.details["probe"][k] for k in ("val_acc", "val_loss", VAL_SELECTION_METRIC)}
+    row = next((r for r in model.history if r["epoch"] == model.details.get("best_epoch")), None)
     if row is None:
-        return {"val_accuracy": None, "val_loss": None}
-    return {"val_accuracy": row.get("val_acc"), "val_loss": row.get("val_loss")}
+        return {"val_acc": None, "val_loss": None, VAL_SELECTION_METRIC: None}
+    return {k: row.get(k) for k in ("val_acc", "val_loss", VAL_SELECTION_METRIC)}
 
 
 def _row(strategy: str, backbone: str, seconds: float, scores: dict) -> dict:

@@ -16,12 +16,13 @@ from ...data.folder import ImageFolderData
 from ...data.loaders import ImageFolderDataModule
 from ...data.transforms import Preprocessing
 from ...errors import ConfigError
+from ...inference.trust import calibrated_log_loss
 from ...models.heads import HeadSpec
 from ...models.network import ClassifierNet, build_network
 from ...process import scoped_environment
 from ...rundir.layout import RunDir, read_history
 from ..config import TrainConfig
-from ..module import ClassifierModule, Optimization, ParameterGroup
+from ..module import VAL_SELECTION_METRIC, ClassifierModule, Optimization, ParameterGroup
 from ..trainer import Distribution, fit
 from .base import FitContext, Strategy, Timings, TrainedModel, backbone_for
 from .extract import fit_probe
@@ -119,9 +120,11 @@ class NetworkStrategy(Strategy):
         train_fit = kept_epoch_fit(history, result.best_epoch)
         if probe:
             details["probe"] = probe
-            best = next((r["val_loss"] for r in history if r["epoch"] == result.best_epoch), None)
-            if probe["val_loss"] is not None and (best is None or probe["val_loss"] <= best):
-                # no epoch beat the probe it started from on val loss: keep the probe
+            best = next((r[VAL_SELECTION_METRIC] for r in history if r["epoch"] == result.best_epoch),
+                        None)
+            if probe[VAL_SELECTION_METRIC] is not None and (
+                    best is None or probe[VAL_SELECTION_METRIC] <= best):
+                # no epoch beat the probe it started from: keep the probe
                 module.net.load_state_dict(initial)
                 details.update(best_epoch=None, kept="probe")
                 train_fit = probe["train_fit"]
@@ -139,16 +142,19 @@ def start_from_probe(net: ClassifierNet, data: ImageFolderData, config: TrainCon
     metrics.json."""
     probe = fit_probe(data, config, net.backbone, pre, context.show_progress)
     net.head.load_state_dict(probe.head.state_dict())
-    logits = torch.as_tensor(probe.outputs["val"].logits)
-    labels = torch.as_tensor(data.labels("val"), dtype=torch.int64)
-    weights = class_weights(data) if config.class_weights else None
-    scored = len(labels) > 0
-    return {"val_accuracy": float((logits.argmax(1) == labels).float().mean()) if scored else None,
-            # as the training module measures each epoch, so that the two compare
-            "val_loss": float(torch.nn.functional.cross_entropy(logits, labels, weight=weights))
-            if scored else None,
-            "train_fit": probe.train_fit, "fit_s": round(probe.fit_s, 3),
+    return {**val_scores(probe.outputs["val"].logits, data), "train_fit": probe.train_fit, "fit_s": round(probe.fit_s, 3),
             "embed_s": round(probe.embedding.seconds, 3), "cached": probe.embedding.cached}
+
+
+def val_scores(logits: np.ndarray, data: ImageFolderData) -> dict:
+    """Val accuracy, loss and calibrated loss of a model's val logits, named and measured as the
+    training module logs them each epoch, so that the two compare (None without val images)."""
+    labels = np.array(data.labels("val"), dtype=np.int64)
+    if not len(labels):
+        return {"val_acc": None, "val_loss": None, VAL_SELECTION_METRIC: None}
+    loss = torch.nn.functional.cross_entropy(torch.as_tensor(logits), torch.as_tensor(labels))
+    return {"val_acc": float((logits.argmax(1) == labels).mean()), "val_loss": float(loss),
+            VAL_SELECTION_METRIC: calibrated_log_loss(logits, labels)}
 
 
 def kept_epoch_fit(history: list[dict], best_epoch: int | None) -> dict:
