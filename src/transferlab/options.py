@@ -239,7 +239,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("schedule", str, "constant, cosine (after a linear warm-up over the first 5% of steps) "
            "or onecycle.", OneOf(SCHEDULES), "finetune cosine, else constant", per_strategy=True),
     Option("label_smoothing", float, "Label smoothing of the training loss (validation loss, early "
-           "stopping and the kept epoch use plain cross-entropy).", _fraction(), "finetune 0.1, else 0",
+           "stopping and the kept epoch use plain cross-entropy).", _fraction(), "0",
            per_strategy=True),
     Option("grad_clip", float, "Clip the gradient norm to this.", _positive("1.0"),
            per_strategy=True),

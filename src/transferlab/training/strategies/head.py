@@ -1,6 +1,8 @@
-"""`head`: the backbone frozen and in inference mode (optionally cut at a feature stage); a new head
-trains on its features, with augmentation. Keras's classic "train a classifier on top":
-pool -> Dense(256, ReLU) -> Dropout(0.5) -> Dense(classes), Adam at 1e-4."""
+"""`head`: the backbone frozen and in inference mode (optionally cut at a feature stage); the head
+trains on its features, with augmentation, Adam at 1e-4. It starts from extract's linear probe
+(`--head-init probe`), which augmentation then refines; Keras's classic "train a classifier on
+top", pool -> Dense(256, ReLU) -> Dropout(0.5) -> Dense, is `--head-init random --head-dim 256
+--dropout 0.5`."""
 
 from __future__ import annotations
 
