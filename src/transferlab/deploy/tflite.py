@@ -25,16 +25,8 @@ from ..inference.engines import TfliteEngine
 from ..models.network import WithFeatures
 from ..options import check
 from ..rundir.atomic import atomic_path
-from .export import (
-    FEATURES_NAME,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    ExportResult,
-    check_export_target,
-    export_name,
-    measure_parity,
-    require_fp32_parity,
-)
+from .export import (FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ExportResult, check_export_target,
+                     export_name, measure_parity, require_fp32_parity)
 
 INSTALL = "pip install 'transferlab[tflite]'"
 
