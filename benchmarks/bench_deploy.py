@@ -3,8 +3,9 @@
 Section `latency`: the default backbone's whole network (EfficientNet-Lite0 + head, real ImageNet
 weights) on preprocessed images: single-image (batch 1) latency p50/p99 and batch-32 throughput for
 torch eager fp32 (plain module, NCHW, no autocast), our torch path (channels_last + bf16 autocast
-where the CPU has it), ONNX Runtime fp32 and ONNX Runtime int8. Engines are timed in alternating
-rounds so that a noisy VM slows them all alike. Target: ONNX Runtime fp32 p50 <= 0.7 x torch eager.
+where the CPU has it), ONNX Runtime fp32 and int8, and, when their extras are installed, OpenVINO
+fp32 and LiteRT (TFLite) fp32. Engines are timed in alternating rounds so that a noisy VM slows them
+all alike. Target: ONNX Runtime fp32 p50 <= 0.7 x torch eager.
 
 Section `service`: `transferlab serve` as a real Uvicorn process on loopback under N requests from
 C concurrent clients (requests/s, p50/p99, errors), with batching across requests on and off.
@@ -45,16 +46,32 @@ def make_bundle(out: Path) -> Path:
     return run.model_dir
 
 
+# The optional formats: the import that tells whether their extra is installed.
+OPTIONAL_FORMATS = {"openvino": "openvino", "tflite": "litert_torch"}
+
+
+def optional_formats() -> list[str]:
+    import importlib.util
+
+    return [name for name, module in OPTIONAL_FORMATS.items() if importlib.util.find_spec(module)]
+
+
 def exported(model_dir: Path) -> dict:
-    from transferlab.deploy.export import export_onnx, run_val_images
+    from transferlab.deploy.export import run_val_images
+    from transferlab.deploy.formats import EXPORT_FORMATS
 
     images, labels = run_val_images(model_dir) or (None, None)
     results = {}
-    for quantize in (None, "int8"):
-        result = export_onnx(model_dir, quantize=quantize, images=images, labels=labels)
-        results[quantize or "fp32"] = {"file": result.path.name,
-                                       "megabytes": round(result.path.stat().st_size / 1e6, 2),
-                                       "parity": result.parity}
+    exports = [("onnx", None), ("onnx", "int8")] + [(name, None) for name in optional_formats()]
+    for export_format, quantize in exports:
+        started = time.perf_counter()
+        result = EXPORT_FORMATS[export_format](model_dir, quantize=quantize, images=images,
+                                               labels=labels)
+        key = export_format if export_format != "onnx" else quantize or "fp32"
+        results[key] = {"file": result.path.name,
+                        "megabytes": round(result.path.stat().st_size / 1e6, 2),
+                        "export_seconds": round(time.perf_counter() - started, 1),
+                        "parity": result.parity}
     return results
 
 
@@ -75,8 +92,9 @@ def engines(model_dir: Path, only: str | None) -> dict:
     """name -> call(batch); with `only`, just that engine is built (the others are None)."""
     from transferlab.data.transforms import normalize
     from transferlab.devices import resolve_precision
-    from transferlab.inference.bundle import INT8_FILE, ONNX_FILE, load_network, read_config
-    from transferlab.inference.engines import OnnxEngine, TorchEngine
+    from transferlab.inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, TFLITE_FILE,
+                                              load_network, read_config)
+    from transferlab.inference.engines import OnnxEngine, OpenVinoEngine, TfliteEngine, TorchEngine
 
     precision = resolve_precision("auto", "cpu")
     pre = read_config(model_dir).preprocessing
@@ -97,6 +115,10 @@ def engines(model_dir: Path, only: str | None) -> dict:
                 f"torch_ours_channels_last_{precision}": torch_ours,
                 "onnxruntime_fp32": lambda: OnnxEngine(model_dir / ONNX_FILE, pre),
                 "onnxruntime_int8": lambda: OnnxEngine(model_dir / INT8_FILE, pre)}
+    optional = {
+        "openvino": ("openvino_fp32", lambda: OpenVinoEngine(model_dir / OPENVINO_FILE, pre)),
+        "tflite": ("litert_fp32", lambda: TfliteEngine(model_dir / TFLITE_FILE, pre))}
+    builders.update(optional[name] for name in optional_formats())
     return {name: build() if name == only else None for name, build in builders.items()}
 
 

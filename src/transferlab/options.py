@@ -286,12 +286,14 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("output_format", str, "table, json or csv.", OneOf(("table", "json", "csv")), "table",
            flag="--format"),
     Option("backend", str, "torch; onnx: the bundle's model.onnx in onnxruntime; openvino: its "
-           "model.xml in OpenVINO (made by `transferlab export`).", OneOf(registry="backend"),
+           "model.xml in OpenVINO; tflite: its model.tflite in LiteRT (made by `transferlab "
+           "export`).", OneOf(registry="backend"),
            "torch"),
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
-    Option("export_format", str, "onnx, or openvino (IR: model.xml + model.bin; needs "
-           "transferlab[openvino]).", OneOf(registry="export_format"),
+    Option("export_format", str, "onnx, openvino (IR: model.xml + model.bin; needs "
+           "transferlab[openvino]) or tflite (LiteRT: model.tflite; needs transferlab[tflite]).",
+           OneOf(registry="export_format"),
            "onnx", flag="--format"),
     Option("quantize", str, "int8: dynamic int8 quantisation (smaller; compare its accuracy "
            "below).", OneOf(("int8",))),

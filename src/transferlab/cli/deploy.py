@@ -16,13 +16,13 @@ from .flags import REJECT_HELP, flag, names
 def export(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
            export_format: str = flag("export_format", default="onnx"),
            out_file: Optional[Path] = typer.Option(None, "--out", help="Output file [default: "
-                                                   "MODEL/model.onnx, MODEL/model.int8.onnx or "
-                                                   "MODEL/model.xml]."),
+                                                   "MODEL/model.onnx, MODEL/model.int8.onnx, "
+                                                   "MODEL/model.xml or MODEL/model.tflite]."),
            quantize: Optional[str] = flag("quantize"),
            opset: Optional[int] = flag("opset"),
            device: Optional[str] = flag("device")):
-    """Export MODEL's whole network to ONNX (or OpenVINO IR), checked against torch, and record it in
-    config.json.
+    """Export MODEL's whole network to ONNX (or OpenVINO IR, or LiteRT), checked against torch, and
+    record it in config.json.
 
     The check uses the run's validation images when MODEL is a run's model/ folder (64 of them; all
     of them with --quantize, to measure the accuracy change), random noise otherwise."""
@@ -42,8 +42,9 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
     parity = result.parity
     source = ("validation images of the run" if parity["source"] == "images" else
               "random-noise images (MODEL is not in a run directory with its data)")
-    out.print(f"wrote [bold]{escape(str(result.path))}[/] (opset {result.opset}, "
-              f"{result.quantization or 'fp32'}, sha256 {result.sha256[:12]}…)")
+    opset = "" if result.opset is None else f"opset {result.opset}, "
+    out.print(f"wrote [bold]{escape(str(result.path))}[/] ({opset}{result.quantization or 'fp32'}, "
+              f"sha256 {result.sha256[:12]}…)")
     out.print(f"parity with torch on {parity['images']} {source}: top-1 agreement "
               f"{parity['top1_agreement']:.2%}, largest probability difference "
               f"{parity['max_abs_prob_diff']:.2e} (mean {parity['mean_abs_prob_diff']:.2e})")

@@ -25,8 +25,8 @@ from ..data.decode import sha256_of
 from ..devices import resolve_device
 from ..errors import ConfigError, ExportError
 from ..evaluation.metrics import probability_agreement
-from ..inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, BundleConfig, load_network,
-                                load_trust, read_config, record_export)
+from ..inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, TFLITE_FILE, BundleConfig,
+                                load_network, load_trust, read_config, record_export)
 from ..inference.engines import Engine, OnnxEngine, TorchEngine
 from ..inference.predictor import Predictor
 from ..inference.trust import Trust
@@ -48,7 +48,7 @@ NOISE_IMAGES = 8
 @dataclass
 class ExportResult:
     path: Path
-    opset: int
+    opset: int | None  # the ONNX opset the export went through; None for a format that uses none
     quantization: str | None
     sha256: str
     parity: dict
@@ -56,14 +56,15 @@ class ExportResult:
 
 def export_path(model_dir: str | Path, out: str | Path | None = None, quantize: str | None = None,
                 export_format: str = "onnx") -> Path:
-    """Where an export goes: `out`, else model.onnx (model.int8.onnx, model.xml) in the bundle."""
+    """Where an export goes: `out`, else model.onnx (model.int8.onnx, model.xml, model.tflite) in
+    the bundle."""
     return Path(out) if out else Path(model_dir) / default_file(export_format, quantize)
 
 
 def default_file(export_format: str, quantize: str | None = None) -> str:
-    if export_format == "openvino":
-        return OPENVINO_FILE
-    return INT8_FILE if quantize else ONNX_FILE
+    if export_format == "onnx":
+        return INT8_FILE if quantize else ONNX_FILE
+    return {"openvino": OPENVINO_FILE, "tflite": TFLITE_FILE}[export_format]
 
 
 def check_export_target(model_dir: str | Path, out: str | Path | None = None,
@@ -122,14 +123,12 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
         parity = measure_parity(net, OnnxEngine(staged, config.preprocessing), config, images, labels,
                                 batch_size=batch_size, workers=workers, device=resolve_device(device),
                                 trust=load_trust(model_dir, config))
-        if not quantize and parity["max_abs_prob_diff"] > FP32_TOLERANCE:
-            raise ExportError(
-                f"{out}: not written; onnxruntime's probabilities differ from torch's by up to "
-                f"{parity['max_abs_prob_diff']:.2e} (more than {FP32_TOLERANCE:g}) on "
-                f"{parity['images']} {parity['source']} inputs; the exported {config.backbone} "
-                "graph does not compute what torch does: try another --opset, or keep using the "
-                "torch backend")
-        parity["tolerance"] = None if quantize else FP32_TOLERANCE
+        if quantize:
+            parity["tolerance"] = None
+        else:
+            require_fp32_parity(parity, out, "onnxruntime",
+                                f"the exported {config.backbone} graph does not compute what torch "
+                                "does: try another --opset, or keep using the torch backend")
         digest = sha256_of(staged)
     result = ExportResult(out, opset, quantize, digest, parity)
     _record_export(model_dir, out, config, result)
@@ -222,6 +221,16 @@ def measure_parity(net: torch.nn.Module, engine: Engine, config: BundleConfig,
         parity["accuracy"] = {"torch": torch_accuracy, export_format: export_accuracy,
                               "change": export_accuracy - torch_accuracy}
     return parity
+
+
+def require_fp32_parity(parity: dict, out: Path, runtime: str, advice: str) -> None:
+    """Refuse an fp32 export (before it is written) whose probabilities, run by `runtime`, stray
+    from torch's by more than FP32_TOLERANCE; else note in `parity` the tolerance it met."""
+    if parity["max_abs_prob_diff"] > FP32_TOLERANCE:
+        raise ExportError(f"{out}: not written; {runtime}'s probabilities differ from torch's by up "
+                          f"to {parity['max_abs_prob_diff']:.2e} (more than {FP32_TOLERANCE:g}) on "
+                          f"{parity['images']} {parity['source']} inputs; {advice}")
+    parity["tolerance"] = FP32_TOLERANCE
 
 
 def _record_export(model_dir: Path, out: Path, config: BundleConfig, result: ExportResult) -> None:

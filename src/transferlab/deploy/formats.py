@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .export import export_onnx
 from .openvino import export_openvino
+from .tflite import export_tflite
 
-EXPORT_FORMATS = {"onnx": export_onnx, "openvino": export_openvino}
+EXPORT_FORMATS = {"onnx": export_onnx, "openvino": export_openvino, "tflite": export_tflite}

@@ -14,12 +14,12 @@ import torch
 
 from ..data.decode import sha256_of
 from ..devices import resolve_device
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError
 from ..inference.bundle import BundleConfig, load_network, load_trust, record_export
 from ..inference.engines import OpenVinoEngine
 from ..options import check
-from .export import (DEFAULT_OPSET, FP32_TOLERANCE, INPUT_NAME, ExportResult, _export_graph,
-                     check_export_target, export_name, measure_parity)
+from .export import (DEFAULT_OPSET, INPUT_NAME, ExportResult, _export_graph, check_export_target,
+                     export_name, measure_parity, require_fp32_parity)
 
 
 def export_openvino(model_dir: str | Path, out: str | Path | None = None, *,
@@ -49,11 +49,7 @@ def export_openvino(model_dir: str | Path, out: str | Path | None = None, *,
                                 labels, batch_size=batch_size, workers=workers,
                                 device=resolve_device(device), trust=load_trust(model_dir, config),
                                 export_format="openvino")
-        if parity["max_abs_prob_diff"] > FP32_TOLERANCE:
-            raise ExportError(f"{out}: not written; OpenVINO's probabilities differ from torch's by "
-                              f"up to {parity['max_abs_prob_diff']:.2e} (more than "
-                              f"{FP32_TOLERANCE:g}); keep using the torch or onnx backend")
-        parity["tolerance"] = FP32_TOLERANCE
+        require_fp32_parity(parity, out, "OpenVINO", "keep using the torch or onnx backend")
         weights = out.with_suffix(".bin")
         os.replace(staged.with_suffix(".bin"), weights)  # the weights first: model.xml names them
         os.replace(staged, out)

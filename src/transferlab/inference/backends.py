@@ -1,6 +1,6 @@
 """Backends: how a saved bundle becomes a Predictor, by the engine that runs it (torch on any device,
-its ONNX export in onnxruntime, or its OpenVINO export). `load_model(folder, backend=NAME)` picks
-one from BACKENDS."""
+its ONNX export in onnxruntime, its OpenVINO export, or its LiteRT one). `load_model(folder,
+backend=NAME)` picks one from BACKENDS."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from ..devices import resolve_device
 from ..errors import BundleError
 from ..models.network import WithFeatures
 from ..options import check
-from .bundle import (ONNX_FILE, OPENVINO_FILE, BundleConfig, checked_export, load_network,
-                     load_trust, read_config)
-from .engines import Engine, OnnxEngine, OpenVinoEngine, TorchEngine
+from .bundle import (ONNX_FILE, OPENVINO_FILE, TFLITE_FILE, BundleConfig, checked_export,
+                     load_network, load_trust, read_config)
+from .engines import Engine, OnnxEngine, OpenVinoEngine, TfliteEngine, TorchEngine
 from .predictor import Predictor
 
 
@@ -42,14 +42,16 @@ def _exported(file: str, engine_class, export_format: str):
 
 # How each backend runs a bundle; `load_model(backend=NAME)`.
 BACKENDS = {"torch": _torch_engine, "onnx": _exported(ONNX_FILE, OnnxEngine, "onnx"),
-            "openvino": _exported(OPENVINO_FILE, OpenVinoEngine, "openvino")}
+            "openvino": _exported(OPENVINO_FILE, OpenVinoEngine, "openvino"),
+            "tflite": _exported(TFLITE_FILE, TfliteEngine, "tflite")}
 
 
 def load_model(folder: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
     """A Predictor for the bundle in `folder`: the torch network, its exported model.onnx in
-    onnxruntime (backend="onnx") or model.xml in OpenVINO (backend="openvino"; see `transferlab
-    export`), on `device` (auto: a GPU when there is one). Every backend predicts through the same
-    decoding, batching, temperature, softmax and novelty."""
+    onnxruntime (backend="onnx"), model.xml in OpenVINO (backend="openvino") or model.tflite in
+    LiteRT (backend="tflite"; see `transferlab export`), on `device` (auto: a GPU when there is
+    one). Every backend predicts through the same decoding, batching, temperature, softmax and
+    novelty."""
     check({"backend": backend, "device": device}, {"backend": BACKENDS})
     folder = Path(folder)
     engine, config = BACKENDS[backend](folder, resolve_device(device))

@@ -31,6 +31,10 @@ CONFIG_FILE = "config.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 OPENVINO_FILE = "model.xml"  # its weights in model.bin beside it
+TFLITE_FILE = "model.tflite"
+# The format each export file is written by (`transferlab export --format`), and its display name.
+EXPORT_FILE_FORMATS = {ONNX_FILE: ("onnx", "ONNX"), INT8_FILE: ("onnx", "ONNX"),
+                       OPENVINO_FILE: ("openvino", "OpenVINO"), TFLITE_FILE: ("tflite", "LiteRT")}
 LABELS_FILE = "labels.txt"
 
 
@@ -238,10 +242,11 @@ def checked_export(folder: str | Path, file: str = ONNX_FILE) -> Path:
     config = read_config(folder)
     path = folder / file
     openvino = file == OPENVINO_FILE
-    fix = f"export it with `transferlab export {folder}{' --format openvino' if openvino else ''}`"
+    export_format, shown = EXPORT_FILE_FORMATS.get(file, ("onnx", "ONNX"))
+    option = "" if export_format == "onnx" else f" --format {export_format}"
+    fix = f"export it with `transferlab export {folder}{option}`"
     if not path.is_file():
-        raise BundleError(f"{path} is missing: this model has not been exported to "
-                          f"{'OpenVINO' if openvino else 'ONNX'}; {fix}")
+        raise BundleError(f"{path} is missing: this model has not been exported to {shown}; {fix}")
     record = config.exports.get(file) or {}
     weights = path.with_suffix(".bin")
     if (not isinstance(record, dict) or record.get("sha256") != sha256_of(path)

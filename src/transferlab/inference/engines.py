@@ -9,6 +9,8 @@ device. `ENGINES` names them for `load_model(backend=...)`.
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -136,9 +138,58 @@ class OpenVinoEngine:
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
 
+class TfliteEngine:
+    """A LiteRT (TensorFlow Lite) export in ai-edge-litert's interpreter on the CPU (its XNNPACK
+    kernels), a thread per core. The file is converted for batch 1 (the converter has no dynamic
+    batch) and the interpreter resizes its input to each batch: on EfficientNet-Lite0 that cost no
+    time per image against a fixed batch, nor when batch sizes alternate. One batch at a time: an
+    interpreter is not safe to call from two threads."""
+
+    def __init__(self, path: str | Path, pre: Preprocessing, device: torch.device | str = "cpu"):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            raise ConfigError("backend='tflite' needs the ai-edge-litert package: pip install "
+                              "'transferlab[tflite]'") from None
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            raise ConfigError(f"backend='tflite' runs on the CPU here, not {self.device.type}; use "
+                              "--backend torch")
+        self.pre = pre
+        try:
+            self.runner = Interpreter(model_path=str(path),
+                                      num_threads=os.cpu_count() or 1).get_signature_runner()
+        except Exception as error:  # noqa: BLE001 - LiteRT raises ValueError, RuntimeError, ...
+            raise BundleError(f"{path}: LiteRT cannot load it ({str(error)[:200]}); export it "
+                              "again with `transferlab export --format tflite`") from None
+        names = set(self.runner.get_output_details())
+        if (OnnxEngine.INPUT not in self.runner.get_input_details()
+                or OnnxEngine.OUTPUT not in names):
+            raise BundleError(f"{path}: the model has no {OnnxEngine.INPUT!r} input or "
+                              f"{OnnxEngine.OUTPUT!r} output; export it again with `transferlab "
+                              "export --format tflite`")
+        self.outputs = [name for name in (OnnxEngine.OUTPUT, OnnxEngine.FEATURES) if name in names]
+        self.lock = threading.Lock()
+
+    @property
+    def has_features(self) -> bool:
+        return OnnxEngine.FEATURES in self.outputs
+
+    def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
+        batch = np.ascontiguousarray(normalize(images, self.pre, channels_last=False).numpy())
+        with self.lock:
+            result = self.runner(**{OnnxEngine.INPUT: batch})
+        outputs = [torch.from_numpy(np.array(result[name])) for name in self.outputs]
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+
+# The engines that run an exported file, in the types it was exported with.
+EXPORTED_ENGINES = (OnnxEngine, OpenVinoEngine, TfliteEngine)
+
+
 def engine_precision(engine: Engine, precision: str) -> str:
     """`precision` resolved for the engine's device; an exported graph only runs as exported."""
-    if isinstance(engine, (OnnxEngine, OpenVinoEngine)):
+    if isinstance(engine, EXPORTED_ENGINES):
         if precision not in ("auto", "32", "32-true", "fp32"):
             raise ConfigError(f"precision={precision!r}: applies to the torch backend; an exported "
                               "model runs as it was exported, drop --precision")
