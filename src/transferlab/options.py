@@ -261,15 +261,17 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("output_format", str, "table, json or csv.", OneOf(("table", "json", "csv")), "table",
            flag="--format"),
     Option("backend", str, "torch; onnx: the bundle's model.onnx in onnxruntime; openvino: its "
-           "model.xml in OpenVINO (made by `transferlab export`).", OneOf(registry="backend"),
+           "model.xml in OpenVINO; onnx-int8, openvino-int8: their int8 versions (made by "
+           "`transferlab export`).", OneOf(registry="backend"),
            "torch"),
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
     Option("export_format", str, "onnx, or openvino (IR: model.xml + model.bin; needs "
            "transferlab[openvino]).", OneOf(registry="export_format"),
            "onnx", flag="--format"),
-    Option("quantize", str, "int8: dynamic int8 quantisation (smaller; compare its accuracy "
-           "below).", OneOf(("int8",))),
+    Option("quantize", str, "int8: onnx: dynamic int8 quantisation; openvino: NNCF's, calibrated "
+           "on the run's validation images (smaller; compare its accuracy below).",
+           OneOf(("int8",))),
     Option("opset", int, "ONNX opset, 18 or newer.", _whole(18, 30), "18"),
     # serve
     Option("host", str, "Address to listen on (0.0.0.0: every interface).", Text(), "127.0.0.1"),
