@@ -3,8 +3,9 @@
 Section `latency`: the default backbone's whole network (EfficientNet-Lite0 + head, real ImageNet
 weights) on preprocessed images: single-image (batch 1) latency p50/p99 and batch-32 throughput for
 torch eager fp32 (plain module, NCHW, no autocast), our torch path (channels_last + bf16 autocast
-where the CPU has it), ONNX Runtime fp32 and ONNX Runtime int8. Engines are timed in alternating
-rounds so that a noisy VM slows them all alike. Target: ONNX Runtime fp32 p50 <= 0.7 x torch eager.
+where the CPU has it), ONNX Runtime fp32 and int8, and OpenVINO fp32 and int8 (NNCF, calibrated on
+the run's validation images). Engines are timed in alternating rounds so that a noisy VM slows them
+all alike. Target: ONNX Runtime fp32 p50 <= 0.7 x torch eager.
 
 Section `service`: `transferlab serve` as a real Uvicorn process on loopback under N requests from
 C concurrent clients (requests/s, p50/p99, errors), with batching across requests on and off.
@@ -46,15 +47,21 @@ def make_bundle(out: Path) -> Path:
 
 
 def exported(model_dir: Path) -> dict:
-    from transferlab.deploy.export import export_onnx, run_val_images
+    """Every export format, fp32 and int8, written into the bundle: file, size, parity, seconds."""
+    from transferlab.deploy.export import run_val_images
+    from transferlab.deploy.formats import EXPORT_FORMATS
 
     images, labels = run_val_images(model_dir) or (None, None)
     results = {}
-    for quantize in (None, "int8"):
-        result = export_onnx(model_dir, quantize=quantize, images=images, labels=labels)
-        results[quantize or "fp32"] = {"file": result.path.name,
-                                       "megabytes": round(result.path.stat().st_size / 1e6, 2),
-                                       "parity": result.parity}
+    for export_format, exporter in EXPORT_FORMATS.items():
+        for quantize in (None, "int8"):
+            started = time.perf_counter()
+            result = exporter(model_dir, quantize=quantize, images=images, labels=labels)
+            files = [result.path, result.path.with_suffix(".bin")]  # IR keeps its weights beside
+            results[f"{export_format}_{quantize or 'fp32'}"] = {
+                "file": result.path.name, "seconds": round(time.perf_counter() - started, 1),
+                "megabytes": round(sum(f.stat().st_size for f in files if f.is_file()) / 1e6, 2),
+                "parity": result.parity}
     return results
 
 
@@ -75,8 +82,10 @@ def engines(model_dir: Path, only: str | None) -> dict:
     """name -> call(batch); with `only`, just that engine is built (the others are None)."""
     from transferlab.data.transforms import normalize
     from transferlab.devices import resolve_precision
-    from transferlab.inference.bundle import INT8_FILE, ONNX_FILE, load_network, read_config
-    from transferlab.inference.engines import OnnxEngine, TorchEngine
+    from transferlab.inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE,
+                                              load_network, read_config)
+    from transferlab.inference.engines import (OnnxEngine, OpenVinoEngine, OpenVinoInt8Engine,
+                                               TorchEngine)
 
     precision = resolve_precision("auto", "cpu")
     pre = read_config(model_dir).preprocessing
@@ -96,7 +105,9 @@ def engines(model_dir: Path, only: str | None) -> dict:
     builders = {"torch_eager_fp32": torch_eager,
                 f"torch_ours_channels_last_{precision}": torch_ours,
                 "onnxruntime_fp32": lambda: OnnxEngine(model_dir / ONNX_FILE, pre),
-                "onnxruntime_int8": lambda: OnnxEngine(model_dir / INT8_FILE, pre)}
+                "onnxruntime_int8": lambda: OnnxEngine(model_dir / INT8_FILE, pre),
+                "openvino_fp32": lambda: OpenVinoEngine(model_dir / OPENVINO_FILE, pre),
+                "openvino_int8": lambda: OpenVinoInt8Engine(model_dir / OPENVINO_INT8_FILE, pre)}
     return {name: build() if name == only else None for name, build in builders.items()}
 
 
@@ -181,9 +192,12 @@ def main() -> None:
 
     result = {"machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__},
               "model": str(model_dir), "exports": exported(model_dir)}
+    import nncf
     import onnxruntime
+    import openvino
 
-    result["machine"]["onnxruntime"] = onnxruntime.__version__
+    result["machine"].update(onnxruntime=onnxruntime.__version__, openvino=openvino.__version__,
+                             nncf=nncf.__version__)
     if "latency" not in skip:
         result["latency"] = latency(model_dir, args.iterations, args.rounds)
     if "service" not in skip:
