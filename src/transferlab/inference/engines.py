@@ -139,8 +139,8 @@ class OpenVinoEngine:
 
 class OpenVinoInt8Engine(OpenVinoEngine):
     """An int8 OpenVINO IR (`export --format openvino --quantize int8`), compiled with OpenVINO's
-    defaults: its numbers are reported, not held to a bound, and the layers NNCF left in float then
-    run in bf16 on a CPU that has it. TODO: measured"""
+    defaults: the export's numbers are measured with this engine and reported, not held to fp32's
+    bound, so the layers NNCF left in float may run in bf16 on a CPU that has it."""
 
     COMPILE = {}
 
