@@ -4,7 +4,8 @@ Section `latency`: the default backbone's whole network (EfficientNet-Lite0 + he
 weights) on preprocessed images: single-image (batch 1) latency p50/p99 and batch-32 throughput for
 torch eager fp32 (plain module, NCHW, no autocast), our torch path (channels_last + bf16 autocast
 where the CPU has it), ONNX Runtime fp32 and int8, and, when their extras are installed, OpenVINO
-fp32 and LiteRT (TFLite) fp32. Engines are timed in alternating rounds so that a noisy VM slows them
+fp32 and int8 (NNCF, calibrated on the run's validation images) and LiteRT (TFLite) fp32. Engines
+are timed in alternating rounds so that a noisy VM slows them
 all alike. Target: ONNX Runtime fp32 p50 <= 0.7 x torch eager.
 
 Section `service`: `transferlab serve` as a real Uvicorn process on loopback under N requests from
@@ -57,21 +58,25 @@ def optional_formats() -> list[str]:
 
 
 def exported(model_dir: Path) -> dict:
+    """Every export format, fp32 and int8 where it has one, written into the bundle: file, size,
+    parity, seconds."""
     from transferlab.deploy.export import run_val_images
     from transferlab.deploy.formats import EXPORT_FORMATS
 
     images, labels = run_val_images(model_dir) or (None, None)
     results = {}
-    exports = [("onnx", None), ("onnx", "int8")] + [(name, None) for name in optional_formats()]
+    exports = [("onnx", None), ("onnx", "int8")] + [
+        (name, quantize) for name in optional_formats()
+        for quantize in ((None, "int8") if name == "openvino" else (None,))]
     for export_format, quantize in exports:
         started = time.perf_counter()
         result = EXPORT_FORMATS[export_format](model_dir, quantize=quantize, images=images,
                                                labels=labels)
-        key = export_format if export_format != "onnx" else quantize or "fp32"
-        results[key] = {"file": result.path.name,
-                        "megabytes": round(result.path.stat().st_size / 1e6, 2),
-                        "export_seconds": round(time.perf_counter() - started, 1),
-                        "parity": result.parity}
+        files = [result.path, result.path.with_suffix(".bin")]  # IR keeps its weights beside
+        results[f"{export_format}_{quantize or 'fp32'}"] = {
+            "file": result.path.name, "seconds": round(time.perf_counter() - started, 1),
+            "megabytes": round(sum(f.stat().st_size for f in files if f.is_file()) / 1e6, 2),
+            "parity": result.parity}
     return results
 
 
@@ -92,9 +97,10 @@ def engines(model_dir: Path, only: str | None) -> dict:
     """name -> call(batch); with `only`, just that engine is built (the others are None)."""
     from transferlab.data.transforms import normalize
     from transferlab.devices import resolve_precision
-    from transferlab.inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, TFLITE_FILE,
-                                              load_network, read_config)
-    from transferlab.inference.engines import OnnxEngine, OpenVinoEngine, TfliteEngine, TorchEngine
+    from transferlab.inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE,
+                                              TFLITE_FILE, load_network, read_config)
+    from transferlab.inference.engines import (OnnxEngine, OpenVinoEngine, OpenVinoInt8Engine,
+                                               TfliteEngine, TorchEngine)
 
     precision = resolve_precision("auto", "cpu")
     pre = read_config(model_dir).preprocessing
@@ -116,9 +122,11 @@ def engines(model_dir: Path, only: str | None) -> dict:
                 "onnxruntime_fp32": lambda: OnnxEngine(model_dir / ONNX_FILE, pre),
                 "onnxruntime_int8": lambda: OnnxEngine(model_dir / INT8_FILE, pre)}
     optional = {
-        "openvino": ("openvino_fp32", lambda: OpenVinoEngine(model_dir / OPENVINO_FILE, pre)),
-        "tflite": ("litert_fp32", lambda: TfliteEngine(model_dir / TFLITE_FILE, pre))}
-    builders.update(optional[name] for name in optional_formats())
+        "openvino": {"openvino_fp32": lambda: OpenVinoEngine(model_dir / OPENVINO_FILE, pre),
+                     "openvino_int8": lambda: OpenVinoInt8Engine(model_dir / OPENVINO_INT8_FILE, pre)},
+        "tflite": {"litert_fp32": lambda: TfliteEngine(model_dir / TFLITE_FILE, pre)}}
+    for name in optional_formats():
+        builders.update(optional[name])
     return {name: build() if name == only else None for name, build in builders.items()}
 
 
@@ -203,9 +211,12 @@ def main() -> None:
 
     result = {"machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__},
               "model": str(model_dir), "exports": exported(model_dir)}
+    import nncf
     import onnxruntime
+    import openvino
 
-    result["machine"]["onnxruntime"] = onnxruntime.__version__
+    result["machine"].update(onnxruntime=onnxruntime.__version__, openvino=openvino.__version__,
+                             nncf=nncf.__version__)
     if "latency" not in skip:
         result["latency"] = latency(model_dir, args.iterations, args.rounds)
     if "service" not in skip:

@@ -112,6 +112,8 @@ def test_int8_export_reports_agreement_and_accuracy(exported, image_folder):
     assert parity["accuracy"]["onnx"] == pytest.approx((got.argmax(1) == labels).mean())
     assert parity["accuracy"]["change"] == pytest.approx(parity["accuracy"]["onnx"]
                                                          - parity["accuracy"]["torch"])
+    via_backend, _ = load_model(bundle, backend="onnx-int8").predict_proba(images)
+    np.testing.assert_array_equal(via_backend, got)
     exports = json.loads((bundle / "config.json").read_text())["exports"]
     assert set(exports) == {"model.onnx", "model.int8.onnx"}  # the fp32 record is kept
     assert exports["model.int8.onnx"]["sha256"] == result.sha256

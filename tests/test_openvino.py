@@ -1,5 +1,6 @@
 """`export --format openvino` and `--backend openvino`: OpenVINO IR checked against torch like the
-ONNX export, and predictions (probabilities and novelty) equal to torch's."""
+ONNX export, and predictions (probabilities and novelty) equal to torch's; `--quantize int8` through
+NNCF and `--backend openvino-int8`."""
 
 import importlib.util
 import json
@@ -9,11 +10,13 @@ import sys
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from transferlab import load_model
+from transferlab.cli import app
 from transferlab.deploy.export import FP32_TOLERANCE
 from transferlab.deploy.formats import EXPORT_FORMATS
-from transferlab.errors import BundleError
+from transferlab.errors import BundleError, ConfigError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                 reason="openvino is not installed (pip install 'transferlab[openvino]')")
@@ -69,3 +72,73 @@ def test_the_command_line_exports_and_predicts(tiny_run, image_folder, tmp_path)
     answer = json.loads(cli("predict", str(bundle), image, "--backend", "openvino", "--format",
                             "json").stdout)["predictions"][0]
     assert answer["label"] in ("circles", "squares") and "novelty" in answer
+
+
+needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None,
+                                reason="nncf is not installed (pip install 'transferlab[openvino]')")
+
+
+@pytest.fixture(scope="module")
+def quantized(exported):
+    """The int8 export beside the fp32 one, calibrated on the same synthetic images."""
+    bundle, _, images = exported
+    labels = [0 if path.parent.name == "circles" else 1 for path in images]
+    return EXPORT_FORMATS["openvino"](bundle, quantize="int8", images=images, labels=labels)
+
+
+@needs_nncf
+def test_the_int8_export_is_calibrated_measured_and_recorded(exported, quantized):
+    bundle, fp32, images = exported
+    assert quantized.path == bundle / "model.int8.xml" and (bundle / "model.int8.bin").is_file()
+    assert quantized.quantization == "int8" and quantized.parity["tolerance"] is None
+    assert set(quantized.parity["accuracy"]) == {"torch", "openvino", "change"}
+    exports = json.loads((bundle / "config.json").read_text())["exports"]
+    assert exports["model.xml"]["sha256"] == fp32.sha256  # the fp32 record is kept
+    record = exports["model.int8.xml"]
+    assert record["precision"] == "int8" and record["sha256"] == quantized.sha256
+    assert record["calibration"]["images"] == len(images) and "nncf" in record["versions"]
+
+
+@needs_nncf
+def test_the_int8_backend_predicts_what_the_export_measured(exported, quantized):
+    bundle, _, images = exported
+    expected, _ = load_model(bundle).predict_scores(images, precision="32")
+    got, errors = load_model(bundle, backend="openvino-int8").predict_scores(images)
+    assert errors == [""] * len(images) and got.novelty is not None
+    agreement = (got.proba.argmax(1) == expected.proba.argmax(1)).mean()
+    assert agreement == pytest.approx(quantized.parity["top1_agreement"])
+    assert agreement >= 0.5  # random weights, near-even probabilities: int8 may flip a few
+
+
+def test_int8_without_calibration_images_is_refused(tiny_run, tmp_path):
+    bundle = shutil.copytree(tiny_run.model_dir, tmp_path / "model")
+    with pytest.raises(ConfigError, match="calibrates on the run's validation images"):
+        EXPORT_FORMATS["openvino"](bundle, quantize="int8")
+    assert not (bundle / "model.int8.xml").exists()
+
+
+def test_int8_without_nncf_says_what_to_install(tiny_run, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nncf", None)  # import nncf raises ImportError
+    bundle = shutil.copytree(tiny_run.model_dir, tmp_path / "model")
+    with pytest.raises(ConfigError, match=r"needs the nncf package: pip install "
+                                          r"'transferlab\[openvino\]'"):
+        EXPORT_FORMATS["openvino"](bundle, quantize="int8", images=[next(image_folder.rglob("*.png"))])
+
+
+@needs_nncf
+def test_the_command_line_quantizes_a_run_and_predicts(tiny_run, image_folder, tmp_path):
+    runner = CliRunner()
+    run_dir = shutil.copytree(tiny_run.dir, tmp_path / "run")  # with split.json: validation images
+    model = str(run_dir / "model")
+    missing = runner.invoke(app, ["predict", model, str(image_folder), "--backend", "openvino-int8"])
+    assert missing.exit_code != 0
+    assert "--format openvino --quantize int8" in str(missing.exception)
+    exported = runner.invoke(app, ["export", model, "--format", "openvino", "--quantize", "int8"])
+    assert exported.exit_code == 0, exported.output
+    printed = exported.output.replace("\n", "")  # Rich wraps a long path
+    assert "model.int8.xml" in printed and "accuracy: torch" in printed
+    image = str(next(image_folder.rglob("*.png")))
+    answer = runner.invoke(app, ["predict", model, image, "--backend", "openvino-int8", "--format",
+                                 "json"])
+    assert answer.exit_code == 0, answer.output
+    assert json.loads(answer.output)["predictions"][0]["label"] in ("circles", "squares")

@@ -286,8 +286,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("output_format", str, "table, json or csv.", OneOf(("table", "json", "csv")), "table",
            flag="--format"),
     Option("backend", str, "torch; onnx: the bundle's model.onnx in onnxruntime; openvino: its "
-           "model.xml in OpenVINO; tflite: its model.tflite in LiteRT (made by `transferlab "
-           "export`).", OneOf(registry="backend"),
+           "model.xml in OpenVINO; tflite: its model.tflite in LiteRT; onnx-int8, openvino-int8: "
+           "their int8 versions (made by `transferlab export`).", OneOf(registry="backend"),
            "torch"),
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
@@ -295,8 +295,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "transferlab[openvino]) or tflite (LiteRT: model.tflite; needs transferlab[tflite]).",
            OneOf(registry="export_format"),
            "onnx", flag="--format"),
-    Option("quantize", str, "int8: dynamic int8 quantisation (smaller; compare its accuracy "
-           "below).", OneOf(("int8",))),
+    Option("quantize", str, "int8: onnx: dynamic int8 quantisation; openvino: NNCF's, calibrated "
+           "on the run's validation images (smaller; compare its accuracy below).",
+           OneOf(("int8",))),
     Option("opset", int, "ONNX opset, 18 or newer.", _whole(18, 30), "18"),
     # serve
     Option("host", str, "Address to listen on (0.0.0.0: every interface).", Text(), "127.0.0.1"),

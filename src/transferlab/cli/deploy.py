@@ -17,7 +17,8 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
            export_format: str = flag("export_format", default="onnx"),
            out_file: Optional[Path] = typer.Option(None, "--out", help="Output file [default: "
                                                    "MODEL/model.onnx, MODEL/model.int8.onnx, "
-                                                   "MODEL/model.xml or MODEL/model.tflite]."),
+                                                   "MODEL/model.xml, MODEL/model.int8.xml or "
+                                                   "MODEL/model.tflite]."),
            quantize: Optional[str] = flag("quantize"),
            opset: Optional[int] = flag("opset"),
            device: Optional[str] = flag("device")):
@@ -25,7 +26,8 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
     record it in config.json.
 
     The check uses the run's validation images when MODEL is a run's model/ folder (64 of them; all
-    of them with --quantize, to measure the accuracy change), random noise otherwise."""
+    of them with --quantize, to measure the accuracy change), random noise otherwise. OpenVINO's int8
+    is calibrated on them too, so it needs a run's model/ folder."""
     setup_logging(verbose=False)
     from ..deploy.export import check_export_target, run_val_images
     from ..deploy.formats import EXPORT_FORMATS

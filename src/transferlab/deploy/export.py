@@ -25,8 +25,8 @@ from ..data.decode import sha256_of
 from ..devices import resolve_device
 from ..errors import ConfigError, ExportError
 from ..evaluation.metrics import probability_agreement
-from ..inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, TFLITE_FILE, BundleConfig,
-                                load_network, load_trust, read_config, record_export)
+from ..inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, TFLITE_FILE,
+                                BundleConfig, load_network, load_trust, read_config, record_export)
 from ..inference.engines import Engine, OnnxEngine, TorchEngine
 from ..inference.predictor import Predictor
 from ..inference.trust import Trust
@@ -56,15 +56,17 @@ class ExportResult:
 
 def export_path(model_dir: str | Path, out: str | Path | None = None, quantize: str | None = None,
                 export_format: str = "onnx") -> Path:
-    """Where an export goes: `out`, else model.onnx (model.int8.onnx, model.xml, model.tflite) in
-    the bundle."""
+    """Where an export goes: `out`, else model.onnx (model.int8.onnx, model.xml, model.int8.xml,
+    model.tflite) in the bundle."""
     return Path(out) if out else Path(model_dir) / default_file(export_format, quantize)
 
 
 def default_file(export_format: str, quantize: str | None = None) -> str:
     if export_format == "onnx":
         return INT8_FILE if quantize else ONNX_FILE
-    return {"openvino": OPENVINO_FILE, "tflite": TFLITE_FILE}[export_format]
+    if export_format == "openvino":
+        return OPENVINO_INT8_FILE if quantize else OPENVINO_FILE
+    return {"tflite": TFLITE_FILE}[export_format]
 
 
 def check_export_target(model_dir: str | Path, out: str | Path | None = None,

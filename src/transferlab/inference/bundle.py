@@ -32,9 +32,11 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 OPENVINO_FILE = "model.xml"  # its weights in model.bin beside it
 TFLITE_FILE = "model.tflite"
-# The format each export file is written by (`transferlab export --format`), and its display name.
-EXPORT_FILE_FORMATS = {ONNX_FILE: ("onnx", "ONNX"), INT8_FILE: ("onnx", "ONNX"),
-                       OPENVINO_FILE: ("openvino", "OpenVINO"), TFLITE_FILE: ("tflite", "LiteRT")}
+OPENVINO_INT8_FILE = "model.int8.xml"  # and model.int8.bin
+# The `transferlab export` options that write each export (what to run when one is missing).
+EXPORT_OPTIONS = {ONNX_FILE: "", INT8_FILE: " --quantize int8", OPENVINO_FILE: " --format openvino",
+                  OPENVINO_INT8_FILE: " --format openvino --quantize int8",
+                  TFLITE_FILE: " --format tflite"}
 LABELS_FILE = "labels.txt"
 
 
@@ -237,18 +239,16 @@ def load_network(folder: str | Path) -> tuple[ClassifierNet, BundleConfig]:
 
 def checked_export(folder: str | Path, file: str = ONNX_FILE) -> Path:
     """The path of an export in the bundle, after checking it is the file config.json records for
-    these weights."""
+    these weights (and, for OpenVINO IR, that its weights file is the recorded one too)."""
     folder = Path(folder)
     config = read_config(folder)
     path = folder / file
-    openvino = file == OPENVINO_FILE
-    export_format, shown = EXPORT_FILE_FORMATS.get(file, ("onnx", "ONNX"))
-    option = "" if export_format == "onnx" else f" --format {export_format}"
-    fix = f"export it with `transferlab export {folder}{option}`"
+    fix = f"export it with `transferlab export {folder}{EXPORT_OPTIONS.get(file, '')}`"
     if not path.is_file():
-        raise BundleError(f"{path} is missing: this model has not been exported to {shown}; {fix}")
+        raise BundleError(f"{path} is missing: this model has not been exported that way; {fix}")
     record = config.exports.get(file) or {}
     weights = path.with_suffix(".bin")
+    openvino = path.suffix == ".xml"
     if (not isinstance(record, dict) or record.get("sha256") != sha256_of(path)
             or record.get("weights_sha256") != config.weights_sha256
             or (openvino and (not weights.is_file()
