@@ -200,7 +200,7 @@ def test_cli_export_and_predict_with_onnx(tiny_run, image_folder, tmp_path):
                                     str(tmp_path / "small.onnx")])
     assert quantized.exit_code == 0, quantized.output
     assert "accuracy: torch" in quantized.output and (tmp_path / "small.onnx").is_file()
-    wrong = runner.invoke(app, ["export", model, "--format", "tflite"])
+    wrong = runner.invoke(app, ["export", model, "--format", "keras"])
     assert wrong.exit_code != 0 and "use one of onnx, openvino" in str(wrong.exception)
     wrong = runner.invoke(app, ["predict", model, image, "--backend", "onnx", "--precision", "bf16"])
     assert wrong.exit_code != 0 and "applies to the torch backend" in str(wrong.exception)
