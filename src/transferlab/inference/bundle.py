@@ -22,7 +22,7 @@ from ..data.transforms import Preprocessing
 from ..errors import BundleError
 from ..models.heads import HeadSpec, build_head
 from ..models.network import ClassifierNet
-from ..rundir.atomic import temporary_folder_beside, write_json
+from ..rundir.atomic import replace_folder, temporary_folder_beside, write_json
 from .trust import NOVELTY_FILE, Novelty, Trust
 
 FORMAT_VERSION = 1
@@ -31,6 +31,7 @@ CONFIG_FILE = "config.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 OPENVINO_FILE = "model.xml"  # its weights in model.bin beside it
+COREML_FILE = "model.mlpackage"  # a folder: Core ML's package format
 LABELS_FILE = "labels.txt"
 
 
@@ -120,14 +121,7 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
                               weights_sha256=sha256_of(staging / WEIGHTS_FILE))
         write_config(staging, config)
         (staging / LABELS_FILE).write_bytes(labels_text(classes).encode("utf-8", "surrogateescape"))
-        if folder.exists():
-            retired = folder.with_name(f".{folder.name}.old.tmp")  # a temporary too, if killed here
-            shutil.rmtree(retired, ignore_errors=True)
-            folder.rename(retired)
-            staging.rename(folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(folder)
+        replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
