@@ -265,8 +265,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "torch"),
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
-    Option("export_format", str, "onnx, or openvino (IR: model.xml + model.bin; needs "
-           "transferlab[openvino]).", OneOf(registry="export_format"),
+    Option("export_format", str, "onnx; openvino (IR: model.xml + model.bin; needs "
+           "transferlab[openvino]); coreml (model.mlpackage; needs transferlab[coreml]).",
+           OneOf(registry="export_format"),
            "onnx", flag="--format"),
     Option("quantize", str, "int8: dynamic int8 quantisation (smaller; compare its accuracy "
            "below).", OneOf(("int8",))),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from .coreml import export_coreml
 from .export import export_onnx
 from .openvino import export_openvino
 
-EXPORT_FORMATS = {"onnx": export_onnx, "openvino": export_openvino}
+EXPORT_FORMATS = {"onnx": export_onnx, "openvino": export_openvino, "coreml": export_coreml}
