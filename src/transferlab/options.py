@@ -291,8 +291,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "torch"),
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
-    Option("export_format", str, "onnx, openvino (IR: model.xml + model.bin; needs "
-           "transferlab[openvino]) or tflite (LiteRT: model.tflite; needs transferlab[tflite]).",
+    Option("export_format", str, "onnx; openvino (IR: model.xml + model.bin; needs "
+           "transferlab[openvino]); tflite (LiteRT: model.tflite; needs transferlab[tflite]); "
+           "coreml (model.mlpackage; needs transferlab[coreml]).",
            OneOf(registry="export_format"),
            "onnx", flag="--format"),
     Option("quantize", str, "int8: onnx: dynamic int8 quantisation; openvino: NNCF's, calibrated "

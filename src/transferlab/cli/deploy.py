@@ -17,17 +17,19 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
            export_format: str = flag("export_format", default="onnx"),
            out_file: Optional[Path] = typer.Option(None, "--out", help="Output file [default: "
                                                    "MODEL/model.onnx, MODEL/model.int8.onnx, "
-                                                   "MODEL/model.xml, MODEL/model.int8.xml or "
-                                                   "MODEL/model.tflite]."),
+                                                   "MODEL/model.xml, MODEL/model.int8.xml, "
+                                                   "MODEL/model.tflite or MODEL/model.mlpackage]."),
            quantize: Optional[str] = flag("quantize"),
            opset: Optional[int] = flag("opset"),
            device: Optional[str] = flag("device")):
-    """Export MODEL's whole network to ONNX (or OpenVINO IR, or LiteRT), checked against torch, and
-    record it in config.json.
+    """Export MODEL's whole network to ONNX (or OpenVINO IR, LiteRT or Core ML), checked against
+    torch, and record it in config.json.
 
     The check uses the run's validation images when MODEL is a run's model/ folder (64 of them; all
     of them with --quantize, to measure the accuracy change), random noise otherwise. OpenVINO's int8
-    is calibrated on them too, so it needs a run's model/ folder."""
+    is calibrated on them too, so it needs a run's model/ folder. Core ML models run only on Apple
+    systems: here the command checks the package's interface and says that numerical parity was not
+    run."""
     setup_logging(verbose=False)
     from ..deploy.export import check_export_target, run_val_images
     from ..deploy.formats import EXPORT_FORMATS
@@ -42,11 +44,19 @@ def export(model: Path = typer.Argument(..., help="A model bundle folder, such a
     result = EXPORT_FORMATS[export_format](model, out_file, quantize=quantize, images=images,
                                            labels=labels, **given(opset=opset, device=device))
     parity = result.parity
+    opset = f"opset {result.opset}, " if result.opset else ""
+    out.print(f"wrote [bold]{escape(str(result.path))}[/] ({opset}"
+              f"{result.quantization or 'fp32'}, sha256 {result.sha256[:12]}…)")
+    if not parity.get("run", True):
+        out.print(f"numerical parity with torch: not run ({escape(parity['reason'])})")
+        if "folded_in_torch" in parity:
+            out.print("checked instead: the input, outputs and class labels of the package, and, "
+                      "in torch, that the folded normalisation and temperature give the bundle's "
+                      "probabilities (largest difference "
+                      f"{parity['folded_in_torch']['max_abs_prob_diff']:.2e})")
+        return
     source = ("validation images of the run" if parity["source"] == "images" else
               "random-noise images (MODEL is not in a run directory with its data)")
-    opset = "" if result.opset is None else f"opset {result.opset}, "
-    out.print(f"wrote [bold]{escape(str(result.path))}[/] ({opset}{result.quantization or 'fp32'}, "
-              f"sha256 {result.sha256[:12]}…)")
     out.print(f"parity with torch on {parity['images']} {source}: top-1 agreement "
               f"{parity['top1_agreement']:.2%}, largest probability difference "
               f"{parity['max_abs_prob_diff']:.2e} (mean {parity['mean_abs_prob_diff']:.2e})")

@@ -53,6 +53,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_of_folder(folder: Path) -> str:
+    """One sha256 for a folder's files (a package such as a Core ML .mlpackage): over each file's
+    path relative to `folder` and its sha256, in sorted path order, so it changes when any file is
+    added, removed, renamed or altered."""
+    digest = hashlib.sha256()
+    folder = Path(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    for name in files:
+        digest.update(f"{name}\0{sha256_of(folder / name)}\n".encode())
+    return digest.hexdigest()
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB; transparency is composited on white."""
     if image.mode == "RGB":

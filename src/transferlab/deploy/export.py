@@ -25,8 +25,9 @@ from ..data.decode import sha256_of
 from ..devices import resolve_device
 from ..errors import ConfigError, ExportError
 from ..evaluation.metrics import probability_agreement
-from ..inference.bundle import (INT8_FILE, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE, TFLITE_FILE,
-                                BundleConfig, load_network, load_trust, read_config, record_export)
+from ..inference.bundle import (COREML_FILE, INT8_FILE, ONNX_FILE, OPENVINO_FILE, OPENVINO_INT8_FILE,
+                                TFLITE_FILE, BundleConfig, load_network, load_trust, read_config,
+                                record_export)
 from ..inference.engines import Engine, OnnxEngine, TorchEngine
 from ..inference.predictor import Predictor
 from ..inference.trust import Trust
@@ -57,7 +58,7 @@ class ExportResult:
 def export_path(model_dir: str | Path, out: str | Path | None = None, quantize: str | None = None,
                 export_format: str = "onnx") -> Path:
     """Where an export goes: `out`, else model.onnx (model.int8.onnx, model.xml, model.int8.xml,
-    model.tflite) in the bundle."""
+    model.tflite, model.mlpackage) in the bundle."""
     return Path(out) if out else Path(model_dir) / default_file(export_format, quantize)
 
 
@@ -66,16 +67,20 @@ def default_file(export_format: str, quantize: str | None = None) -> str:
         return INT8_FILE if quantize else ONNX_FILE
     if export_format == "openvino":
         return OPENVINO_INT8_FILE if quantize else OPENVINO_FILE
-    return {"tflite": TFLITE_FILE}[export_format]
+    return {"tflite": TFLITE_FILE, "coreml": COREML_FILE}[export_format]
 
 
 def check_export_target(model_dir: str | Path, out: str | Path | None = None,
                         quantize: str | None = None, export_format: str = "onnx") -> Path:
     """The export's path, after checking, before any work, that it can be written and recorded:
-    `out` is not a folder, its folder and the bundle's (config.json records the export) can be
-    written."""
+    `out` is not a folder (for coreml: is NAME.mlpackage, and replaces nothing but a package), its
+    folder and the bundle's (config.json records the export) can be written."""
     path = export_path(model_dir, out, quantize, export_format)
-    if path.is_dir():
+    if export_format == "coreml":
+        if path.suffix != ".mlpackage" or (path.exists() and not is_package(path)):
+            raise ConfigError(f"{path}: a Core ML model is a folder named NAME.mlpackage, and only an "
+                              "older package is replaced; give --out a new name ending in .mlpackage")
+    elif path.is_dir():
         raise ConfigError(f"{path}: is a folder; give --out a file name, such as "
                           f"{path / default_file(export_format, quantize)}")
     check_writable(path.parent)
@@ -83,6 +88,12 @@ def check_export_target(model_dir: str | Path, out: str | Path | None = None,
         read_config(model_dir)  # the one clear error for what is not a bundle
     check_writable(model_dir)
     return path
+
+
+def is_package(path: Path) -> bool:
+    """Whether `path` is a Core ML package (a folder with its Manifest.json), which an export may
+    replace; any other folder is the user's."""
+    return path.is_dir() and (path / "Manifest.json").is_file()
 
 
 def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantize: str | None = None,
@@ -150,9 +161,14 @@ def _export_graph(net: torch.nn.Module, config: BundleConfig, path: Path, opset:
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                           verbose=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises many types, all fatal here
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ExportError(f"torch.onnx.export failed for backbone {config.backbone!r} "
-                          f"({type(error).__name__}: {first_line})") from None
+                          f"({error_summary(error)})") from None
+
+
+def error_summary(error: Exception) -> str:
+    """A converter's exception in one line: its type and its message's first line."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _quantize_int8(source: Path, target: Path) -> None:

@@ -22,7 +22,7 @@ from ..data.transforms import Preprocessing
 from ..errors import BundleError
 from ..models.heads import HeadSpec, build_head
 from ..models.network import ClassifierNet
-from ..rundir.atomic import temporary_folder_beside, write_json
+from ..rundir.atomic import replace_folder, temporary_folder_beside, write_json
 from .trust import NOVELTY_FILE, Novelty, Trust
 
 FORMAT_VERSION = 1
@@ -37,6 +37,7 @@ OPENVINO_INT8_FILE = "model.int8.xml"  # and model.int8.bin
 EXPORT_OPTIONS = {ONNX_FILE: "", INT8_FILE: " --quantize int8", OPENVINO_FILE: " --format openvino",
                   OPENVINO_INT8_FILE: " --format openvino --quantize int8",
                   TFLITE_FILE: " --format tflite"}
+COREML_FILE = "model.mlpackage"  # a folder: Core ML's package format
 LABELS_FILE = "labels.txt"
 
 
@@ -126,14 +127,7 @@ def save_model(net: ClassifierNet, folder: str | Path, *, backbone: str, classes
                               weights_sha256=sha256_of(staging / WEIGHTS_FILE))
         write_config(staging, config)
         (staging / LABELS_FILE).write_bytes(labels_text(classes).encode("utf-8", "surrogateescape"))
-        if folder.exists():
-            retired = folder.with_name(f".{folder.name}.old.tmp")  # a temporary too, if killed here
-            shutil.rmtree(retired, ignore_errors=True)
-            folder.rename(retired)
-            staging.rename(folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(folder)
+        replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -49,6 +49,20 @@ def temporary_folder_beside(path: str | os.PathLike) -> Path:
     return _create_beside(Path(path), lambda folder: os.mkdir(folder, 0o777))
 
 
+def replace_folder(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the complete folder `new` onto `path` (same file system), removing any folder there only
+    once `new` has taken its place; a reader meanwhile sees the old folder or, for an instant, none."""
+    new, path = Path(new), Path(path)
+    if not path.exists():
+        new.rename(path)
+        return
+    retired = path.with_name(f".{path.name}.old{TEMPORARY_SUFFIX}")  # a temporary too, if killed here
+    shutil.rmtree(retired, ignore_errors=True)
+    path.rename(retired)
+    new.rename(path)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 def remove_temporaries(folder: str | os.PathLike) -> None:
     """Delete the temporaries that killed writes left directly in `folder`. Only when no write into
     `folder` can be under way: a temporary in use would vanish before its rename."""
