@@ -42,3 +42,18 @@ def test_comparison_report_renders_at_phone_and_desktop_width(browser, tiny_comp
     assert state["width"] <= state["viewport"] and state["wider"] == 0
     assert {"Strategies side by side", "Accuracy and cost", "Runs", "Data"} <= set(state["headings"])
 
+
+
+@pytest.mark.parametrize("viewport", VIEWPORTS)
+def test_saliency_maps_render_beside_the_wrong_thumbnails(browser, tiny_head_run, viewport):
+    _open(browser, tiny_head_run.dir / "report.html", viewport)
+    pairs = browser.execute_script("""
+        return [...document.querySelectorAll('#wrong ~ .thumbs .thumb')].map(thumb => {
+            const [image, map] = thumb.querySelectorAll('img');
+            const a = image.getBoundingClientRect(), b = map ? map.getBoundingClientRect() : null;
+            return {loaded: !!map && map.complete && map.naturalWidth > 0 && image.naturalWidth > 0,
+                    beside: !!b && Math.abs(a.top - b.top) < 1 && b.left >= a.right,
+                    width: b ? b.width : 0};
+        });""")
+    assert pairs, "a random tiny model gets some test images wrong"
+    assert all(p["loaded"] and p["beside"] and p["width"] >= 60 for p in pairs), pairs

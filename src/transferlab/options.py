@@ -289,6 +289,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "model.xml in OpenVINO; tflite: its model.tflite in LiteRT; onnx-int8, openvino-int8: "
            "their int8 versions (made by `transferlab export`).", OneOf(registry="backend"),
            "torch"),
+    Option("explain", str, "Write a Grad-CAM saliency map of the top-1 class over each image, one "
+           "PNG per image, into this folder (torch backend only).", Text(),
+           requires=("backend", ("torch",))),
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
     Option("export_format", str, "onnx; openvino (IR: model.xml + model.bin; needs "

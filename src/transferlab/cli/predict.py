@@ -27,13 +27,16 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
             tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image "
                                      "and its mirror image (twice the compute)."),
             max_pixels: Optional[int] = flag("max_pixels"),
-            reject_unknown: bool = typer.Option(False, "--reject-unknown", help=REJECT_HELP)):
+            reject_unknown: bool = typer.Option(False, "--reject-unknown", help=REJECT_HELP),
+            explain: Optional[Path] = flag("explain")):
     """Top-k classes with probabilities for images."""
     from ..errors import ConfigError
-    from ..options import check
+    from ..options import check, check_relations
 
+    explain_dir = None if explain is None else str(explain)
     check({"top_k": top_k, "output_format": output_format, "batch_size": batch_size,
-           "precision": precision, "device": device, "max_pixels": max_pixels})
+           "precision": precision, "device": device, "max_pixels": max_pixels, "explain": explain_dir})
+    check_relations({"backend": backend, "explain": explain_dir}, ["explain"] if explain else [])
     setup_logging(verbose=False)
     from ..inference.backends import load_model
     from ..inference.predictor import expand_inputs
@@ -46,11 +49,24 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
                                          **given(
         batch_size=batch_size, precision=precision, max_pixels=max_pixels))
     bad = _stream(results, output_format, min(top_k, len(predictor.classes)))
+    if explain is not None:
+        _explain(model, paths, explain, predictor.device, **given(max_pixels=max_pixels))
     for result in bad:
         err.print(f"[bold red]error:[/] {escape(result.file)}: cannot read image ({escape(result.error)})",
                   highlight=False)
     if bad:
         raise typer.Exit(1)
+
+
+def _explain(model: Path, paths: list[Path], folder: Path, device, **options) -> None:
+    """--explain: the Grad-CAM overlays, computed by the bundle's network on the predictor's device."""
+    from ..inference.bundle import load_network
+    from ..inference.saliency import save_overlays
+
+    net, config = load_network(model)
+    written = save_overlays(net.to(device), config.preprocessing, paths, folder, **options)
+    err.print(f"{len(written)} saliency map{'s' * (len(written) != 1)} written to {escape(str(folder))}",
+              highlight=False)
 
 
 def _stream(results, output_format: str, columns: int) -> list:

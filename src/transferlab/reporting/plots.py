@@ -171,6 +171,12 @@ def thumbnail(path: str | Path | None) -> str | None:
         image = open_rgb(path, draft_size=THUMBNAIL_PX)
     except UnreadableImage:  # moved or deleted since the run: the report goes on without it
         return None
+    return picture_uri(image)
+
+
+def picture_uri(image) -> str:
+    """A PIL image shrunk to a thumbnail, as a JPEG data URI."""
+    image = image.copy()
     image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=82)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import TransferlabError
 from ..inference.bundle import load_network
+from ..inference.saliency import explain_files
 from ..models.summary import summarize
 from ..rundir.atomic import write_text
 from ..rundir.audit import AuditFiles
@@ -76,6 +77,7 @@ def run_context(files: RunFiles) -> dict:
     test = metrics.get("test") or {}
     root = Path(metrics.get("data", {}).get("root") or (files.split or {}).get("root", "."))
     model_dir = Path(metrics["model"]) if evaluation else files.model_dir
+    network = _load(model_dir)
     title = (f"Evaluation of {metrics.get('strategy') or 'a'} · {metrics['backbone']} model on {root.name}"
              if evaluation else f"{metrics['strategy']} · {metrics['backbone']} on {root.name}")
     return {
@@ -86,8 +88,8 @@ def run_context(files: RunFiles) -> dict:
                    for metric in ("loss", "acc")] if files.history else None,
         "history": files.history,
         "results": _results(test, classes, files),
-        "wrong": _confidently_wrong(files, root),
-        "model": _model(model_dir),
+        "wrong": _confidently_wrong(files, root, network),
+        "model": _model(model_dir, network),
         "audit": audit_section(RunDir(files.dir).audit, REPORT_SHOWN),
         "command": shlex.join(files.run.get("command") or []) or None,
         "configuration": json.dumps({k: v for k, v in files.run.items() if k not in ("command",)},
@@ -212,7 +214,7 @@ def _before_temperature(proba: np.ndarray, test: dict) -> np.ndarray | None:
     return (raw / raw.sum(1, keepdims=True)).max(1)
 
 
-def _confidently_wrong(files: RunFiles, root: Path) -> list[dict]:
+def _confidently_wrong(files: RunFiles, root: Path, network: tuple | None) -> list[dict]:
     table = files.predictions
     if table is None:
         return []
@@ -221,19 +223,46 @@ def _confidently_wrong(files: RunFiles, root: Path) -> list[dict]:
         predicted = int(table.proba[row].argmax())
         shown.append({"file": table.files[row], "true": table.classes[table.labels[row]],
                       "predicted": table.classes[predicted], "confidence": float(table.proba[row, predicted]),
-                      "image": plots.thumbnail(file_inside(root, table.files[row]))})
+                      "path": file_inside(root, table.files[row]), "saliency": None})
+    for item in shown:
+        item["image"] = plots.thumbnail(item["path"])
+    _add_saliency([item for item in shown if item["image"]], network)
     return shown
 
 
-def _model(model_dir: Path | None) -> dict | None:
-    """Layer summary and the bundle's configuration; None (with a log line) if it cannot be read."""
+def _add_saliency(items: list[dict], network: tuple | None) -> None:
+    """Each item's Grad-CAM overlay for the class it was predicted as, when the bundle's network is
+    there to compute it; the report goes on without maps otherwise."""
+    if network is None or not items:
+        return
+    net, config = network
+    known = all(item["predicted"] in config.classes for item in items)
+    classes = [config.classes.index(item["predicted"]) for item in items] if known else None
+    try:
+        explained = explain_files(net, config.preprocessing, [item["path"] for item in items], classes)
+        for item, explanation in zip(items, explained):
+            if explanation.picture is not None:
+                item["saliency"] = plots.picture_uri(explanation.picture)
+    except Exception as error:  # noqa: BLE001 - a picture, not worth losing the report for
+        log.warning("report: saliency maps left out (%s: %s)", type(error).__name__, error)
+
+
+def _load(model_dir: Path | None) -> tuple | None:
+    """The bundle's network and config.json; None (with a log line) if it cannot be read."""
     if model_dir is None or not model_dir.is_dir():
         return None
     try:
-        net, config = load_network(model_dir)
+        return load_network(model_dir)
     except TransferlabError as error:
-        log.warning("report: model summary left out (%s)", error)
+        log.warning("report: model summary and saliency maps left out (%s)", error)
         return None
+
+
+def _model(model_dir: Path | None, network: tuple | None) -> dict | None:
+    """Layer summary and the bundle's configuration, when its network could be loaded."""
+    if network is None:
+        return None
+    net, config = network
     trainable = int(config.training.get("params", {}).get("trainable", 0))
     title = f"{model_dir}: {config.backbone}, {len(config.classes)} classes"
     return {"path": str(model_dir), "summary": summarize(net, config.preprocessing, title, trainable),
