@@ -328,6 +328,10 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     # the data audit, and acting on it
     Option("labels", str, "A CSV with file and label columns (optional split: train, val, test) "
            "giving each image of DATA its label, instead of class folders.", Text()),
+    Option("image_column", str, "With DATA hf:PATH_OR_NAME (a Hugging Face dataset): the column "
+           "holding the images.", Text(), "image"),
+    Option("label_column", str, "With DATA hf:PATH_OR_NAME: the column holding each image's class "
+           "(a ClassLabel, text or numbers).", Text(), "label"),
     Option("exclude", str, "A CSV with a file column (such as an edited label_issues.csv): leave "
            "those files (relative to DATA) out.", Text()),
     Option("relabel", str, "A CSV with file and label columns: give those files (relative to DATA) "

@@ -14,7 +14,7 @@ from .app import app, given, out, setup_logging
 from .flags import flag
 
 DATA_HELP = ("Folder with one sub-folder per class, or with a metadata.csv/jsonl; or a CSV with file "
-             "and label columns.")
+             "and label columns; or hf:PATH_OR_NAME[:config], a Hugging Face dataset.")
 
 
 @app.command()
@@ -24,6 +24,8 @@ def info(data: Path = typer.Argument(..., help=DATA_HELP),
          max_pixels: Optional[int] = flag("max_pixels"),
          layout: Optional[str] = flag("layout"),
          labels: Optional[Path] = flag("labels"),
+         image_column: Optional[str] = flag("image_column"),
+         label_column: Optional[str] = flag("label_column"),
          no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the scan "
                                        "cache.")):
     """What is in a data folder, and what is wrong with it."""
@@ -33,7 +35,8 @@ def info(data: Path = typer.Argument(..., help=DATA_HELP),
 
     cache = {"cache_dir": None} if no_cache else {}
     report = describe(ImageFolderData(data, **given(max_pixels=max_pixels, layout=layout,
-                                                    labels=labels), **cache))
+                                                    labels=labels, image_column=image_column,
+                                                    label_column=label_column), **cache))
     if as_json:
         print(json.dumps(report, indent=2))
         return

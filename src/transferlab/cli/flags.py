@@ -29,8 +29,8 @@ def annotation(name: str) -> Any:
 
 # The options `train` and `compare` share, in the order --help lists them.
 TRAINING_FLAGS = (
-    "weights", "layout", "val", "test", "seed", "max_pixels", "dedupe_split", "labels", "exclude",
-    "relabel", "time_budget", "cut_layer", "head_pool",
+    "weights", "layout", "val", "test", "seed", "max_pixels", "dedupe_split", "labels", "image_column",
+    "label_column", "exclude", "relabel", "time_budget", "cut_layer", "head_pool",
     "classifier", "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "grad_clip",
     "augment", "label_smoothing", "class_weights", "early_stopping", "head_init", "head_dim",
     "dropout", "unfreeze", "unfreeze_from",
@@ -94,7 +94,8 @@ def split_settings(settings: dict) -> tuple[dict, dict, bool]:
     show_progress = not settings.pop("quiet")
     no_cache, cache_dir = settings.pop("no_cache"), settings.pop("cache_dir")
     dataset = {name: settings.pop(name) for name in ("val", "test", "dedupe_split", "max_pixels",
-                                                      "layout", "labels", "exclude", "relabel")}
+                                                      "layout", "labels", "image_column", "label_column",
+                                                      "exclude", "relabel")}
     dataset = {k: v for k, v in dataset.items() if v is not None}
     if "labels" in dataset:  # as run.json records it, so that --resume compares it
         dataset["labels"] = str(Path(dataset["labels"]).resolve())

@@ -18,8 +18,9 @@ from .flags import flag, names, split_settings, with_training_options
 @app.command()
 @with_training_options
 def train(data: Optional[Path] = typer.Argument(None, help="Folder with one sub-folder per class "
-                                                "(or a metadata.csv), or a CSV with file and label "
-                                                "columns (not needed with --resume)."),
+                                                "(or a metadata.csv), a CSV with file and label "
+                                                "columns, or hf:PATH_OR_NAME[:config] (a Hugging Face "
+                                                "dataset); not needed with --resume."),
           strategy: Optional[str] = flag("strategy"),
           backbone: Optional[str] = flag("backbone"),
           out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory "

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,11 +25,21 @@ MAX_ASPECT = 4.0  # longer side at most this many times the shorter before any r
 _BACKGROUND = (255, 255, 255)  # transparent pixels become white, not whatever colour they hide
 
 
+class StoredImage(Protocol):
+    """An image held elsewhere than in a file of its own, such as a row of a Hugging Face dataset
+    (data/hf.py): str() names it, read_bytes() gives its encoded bytes."""
+
+    def read_bytes(self) -> bytes: ...
+
+
+Source = str | Path | BinaryIO | StoredImage  # what open_rgb and read_info read
+
+
 @dataclass(frozen=True)
 class ImageInfo:
-    """What the header of one image file says, plus its content hashes."""
+    """What the header of one image file (or a StoredImage) says, plus its content hashes."""
 
-    path: Path
+    path: Path | StoredImage
     format: str
     mode: str
     width: int
@@ -83,9 +94,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(path: str | Path | BinaryIO, draft_size: int | None = None,
+def open_rgb(path: Source, draft_size: int | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `path` (a file name, or a binary file object such as io.BytesIO of an upload) as an
+    """Decode `path` (a file name, a binary file object such as io.BytesIO of an upload, or a
+    StoredImage) as an
     RGB image with EXIF orientation applied.
 
     `draft_size` lets JPEG decoding skip detail finer than needed for that output size, which makes
@@ -129,20 +141,30 @@ def limit_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Im
     return image
 
 
-def read_info(path: Path, with_phash: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+def read_info(path: Path | StoredImage, with_phash: bool = False,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Header facts, a content hash and (optionally) a perceptual hash; the file is fully decoded so
     that truncated files are caught here rather than during training."""
+    source = path if isinstance(path, (str, os.PathLike)) else _stored_bytes(path)  # read once
     try:
-        with _open_checked(path, max_pixels) as image:
+        with _open_checked(source, max_pixels) as image:
             fmt, mode, (width, height) = image.format, image.mode, image.size
     except UnreadableImage:
         raise
     except _DECODE_ERRORS as error:
         raise UnreadableImage(_reason(error, path)) from None
     # Decoding at 64 px is enough for the 32x32 perceptual hash and proves the data is decodable.
-    rgb = open_rgb(path, draft_size=64, max_pixels=max_pixels)
+    rgb = open_rgb(source, draft_size=64, max_pixels=max_pixels)
     phash = _phash(rgb) if with_phash else None
-    return ImageInfo(path, fmt, mode, width, height, sha256_of(path), phash)
+    digest = sha256_of(path) if source is path else hashlib.sha256(source.getvalue()).hexdigest()
+    return ImageInfo(path, fmt, mode, width, height, digest, phash)
+
+
+def _stored_bytes(image: StoredImage) -> io.BytesIO:
+    try:
+        return io.BytesIO(image.read_bytes())
+    except OSError as error:  # such as a dataset row that names a file which is gone
+        raise UnreadableImage(_reason(error, "")) from None
 
 
 def _phash(image: Image.Image) -> int:
@@ -160,7 +182,7 @@ _PLUGINS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 @contextmanager
-def _open_checked(source: str | Path | BinaryIO, max_pixels: int):
+def _open_checked(source: Source, max_pixels: int):
     """The image with only its header read, after our pixel limit; nothing is decoded yet.
 
     Image.open applies PIL's process-wide limit (a warning above 89 MP, an error above 179 MP) the
@@ -169,9 +191,11 @@ def _open_checked(source: str | Path | BinaryIO, max_pixels: int):
     reads it, by the format's own plugin, and our limit replaces PIL's check of the header; PIL's
     global is never touched (its decoders still apply it to GIF frames and TIFF tiles).
     """
-    handle = _open_regular_file(source) if isinstance(source, (str, os.PathLike)) else source
+    named = isinstance(source, (str, os.PathLike))
+    handle = (_open_regular_file(source) if named else
+              _stored_bytes(source) if hasattr(source, "read_bytes") else source)
     try:
-        image = _identify(handle, os.fspath(source) if handle is not source else "")
+        image = _identify(handle, os.fspath(source) if named else "")
         with image:
             if image.format not in SUPPORTED_FORMATS:
                 raise UnreadableImage(f"unsupported format {image.format}")

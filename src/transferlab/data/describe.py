@@ -25,8 +25,10 @@ def describe(data: ImageFolderData) -> dict:
     heights = np.array([im.height for im in scan.images])
     conflicts = [group for group in duplicates.near if len({scan.labels[i] for i in group}) > 1]
     return {
-        "root": str(scan.root), "images": len(scan.images), "classes": classes,
-        "layout": _layout(scan), "presplit": scan.presplit is not None,
+        "root": data.location if data.hf else str(scan.root), "images": len(scan.images),
+        "classes": classes,
+        "layout": "Hugging Face dataset" + (" (split given)" if scan.presplit is not None else "")
+                  if data.hf else _layout(scan), "presplit": scan.presplit is not None,
         "labels_file": None if scan.source is None else str(scan.source),
         "image_size": {"min_width": int(widths.min()), "max_width": int(widths.max()),
                        "min_height": int(heights.min()), "max_height": int(heights.max()),

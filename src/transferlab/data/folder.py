@@ -14,6 +14,7 @@ from .cache import default_cache_dir
 from .decode import DEFAULT_MAX_PIXELS
 from .duplicates import Duplicates, find_duplicates
 from .edits import Edits, apply_edits
+from .hf import HFSpec, is_hf, scan_hf
 from .labels_file import labels_source, scan_labels_file
 from .scan import Scan, scan_folder
 from .split import MIN_IMAGES_TO_SPLIT, SPLITS, split_groups, split_notes
@@ -32,6 +33,12 @@ def _log_notes(notes: list[str]) -> None:
                     len(notes) - NOTES_SHOWN)
 
 
+def data_location(root: str | os.PathLike) -> str:
+    """DATA as run.json records it: the absolute folder or file, or the hf: spec of a Hugging Face
+    dataset (with an absolute path when it is a local one)."""
+    return str(HFSpec.parse(str(root))) if is_hf(root) else str(Path(root).resolve())
+
+
 class ImageFolderData:
     """A labelled image folder with a deterministic, duplicate-aware train/val/test split.
 
@@ -40,7 +47,9 @@ class ImageFolderData:
     `exclude` (a CSV with a `file` column, or a list of files relative to `root`) leaves files out;
     `relabel` (a CSV with `file` and `label` columns, or a file -> label mapping) overrides labels.
     `root` may be a labels file (a CSV with `file` and `label` columns), or a folder with `labels`
-    (such a file; paths relative to the folder) or with a metadata.csv/jsonl: see data/labels_file.py.
+    (such a file; paths relative to the folder) or with a metadata.csv/jsonl: see data/labels_file.py;
+    or `hf:PATH_OR_NAME[:config]`, a Hugging Face dataset whose `image_column` and `label_column`
+    are read (data/hf.py).
     """
 
     def __init__(self, root: str | os.PathLike, val: float = 0.15, test: float = 0.15, seed: int = 0,
@@ -49,14 +58,24 @@ class ImageFolderData:
                  min_classes: int = 2, layout: str = "auto",
                  exclude: str | os.PathLike | Iterable[str] | None = None,
                  relabel: str | os.PathLike | Mapping[str, str] | None = None,
-                 labels: str | os.PathLike | None = None):
+                 labels: str | os.PathLike | None = None, image_column: str | None = None,
+                 label_column: str | None = None):
         check({"val": val, "test": test, "seed": seed, "max_pixels": max_pixels, "layout": layout,
+               "image_column": image_column, "label_column": label_column,
                **{name: str(value) for name, value in (("exclude", exclude), ("relabel", relabel),
                                                        ("labels", labels))
                   if isinstance(value, (str, os.PathLike))}})
         if val + test >= 1.0:
             raise ConfigError(f"val={val} + test={test} leaves nothing to train on; keep the sum below 1")
-        self.root = Path(root)
+        self.hf = HFSpec.parse(str(root)) if is_hf(root) else None
+        if self.hf is None and (image_column or label_column):
+            raise ConfigError("--image-column and --label-column are for a Hugging Face dataset "
+                              "(DATA hf:PATH_OR_NAME); drop them")
+        if self.hf is not None and labels is not None:
+            raise ConfigError(f"--labels {labels}: a Hugging Face dataset has its labels in a column; "
+                              "name it with --label-column")
+        self.root = self.hf.root if self.hf else Path(root)
+        self.image_column, self.label_column = image_column, label_column
         self.val, self.test, self.seed = val, test, seed
         self.near_duplicates = near_duplicates
         self.dedupe_split = dedupe_split
@@ -66,14 +85,20 @@ class ImageFolderData:
         self.cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
         self.edits = Edits.given(exclude, relabel)  # a bad CSV is refused here, before any work
         self.labels_file = None if labels is None else Path(labels)
-        self.source = labels_source(self.root, self.labels_file, layout)  # None: class folders
+        self.source = None if self.hf else labels_source(self.root, self.labels_file, layout)
 
     @cached_property
     def _edited(self) -> tuple[Scan, list[dict]]:
         reading = dict(near_duplicates=self.near_duplicates, max_pixels=self.max_pixels,
                        cache_dir=self.cache_dir, min_classes=self.min_classes)
-        scan = (scan_labels_file(self.source, **reading) if self.source else
-                scan_folder(self.root, layout=self.layout, **reading))
+        if self.hf:
+            del reading["cache_dir"]  # rows have no file to stat: read again each time
+            scan = scan_hf(self.hf, self.image_column or "image", self.label_column or "label",
+                           **reading)
+        elif self.source:
+            scan = scan_labels_file(self.source, **reading)
+        else:
+            scan = scan_folder(self.root, layout=self.layout, **reading)
         return apply_edits(scan, self.edits)
 
     @property
@@ -94,10 +119,9 @@ class ImageFolderData:
     def split(self) -> dict[str, list[int]]:
         scan = self.scan
         if scan.presplit is not None:
-            return {name: [i for i, s in enumerate(scan.presplit) if s == name] for name in SPLITS}
-        components = (self.duplicates.components if self.dedupe_split
-                      else [[i] for i in range(len(scan.images))])
-        split = split_groups(scan.labels, components, self.val, self.test, self.seed)
+            given = {name: [i for i, s in enumerate(scan.presplit) if s == name] for name in SPLITS}
+            return given if given["val"] or not self.val else self._val_from_train(given)
+        split = split_groups(scan.labels, self._components(), self.val, self.test, self.seed)
         if not split["train"]:
             raise DataError(f"{self.root}: val={self.val} and test={self.test} leave no image to "
                             "train on; lower them")
@@ -106,6 +130,26 @@ class ImageFolderData:
             log.warning("nothing to evaluate: no class has the %d images a split needs, so every image "
                         "is in train and val/test scores will be missing", MIN_IMAGES_TO_SPLIT)
         return split
+
+    def _components(self) -> list[list[int]]:
+        """What a split keeps together: duplicate groups, or (dedupe_split off) each image alone."""
+        return (self.duplicates.components if self.dedupe_split
+                else [[i] for i in range(len(self.scan.images))])
+
+    def _val_from_train(self, given: dict[str, list[int]]) -> dict[str, list[int]]:
+        """A given split without val (a Hugging Face dataset with train and test only): val is
+        dealt out of train as a split is made, duplicate groups kept together."""
+        train = set(given["train"])
+        components = [[i for i in c if i in train] for c in self._components()]
+        dealt = split_groups(self.scan.labels, [c for c in components if c], self.val, 0.0, self.seed)
+        log.info("%s: no validation split given; %d of its %d train images are used for val",
+                 self.location, len(dealt["val"]), len(train))
+        return {"train": dealt["train"], "val": dealt["val"], "test": given["test"]}
+
+    @property
+    def location(self) -> str:
+        """DATA as run.json, split.json and metrics.json record it (data_location)."""
+        return str(self.hf) if self.hf else str(self.root.resolve())
 
     def notes(self) -> list[str]:
         """split_notes of this split (empty for a folder that came pre-split)."""
@@ -157,16 +201,18 @@ class ImageFolderData:
 
     def options(self) -> dict:
         """The constructor's arguments (cache aside): ImageFolderData(**options) splits the same way."""
-        return {"root": str(self.root.resolve()), "val": self.val, "test": self.test, "seed": self.seed,
+        columns = {"image_column": self.image_column, "label_column": self.label_column}
+        return {"root": self.location, "val": self.val, "test": self.test, "seed": self.seed,
                 "near_duplicates": self.near_duplicates, "dedupe_split": self.dedupe_split,
                 "max_pixels": self.max_pixels, "min_classes": self.min_classes, "layout": self.layout,
                 "labels": None if self.labels_file is None else str(self.labels_file.resolve()),
-                **self.edits.to_options()}
+                **{k: v for k, v in columns.items() if v is not None}, **self.edits.to_options()}
 
     def split_record(self) -> dict:
         """What split.json holds: the exact file lists and the duplicate groups, relative to root."""
         scan = self.scan
-        record = {"root": str(scan.root.resolve()), "classes": scan.classes, "seed": self.seed,
+        root = str(self.hf) if self.hf else str(scan.root.resolve())  # what the files are under
+        record = {"root": root, "classes": scan.classes, "seed": self.seed,
                   "fractions": {"val": self.val, "test": self.test}, **self.summary()}
         for name in SPLITS:
             record[name] = [{"file": scan.relative(i), "label": scan.classes[scan.labels[i]],

@@ -27,13 +27,15 @@ class Scan:
     images: list[ImageInfo]
     labels: list[int]
     presplit: list[str] | None  # split name per image when the folder has train/ val/ test/
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # a StoredImage for a row
     ignored: list[Path] = field(default_factory=list)
     source: Path | None = None  # the labels file (CSV, metadata.jsonl), when not class folders
 
     def relative(self, index: int) -> str:
-        """The image's path relative to root (with ../ when a labels file names one outside it)."""
-        return relative_to(self.images[index].path, self.root)
+        """The image's path relative to root (with ../ when a labels file names one outside it), or
+        a dataset row's SPLIT/INDEX (data/hf.py)."""
+        path = self.images[index].path
+        return relative_to(path, self.root) if isinstance(path, Path) else path.name
 
     def relative_groups(self, groups: list[list[int]]) -> list[list[str]]:
         return [[self.relative(i) for i in group] for group in groups]

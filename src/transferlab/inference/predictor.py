@@ -201,7 +201,7 @@ class Predictor:
         check({"batch_size": batch_size, "workers": workers, "precision": precision,
                "max_pixels": max_pixels})
         precision = engine_precision(self.engine, precision)
-        paths = [Path(p) for p in paths]
+        paths = [Path(p) if isinstance(p, str) else p for p in paths]  # or StoredImage
         with progress_bar("predicting", len(paths), show_progress) as advance:
             yield from run_batches(forward, paths, self.preprocessing, precision=precision,
                                    pin_memory=self.device.type == "cuda", batch_size=batch_size,
@@ -216,7 +216,7 @@ class Predictor:
         its first results after one batch); options as predict_proba's. reject_unknown: an input
         over the novelty threshold is answered UNKNOWN (its top-k still listed)."""
         check({"top_k": top_k})
-        paths = [Path(p) for p in paths]
+        paths = [Path(p) if isinstance(p, str) else p for p in paths]  # or StoredImage
         for positions, scores, errors in self.iter_scores(paths, **options):
             for row, position in enumerate(positions):
                 yield self.prediction(str(paths[position]), scores, row, top_k, reject_unknown,

@@ -144,7 +144,7 @@ def audit_images(data: ImageFolderData, indices: list[int], embeddings: np.ndarr
     for kind in ("small", "aspect", "uniform", "blurry"):
         counts[kind] = sum(kind in f.flags for f in flags)
     summary = {
-        "root": str(data.root.resolve()), "scope": scope, "classes": classes, "counts": counts,
+        "root": data.location, "scope": scope, "classes": classes, "counts": counts,
         "parameters": {"backbone": embedder.backbone, "weights": embedder.weights, "folds": folds_used,
                        "seed": seed, "neighbours": outliers.neighbours,
                        "class_thresholds": dict(zip(classes, issues.thresholds)),

@@ -83,7 +83,7 @@ def _evaluate(predictor: Predictor, model: Path, data: ImageFolderData, indices:
 
     metrics = {"model": str(model.resolve()), "strategy": config.training.get("strategy"),
                "backbone": config.backbone, "classes": config.classes,
-               "data": {"root": str(data.root.resolve()), "split": split, "images": int(read.sum()),
+               "data": {"root": data.location, "split": split, "images": int(read.sum()),
                         "classes": data.classes, "unreadable": len(data.scan.unreadable) + int((~read).sum())},
                EVALUATED: measured.metrics,
                "timing": {"predict_s": round(seconds, 3),

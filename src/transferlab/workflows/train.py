@@ -22,7 +22,7 @@ from typing import Mapping
 from ..data.cache import default_cache_dir
 from ..data.describe import log_split
 from ..data.edits import Edits
-from ..data.folder import ImageFolderData
+from ..data.folder import ImageFolderData, data_location
 from ..errors import ConfigError, DataError
 from ..evaluation.heldout import HELD_OUT, evaluate_held_out
 from ..inference.bundle import save_model
@@ -188,7 +188,7 @@ def _finish(data: ImageFolderData, config: TrainConfig, run_dir: Path, model: Tr
     details = dict(model.details)
     details["precision"] = {**details.get("precision", {}), **held_out.parity}
     return {"strategy": config.strategy, "backbone": backbone, "weights": config.weights,
-            "classes": data.classes, "data": {"root": str(data.root.resolve())},
+            "classes": data.classes, "data": {"root": data.location},
             "split": data.summary(), **held_out.metrics, "timing": model.timings.to_dict(),
             "params": params, "preprocessing": model.preprocessing.to_dict(), "train": model.train_fit,
             "trust": held_out.trust.to_dict(), **details}
@@ -228,9 +228,9 @@ def _data_options(data) -> dict:
         return data.options()
     if isinstance(data, Mapping):  # --exclude and --relabel CSVs as the lists run.json records
         edits = Edits.given(data.get("exclude"), data.get("relabel")).to_options()
-        return {**data, "root": str(Path(data["root"]).resolve()),
+        return {**data, "root": data_location(data["root"]),
                 **{name: edits[name] for name in ("exclude", "relabel") if data.get(name) is not None}}
-    return {"root": str(Path(data).resolve())}
+    return {"root": data_location(data)}
 
 
 def _resumable(run_dir: Path) -> tuple[dict, dict]:
