@@ -90,7 +90,8 @@ def test_the_resolved_configuration_records_only_what_is_used():
     assert extract.epochs is None and extract.lr is None and extract.head_pool is None
     assert extract.classifier == "logistic" and extract.device == str(resolve_device("auto"))
     _, finetune = configure("finetune", {"backbone": TINY_BACKBONE, "weights": "none"})
-    assert finetune.momentum == 0.9 and finetune.unfreeze == "all" and finetune.classifier is None
+    assert finetune.optimizer == "adamw" and finetune.momentum is None  # no momentum option
+    assert finetune.unfreeze == "all" and finetune.classifier is None and finetune.head_init == "probe"
     _, head = configure("head", {"backbone": TINY_BACKBONE, "weights": "none", "optimizer": "adamw"})
     assert head.momentum is None and head.lr == 1e-4 and head.epochs == 5
 

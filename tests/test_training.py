@@ -12,7 +12,7 @@ from transferlab import ImageFolderData, load_model, train
 from transferlab.data.loaders import ImageFolderDataModule
 from transferlab.errors import ConfigError
 from transferlab.rundir.predictions import PredictionTable
-from transferlab.training.module import ClassifierModule, Optimization
+from transferlab.training.module import VAL_SELECTION_METRIC, ClassifierModule, Optimization
 from transferlab.training.strategies import configure
 from transferlab.training.trainer import Distribution, fit
 
@@ -75,7 +75,7 @@ def test_head_run_directory_and_frozen_backbone(image_folder, tmp_path):
     assert metrics["params"]["trainable"] == 256 * 2 + 2  # the linear probe it starts from
     assert sum(map(sum, metrics["test"]["confusion_matrix"])) == metrics["split"]["test"]
     config = json.loads((run.model_dir / "config.json").read_text())
-    assert config["head"]["hidden"] == [256] and config["head"]["dropout"] == 0.5
+    assert config["head"]["hidden"] == [] and config["head"]["dropout"] == 0.0
     # the bundle predicts like any other, and as the run did: the run's own test predictions
     table = PredictionTable.read(run.dir / "predictions.csv")
     rows = table.select("test")
@@ -116,7 +116,8 @@ class ScriptedValLoss(L.Callback):
         self.losses = losses
 
     def on_validation_end(self, trainer, pl_module):  # before early stopping and checkpointing
-        trainer.callback_metrics["val_loss"] = torch.tensor(self.losses[trainer.current_epoch])
+        for name in ("val_loss", VAL_SELECTION_METRIC):
+            trainer.callback_metrics[name] = torch.tensor(self.losses[trainer.current_epoch])
 
 
 def test_early_stopping_restores_the_best_epoch(image_folder, tmp_path):

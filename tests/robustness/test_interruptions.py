@@ -320,8 +320,10 @@ def test_head_killed_twice_while_training_resumes_to_a_complete_run(image_folder
     rng = random.Random(SEED)
     run_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
     epochs = 30  # about 0.1 s each
+    # a hidden layer's optimizer state makes each checkpoint big enough to be caught being written
     process = start_train(image_folder, "--strategy", "head", *TINY, "--epochs", epochs, "--batch-size", 8,
-                          "--out", run_dir, "--no-cache", log=log)
+                          "--head-init", "random", "--head-dim", "256", "--out", run_dir, "--no-cache",
+                          log=log)
     delay = rng.uniform(0, 0.8)
     kill_when(process, lambda: epochs_in(run_dir), delay, log)
     done = epochs_in(run_dir)

@@ -29,7 +29,9 @@ def _weights(run_dir):
 
 
 def test_a_new_run_into_a_run_folder_is_refused_unless_overwritten(image_folder, tmp_path, capsys):
-    first = train(image_folder, strategy="head", epochs=1, out=tmp_path / "h1", **FAST)
+    # a random head: one epoch from the probe may keep the probe, the same weights in both runs
+    first = train(image_folder, strategy="head", epochs=1, out=tmp_path / "h1", head_init="random",
+                  **FAST)
     before = _weights(first.dir)
     with pytest.raises(ConfigError, match="already holds results.*--resume.*--overwrite"):
         train(image_folder, strategy="head", epochs=1, lr=0.01, out=tmp_path / "h1", **FAST)
@@ -38,7 +40,7 @@ def test_a_new_run_into_a_run_folder_is_refused_unless_overwritten(image_folder,
                    "--weights", "none", "--epochs", "1", "--out", tmp_path / "h1", "--no-cache", "-q")
     assert cli.returncode == 2 and "already holds results" in cli.stderr
     again = train(image_folder, strategy="head", epochs=1, lr=0.01, out=tmp_path / "h1",
-                  overwrite=True, **FAST)
+                  overwrite=True, head_init="random", **FAST)
     recorded = json.loads((again.dir / "run.json").read_text())["config"]
     assert recorded["lr"] == 0.01 and _weights(again.dir) != before
     assert [row.split(",")[0] for row in (again.dir / "history.csv").read_text().splitlines()[1:]] == ["0"]
@@ -127,14 +129,15 @@ def test_compare_lists_each_combination_once(image_folder, tmp_path):
 def test_a_diverging_run_stops_with_one_line_and_compare_records_it(image_folder, tmp_path, capsys):
     started = time.monotonic()
     cli = run_main(capsys, "train", image_folder, "--strategy", "head", "--backbone", TINY_BACKBONE,
-                   "--weights", "none", "--epochs", "5", "--lr", "1e30", "--out", tmp_path / "nan",
+                   "--weights", "none", "--epochs", "5", "--lr", "1e30", "--head-init", "random",
+                   "--head-dim", "256", "--out", tmp_path / "nan",
                    "--no-cache", "-q")
     assert cli.returncode == 2 and "training diverged" in cli.stderr and "lower --lr" in cli.stderr
     assert "Traceback" not in cli.stderr and time.monotonic() - started < 120
     from transferlab.workflows.compare import compare
 
     comparison = compare(image_folder, ["extract", "head"], [TINY_BACKBONE], weights="none", lr=1e30,
-                         out=tmp_path / "cmp", cache_dir=None, show_progress=False, report=False)
+                         head_init="random", head_dim=256, out=tmp_path / "cmp", cache_dir=None, show_progress=False, report=False)
     rows = {row["strategy"]: row for row in comparison.rows}
     assert rows["extract"]["test_accuracy"] is not None  # the other runs go on
     assert "training diverged" in rows["head"]["error"]

@@ -6,9 +6,11 @@ The openvino and nncf packages are an optional extra (`pip install 'transferlab[
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -57,8 +59,10 @@ def export_openvino(model_dir: str | Path, out: str | Path | None = None, *,
         calibration = None
         if quantize:
             samples = calibration_images(images, config.preprocessing, batch_size, workers)
-            model = nncf.quantize(model, nncf.Dataset(samples, _normalizer(config.preprocessing)),
-                                  subset_size=len(samples))
+            # NNCF draws progress bars on stdout, where `export` and scripts print their results
+            with contextlib.redirect_stdout(sys.stderr):
+                model = nncf.quantize(model, nncf.Dataset(samples, _normalizer(config.preprocessing)),
+                                      subset_size=len(samples))
             calibration = {"source": "validation images of the run", "images": len(samples)}
         # fp32 weights: save_model halves them by default, which the 1e-4 check would refuse
         openvino.save_model(model, staged, compress_to_fp16=False)
