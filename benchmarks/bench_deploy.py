@@ -72,7 +72,9 @@ def exported(model_dir: Path) -> dict:
         started = time.perf_counter()
         result = EXPORT_FORMATS[export_format](model_dir, quantize=quantize, images=images,
                                                labels=labels)
-        files = [result.path, result.path.with_suffix(".bin")]  # IR keeps its weights beside
+        files = [result.path]
+        if result.path.suffix == ".xml":  # OpenVINO IR keeps its weights beside, in a .bin
+            files.append(result.path.with_suffix(".bin"))
         results[f"{export_format}_{quantize or 'fp32'}"] = {
             "file": result.path.name, "seconds": round(time.perf_counter() - started, 1),
             "megabytes": round(sum(f.stat().st_size for f in files if f.is_file()) / 1e6, 2),
