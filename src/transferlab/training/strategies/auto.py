@@ -67,12 +67,15 @@ class Auto(Strategy):
 
     def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel:
         started = time.perf_counter()
-        budget = parse_duration(config.time_budget) if config.time_budget else None
+        candidates = [config.backbone] if config.backbone else offline_backbones() or [
+            DEFAULT_BACKBONE]
+        speeds = {name: Speed.measure(name, config) for name in candidates}
+        budget = parse_duration(config.time_budget) if config.time_budget else max(
+            MIN_DEFAULT_BUDGET_S, PASSES_IN_DEFAULT_BUDGET * len(data.scan.images)
+            * min(speed.forward_s for speed in speeds.values()))
         tried: list[dict] = []
-        backbone, speed = self._choose_backbone(data, config, context, budget, tried)
-        if budget is None:
-            budget = max(MIN_DEFAULT_BUDGET_S,
-                         PASSES_IN_DEFAULT_BUDGET * len(data.scan.images) * speed.forward_s)
+        backbone = self._choose_backbone(data, config, context, speeds, budget, tried)
+        speed = speeds[backbone]
         common = {name: getattr(config, name) for name in COMMON_OPTIONS - {"strategy"}}
         clock = time.perf_counter()
         extract = Extract()
@@ -114,17 +117,14 @@ class Auto(Strategy):
         return best
 
     def _choose_backbone(self, data: ImageFolderData, config: TrainConfig, context: FitContext,
-                         budget: float | None, tried: list[dict]) -> tuple[str, "Speed"]:
-        """The backbone to use and its measured speed: the one given, else the installed backbone
-        whose linear probe cross-validates best, among those whose embedding fits the budget."""
-        candidates = [config.backbone] if config.backbone else offline_backbones() or [
-            DEFAULT_BACKBONE]
-        speeds = {name: Speed.measure(name, config) for name in candidates}
-        if len(candidates) == 1:
-            return candidates[0], speeds[candidates[0]]
-        allowance = (budget or math.inf) * PROBE_SHARE
+                         speeds: dict[str, "Speed"], budget: float, tried: list[dict]) -> str:
+        """The one candidate, or the one whose linear probe cross-validates best among those whose
+        embedding fits PROBE_SHARE of the budget (the cheapest is always tried)."""
+        if len(speeds) == 1:
+            return next(iter(speeds))
+        allowance = budget * PROBE_SHARE
         scores: dict[str, float] = {}
-        for name in sorted(candidates, key=lambda n: speeds[n].forward_s):  # cheapest first
+        for name in sorted(speeds, key=lambda n: speeds[n].forward_s):  # cheapest first
             cost = len(data.scan.images) * speeds[name].forward_s
             if scores and cost > allowance:
                 tried.append({"strategy": "probe", "backbone": name, "seconds": 0.0,
@@ -136,8 +136,7 @@ class Auto(Strategy):
             allowance -= seconds
             tried.append({"strategy": "probe", "backbone": name, "seconds": round(seconds, 1),
                           "cv_accuracy": round(scores[name], 4)})
-        chosen = max(scores, key=lambda name: scores[name])
-        return chosen, speeds[chosen]
+        return max(scores, key=lambda name: scores[name])
 
 
 @dataclass
