@@ -4,7 +4,7 @@ Every engine takes the same call: a uint8 NCHW batch of resized, cropped images 
 DataLoader gives them) and a resolved precision, and returns float32 outputs on the CPU. The images
 go to the engine's device as uint8 (four times less to copy than floats) and are normalised there,
 so decoding, batching and what comes after (softmax, top-k, caches) are shared by every engine and
-device. `ENGINES` names them for `load_model(backend=...)`.
+device. `inference.backends.BACKENDS` names them for `load_model(backend=...)`.
 """
 
 from __future__ import annotations
@@ -53,13 +53,46 @@ class TorchEngine:
             return outputs.float().cpu()
 
 
-class OnnxEngine:
-    """An exported model in onnxruntime: the CPU provider, or CUDA's for a CUDA device when the
-    installed onnxruntime has it (onnxruntime-gpu). The graph runs in the types it was exported with,
-    so the only precision it takes is 32 (`auto` resolves to it). A graph exported with features
-    gives (logits, features), like a torch network WithFeatures."""
+class ExportedEngine:
+    """What the engines that run an exported file share: its input and output names, the float32
+    NCHW batch it takes (normalised on the CPU), and (logits, features) out when the file has both,
+    like a torch network WithFeatures. An exported graph runs in the types it was exported with."""
 
     INPUT, OUTPUT, FEATURES = "images", "logits", "features"
+    outputs: list[str]
+
+    @property
+    def has_features(self) -> bool:
+        return self.FEATURES in self.outputs
+
+    def _outputs_in(self, names, path: str | Path, fix: str) -> None:
+        """Keep the outputs this file has, in (logits, features) order; a file without logits is
+        refused with `fix`, what to run instead."""
+        if self.OUTPUT not in names:
+            raise BundleError(f"{path}: the model has no {self.OUTPUT!r} output; {fix}")
+        self.outputs = [name for name in (self.OUTPUT, self.FEATURES) if name in names]
+
+    def _batch(self, images: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(normalize(images, self.pre, channels_last=False).numpy())
+
+    @staticmethod
+    def _pack(arrays) -> Outputs:
+        outputs = [torch.from_numpy(np.asarray(array)) for array in arrays]
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _cpu_only(device: torch.device | str, backend: str) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cpu":
+        raise ConfigError(f"backend={backend!r} runs on the CPU here, not {device.type}; use "
+                          "--backend torch")
+    return device
+
+
+class OnnxEngine(ExportedEngine):
+    """An exported model in onnxruntime: the CPU provider, or CUDA's for a CUDA device when the
+    installed onnxruntime has it (onnxruntime-gpu). The graph runs in the types it was exported with,
+    so the only precision it takes is 32 (`auto` resolves to it)."""
 
     def __init__(self, path: str | Path, pre: Preprocessing, device: torch.device | str = "cpu"):
         import onnxruntime
@@ -83,24 +116,14 @@ class OnnxEngine:
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise BundleError(f"{path}: onnxruntime cannot load it ({error}); export it again with "
                               "`transferlab export`") from None
-        names = {output.name for output in self.session.get_outputs()}
-        if self.OUTPUT not in names:
-            raise BundleError(f"{path}: the graph has no {self.OUTPUT!r} output; export it again "
-                              "with `transferlab export`")
-        self.outputs = [name for name in (self.OUTPUT, self.FEATURES) if name in names]
-
-    @property
-    def has_features(self) -> bool:
-        return self.FEATURES in self.outputs
+        self._outputs_in({output.name for output in self.session.get_outputs()}, path,
+                         "export it again with `transferlab export`")
 
     def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
-        batch = normalize(images, self.pre, channels_last=False)
-        array = np.ascontiguousarray(batch.numpy())
-        outputs = [torch.from_numpy(o) for o in self.session.run(self.outputs, {self.INPUT: array})]
-        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+        return self._pack(self.session.run(self.outputs, {self.INPUT: self._batch(images)}))
 
 
-class OpenVinoEngine:
+class OpenVinoEngine(ExportedEngine):
     """An OpenVINO IR export (model.xml + model.bin) on the CPU, compiled to compute in fp32 (on a
     CPU with bf16 units OpenVINO would otherwise pick bf16 and stray from the checked export)."""
 
@@ -112,34 +135,30 @@ class OpenVinoEngine:
         except ImportError:
             raise ConfigError("backend='openvino' needs the openvino package: pip install "
                               "'transferlab[openvino]'") from None
-        self.device = torch.device(device)
-        if self.device.type != "cpu":
-            raise ConfigError(f"backend='openvino' runs on the CPU here, not {self.device.type}; use "
-                              "--backend torch")
+        self.device = _cpu_only(device, "openvino")
         self.pre = pre
         try:
             self.compiled = openvino.Core().compile_model(str(path), "CPU", self.COMPILE)
         except Exception as error:  # noqa: BLE001 - OpenVINO raises its own untyped errors
             raise BundleError(f"{path}: OpenVINO cannot load it ({str(error)[:200]}); export it "
                               "again with `transferlab export --format openvino`") from None
-        names = {name for output in self.compiled.outputs for name in output.get_names()}
-        self.outputs = [name for name in (OnnxEngine.OUTPUT, OnnxEngine.FEATURES) if name in names]
-        if OnnxEngine.OUTPUT not in names:
-            raise BundleError(f"{path}: the model has no {OnnxEngine.OUTPUT!r} output; export it again")
-
-    @property
-    def has_features(self) -> bool:
-        return OnnxEngine.FEATURES in self.outputs
+        self._outputs_in({name for output in self.compiled.outputs for name in output.get_names()},
+                         path, "export it again")
 
     def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
-        batch = np.ascontiguousarray(normalize(images, self.pre, channels_last=False).numpy())
-        result = self.compiled(batch)
-        outputs = [torch.from_numpy(np.array(result[self.compiled.output(name)]))
-                   for name in self.outputs]
-        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+        result = self.compiled(self._batch(images))
+        return self._pack(result[self.compiled.output(name)] for name in self.outputs)
 
 
-class TfliteEngine:
+class OpenVinoInt8Engine(OpenVinoEngine):
+    """An int8 OpenVINO IR (`export --format openvino --quantize int8`), compiled with OpenVINO's
+    defaults: the export's numbers are measured with this engine and reported, not held to fp32's
+    bound, so the layers NNCF left in float may run in bf16 on a CPU that has it."""
+
+    COMPILE = {}
+
+
+class TfliteEngine(ExportedEngine):
     """A LiteRT (TensorFlow Lite) export in ai-edge-litert's interpreter on the CPU (its XNNPACK
     kernels), a thread per core. The file is converted for batch 1 (the converter has no dynamic
     batch) and the interpreter resizes its input to each batch: on EfficientNet-Lite0 that cost no
@@ -152,10 +171,7 @@ class TfliteEngine:
         except ImportError:
             raise ConfigError("backend='tflite' needs the ai-edge-litert package: pip install "
                               "'transferlab[tflite]'") from None
-        self.device = torch.device(device)
-        if self.device.type != "cpu":
-            raise ConfigError(f"backend='tflite' runs on the CPU here, not {self.device.type}; use "
-                              "--backend torch")
+        self.device = _cpu_only(device, "tflite")
         self.pre = pre
         try:
             self.runner = Interpreter(model_path=str(path),
@@ -163,42 +179,22 @@ class TfliteEngine:
         except Exception as error:  # noqa: BLE001 - LiteRT raises ValueError, RuntimeError, ...
             raise BundleError(f"{path}: LiteRT cannot load it ({str(error)[:200]}); export it "
                               "again with `transferlab export --format tflite`") from None
-        names = set(self.runner.get_output_details())
-        if (OnnxEngine.INPUT not in self.runner.get_input_details()
-                or OnnxEngine.OUTPUT not in names):
-            raise BundleError(f"{path}: the model has no {OnnxEngine.INPUT!r} input or "
-                              f"{OnnxEngine.OUTPUT!r} output; export it again with `transferlab "
-                              "export --format tflite`")
-        self.outputs = [name for name in (OnnxEngine.OUTPUT, OnnxEngine.FEATURES) if name in names]
+        fix = "export it again with `transferlab export --format tflite`"
+        if self.INPUT not in self.runner.get_input_details():
+            raise BundleError(f"{path}: the model has no {self.INPUT!r} input; {fix}")
+        self._outputs_in(set(self.runner.get_output_details()), path, fix)
         self.lock = threading.Lock()
 
-    @property
-    def has_features(self) -> bool:
-        return OnnxEngine.FEATURES in self.outputs
-
     def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
-        batch = np.ascontiguousarray(normalize(images, self.pre, channels_last=False).numpy())
+        batch = self._batch(images)
         with self.lock:
-            result = self.runner(**{OnnxEngine.INPUT: batch})
-        outputs = [torch.from_numpy(np.array(result[name])) for name in self.outputs]
-        return tuple(outputs) if len(outputs) > 1 else outputs[0]
-
-
-
-class OpenVinoInt8Engine(OpenVinoEngine):
-    """An int8 OpenVINO IR (`export --format openvino --quantize int8`), compiled with OpenVINO's
-    defaults: the export's numbers are measured with this engine and reported, not held to fp32's
-    bound, so the layers NNCF left in float may run in bf16 on a CPU that has it."""
-
-    COMPILE = {}
-
-# The engines that run an exported file, in the types it was exported with.
-EXPORTED_ENGINES = (OnnxEngine, OpenVinoEngine, TfliteEngine)
+            result = self.runner(**{self.INPUT: batch})
+        return self._pack(result[name] for name in self.outputs)
 
 
 def engine_precision(engine: Engine, precision: str) -> str:
     """`precision` resolved for the engine's device; an exported graph only runs as exported."""
-    if isinstance(engine, EXPORTED_ENGINES):
+    if isinstance(engine, ExportedEngine):
         if precision not in ("auto", "32", "32-true", "fp32"):
             raise ConfigError(f"precision={precision!r}: applies to the torch backend; an exported "
                               "model runs as it was exported, drop --precision")
