@@ -20,7 +20,6 @@ Everything tried, with its seconds and val accuracy and loss, is recorded in met
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 
@@ -31,13 +30,13 @@ from ...data.folder import ImageFolderData
 from ...data.transforms import Preprocessing, normalize
 from ...devices import autocast
 from ...models.backbones import DEFAULT_BACKBONE, create_backbone, offline_backbones
-from ...models.network import ClassifierNet, feature_shape
+from ...models.network import ClassifierNet, build_network
 from ..config import TrainConfig
 from ..module import VAL_SELECTION_METRIC
 from .base import COMMON_OPTIONS, FitContext, Strategy, TrainedModel, backbone_for
 from .extract import Extract, classifier, embed_splits
 from .finetune import Finetune
-from .trained import val_scores
+from .trained import epoch_row, val_scores
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +150,7 @@ class Speed:
     def measure(cls, backbone_name: str, config: TrainConfig, steps: int = 2) -> "Speed":
         backbone = create_backbone(backbone_name, "none")  # speed does not depend on the weights
         pre = Preprocessing.from_model(backbone)
-        width = math.prod(feature_shape(backbone, pre))
-        net = ClassifierNet(backbone, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(width, 2)))
+        net, _ = build_network(backbone, pre, 2)
         device = torch.device(config.device)
         net = net.to(device, memory_format=torch.channels_last)
         images = torch.randint(0, 256, (config.batch_size, *pre.input_size), dtype=torch.uint8,
@@ -213,7 +211,7 @@ def _best_epoch(model: TrainedModel) -> dict:
     probe it started from when no epoch beat it."""
     if model.details.get("kept") == "probe":
         return {k: model.details["probe"][k] for k in ("val_acc", "val_loss", VAL_SELECTION_METRIC)}
-    row = next((r for r in model.history if r["epoch"] == model.details.get("best_epoch")), None)
+    row = epoch_row(model.history, model.details.get("best_epoch"))
     if row is None:
         return {"val_acc": None, "val_loss": None, VAL_SELECTION_METRIC: None}
     return {k: row.get(k) for k in ("val_acc", "val_loss", VAL_SELECTION_METRIC)}

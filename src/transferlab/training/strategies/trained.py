@@ -120,8 +120,7 @@ class NetworkStrategy(Strategy):
         train_fit = kept_epoch_fit(history, result.best_epoch)
         if probe:
             details["probe"] = probe
-            best = next((r[VAL_SELECTION_METRIC] for r in history if r["epoch"] == result.best_epoch),
-                        None)
+            best = (epoch_row(history, result.best_epoch) or {}).get(VAL_SELECTION_METRIC)
             if probe[VAL_SELECTION_METRIC] is not None and (
                     best is None or probe[VAL_SELECTION_METRIC] <= best):
                 # no epoch beat the probe it started from: keep the probe
@@ -157,10 +156,15 @@ def val_scores(logits: np.ndarray, data: ImageFolderData) -> dict:
             VAL_SELECTION_METRIC: calibrated_log_loss(logits, labels)}
 
 
+def epoch_row(history: list[dict], epoch: int | None) -> dict | None:
+    """history.csv's row of `epoch` (None when there is none, as for no kept epoch)."""
+    return next((row for row in history if row["epoch"] == epoch), None)
+
+
 def kept_epoch_fit(history: list[dict], best_epoch: int | None) -> dict:
     """Training loss and accuracy of the epoch whose weights were kept, as logged during training
     (averaged over its batches, with augmentation and dropout)."""
-    row = next((r for r in history if r["epoch"] == best_epoch), None)
+    row = epoch_row(history, best_epoch)
     if row is None:
         return {}
     return {"loss": row["train_loss"], "accuracy": row["train_acc"], "measured_on": "best epoch's batches"}
