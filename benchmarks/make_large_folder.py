@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--images", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--face-mask", type=Path, default=DEFAULT_FACE_MASK,
+    parser.add_argument("--face-mask", default=str(DEFAULT_FACE_MASK),
                         help="a labelled folder linked in beside the shapes ('' for none)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -120,7 +120,7 @@ def main() -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         written = sum(pool.map(write_chunk, [args.out] * len(starts), starts,
                                [min(s + CHUNK, args.images) for s in starts], [args.seed] * len(starts)))
-    linked = link_tree(args.face_mask, args.out) if str(args.face_mask) and args.face_mask.is_dir() else 0
+    linked = link_tree(Path(args.face_mask), args.out) if args.face_mask else 0
     print(json.dumps({"out": str(args.out), "images": args.images, "written": written,
                       "face_mask_files_linked": linked, "seconds": round(time.perf_counter() - started, 1)},
                      indent=2))

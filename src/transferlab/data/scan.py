@@ -148,9 +148,10 @@ def _read_all(paths: list, cache: ScanCache | None, near_duplicates: bool, max_p
     """read_info of every file, or its cached result while the file is unchanged.
 
     Cached results are looked up in this process (a stat each; a pool would cost more than that).
-    The files to read go to worker processes when there are at least PROCESS_MIN_FILES of them:
-    hashing and decoding hold the GIL much of the time, so threads use about one core (scan_workers'
-    benchmark, bench_scale.py); fewer files are read in threads, which start at once."""
+    The files to read go to worker processes when there are at least PROCESS_MIN_FILES of them, so
+    that the Python parts of reading each file (which hold the GIL) do not cap the scan at one core
+    on machines with many; fewer files are read in threads, which start at once. Both give the
+    same results; benchmarks/bench_scale.py (read_modes) compares their speeds."""
     known = cache.load() if cache else {}
     results: list = [cache.lookup(known, path, near_duplicates, max_pixels) if cache else None
                      for path in paths]

@@ -122,5 +122,8 @@ def fit_streamed(rows: RowFile, labels: np.ndarray, inverse_regularization: floa
                                   tolerance_grad=GRADIENT_TOLERANCE, tolerance_change=1e-10,
                                   history_size=10, line_search_fn="strong_wolfe")
     optimizer.step(objective)
+    iterations = optimizer.state[optimizer.param_groups[0]["params"][0]]["n_iter"]
+    log.info("streamed logistic regression: %d iterations, %d passes over %d embeddings (%.0f s)",
+             iterations, evaluations[0], count, time.perf_counter() - started)
     coef, intercept = linear.weight.detach().numpy(), linear.bias.detach().numpy()
     return scaler, StreamedLogistic(classes, coef, intercept)
