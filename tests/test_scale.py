@@ -127,3 +127,23 @@ def test_extract_above_the_threshold_fits_streaming(image_folder, tmp_path, monk
     run = train(image_folder, strategy="extract", backbone=TINY_BACKBONE, weights="none",
                 out=tmp_path / "run", cache_dir=None, show_progress=False)  # a temporary cache
     assert 0 <= run.metrics["test"]["accuracy"] <= 1
+
+
+def test_embedding_cache_reads_vectors_back_in_chunks_in_the_order_asked(tmp_path):
+    from transferlab.errors import DataError
+    from transferlab.inference.embeddings import EmbeddingCache
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    vectors = {f"{i:064x}": np.full(4, i, dtype=np.float32) for i in range(10)}
+    keys = list(vectors)
+    cache.save({k: vectors[k] for k in keys[:6]})  # two shards
+    cache.save({k: vectors[k] for k in keys[6:]})
+    assert set(cache.index()) == set(keys)
+    wanted = keys[::-1] + keys[:2]  # across both shards, a repeat included
+    chunks = list(cache.chunks(wanted, (4,), chunk_size=3))
+    assert [len(c) for c in chunks] == [3, 3, 3, 3]
+    assert np.array_equal(np.concatenate(chunks), np.stack([vectors[k] for k in wanted]))
+    with pytest.raises(DataError, match="is not in this cache"):
+        list(cache.chunks(["f" * 64], (4,)))
+    with pytest.raises(DataError, match="wrong shape"):
+        list(cache.chunks(keys[:1], (5,)))

@@ -98,8 +98,9 @@ class EmbeddingCache:
             by_shard: dict[Path, list[int]] = {}
             for row, key in enumerate(wanted):
                 if key not in index:
-                    raise DataError(f"{self.folder}: embedding of {key[:12]}... missing from the "
-                                    "cache; rerun (delete that folder if it persists)")
+                    raise DataError(f"{self.folder}: the embedding of {key[:12]}... is not in this "
+                                    "cache (was it written? see the warnings above); give a "
+                                    "writable --cache-dir and rerun")
                 by_shard.setdefault(index[key], []).append(row)
             for shard, rows in by_shard.items():
                 with safe_open(str(shard), framework="np") as opened:
