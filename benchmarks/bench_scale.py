@@ -17,7 +17,8 @@ Each part runs in a child process of its own, so that its peak RSS (from wait4) 
 - extract (with --extract): `transferlab train FOLDER --strategy extract --no-audit` (the audit is
   not part of extract), with the scan cache above, an empty embedding cache, and --extract-images
   (a class-stratified subset, given as --labels) or every image. Target: peak RSS under 3 GB at
-  200,000 images.
+  200,000 images. --stream-above-mb lowers extract's threshold for streaming the classifier's
+  fit (512 MB of embeddings, about 100,000 Lite0 images) so that a subset measures that path.
 """
 
 from __future__ import annotations
@@ -140,8 +141,15 @@ def part_extract(args) -> dict:
     from transferlab.data.scan import _candidates, _layout
 
     out = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    command = ["transferlab", "train", str(args.folder), "--strategy", "extract", "--no-audit",
-               "--out", str(out / "run"), "--cache-dir", str(args.cache)]
+    # transferlab's command line, with extract's streaming threshold at --stream-above-mb if given
+    launcher = ("import sys; from transferlab.training.strategies import extract; "
+                "extract.STREAM_ABOVE_BYTES = int(float(sys.argv.pop(1)) * 2**20); "
+                "from transferlab.cli import main; sys.argv[0] = 'transferlab'; main()")
+    threshold = (args.stream_above_mb if args.stream_above_mb is not None
+                 else _stream_above_bytes() / 2**20)
+    command = [sys.executable, "-c", launcher, str(threshold), "train", str(args.folder),
+               "--strategy", "extract", "--no-audit", "--out", str(out / "run"),
+               "--cache-dir", str(args.cache)]
     candidates, _, _ = _candidates(args.folder, _layout(args.folder))
     if args.extract_images and args.extract_images < len(candidates):
         chosen = sorted(np.random.default_rng(0).choice(len(candidates), args.extract_images,
@@ -158,11 +166,18 @@ def part_extract(args) -> dict:
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     metrics = json.loads((out / "run" / "metrics.json").read_text()) if status == 0 else {}
-    return {"command": " ".join(command), "exit_status": status, "seconds": round(seconds),
+    return {"command": " ".join(command[3:]), "stream_above_mb": threshold,
+            "exit_status": status, "seconds": round(seconds),
             "images": args.extract_images or len(candidates),
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "target_peak_rss_mb": 3072,
             "test_accuracy": metrics.get("test", {}).get("accuracy"),
             "timing": metrics.get("timing"), "run": str(out / "run")}
+
+
+def _stream_above_bytes() -> int:
+    from transferlab.training.strategies.extract import STREAM_ABOVE_BYTES
+
+    return STREAM_ABOVE_BYTES
 
 
 PARTS = {"hashes": part_hashes, "scan_cold": part_scan_cold, "scan_warm": part_scan_warm,
@@ -189,6 +204,8 @@ def main() -> None:
     parser.add_argument("--compare", type=int, default=3000, help="files read in each read mode")
     parser.add_argument("--extract", action="store_true", help="also train extract on the folder")
     parser.add_argument("--extract-images", type=int, help="a subset of this many images")
+    parser.add_argument("--stream-above-mb", type=float,
+                        help="extract's streaming threshold (to stream a subset below the default)")
     parser.add_argument("--cache", type=Path, help="scan and embedding cache folder, kept (default: a "
                         "temporary one); scan_cold empties its scan cache first")
     parser.add_argument("--parts", help="comma-separated parts to run (default: all that apply)")
