@@ -155,7 +155,7 @@ def _read_all(paths: list, cache: ScanCache | None, near_duplicates: bool, max_p
     known = cache.load() if cache else {}
     results: list = [cache.lookup(known, path, near_duplicates, max_pixels) if cache else None
                      for path in paths]
-    del known  # up to a few hundred MB at a million files: not kept through the reading
+    del known  # hundreds of MB at a million files: not kept through the reading
     todo = [i for i, result in enumerate(results) if result is None]
     read = partial(_read_one, with_phash=near_duplicates, max_pixels=max_pixels)
     for i, result in zip(todo, _map(read, [paths[i] for i in todo], workers)):
@@ -178,8 +178,11 @@ def _map(read, paths: list, workers: int | None) -> Iterator:
     if workers > 1 and files and len(paths) >= PROCESS_MIN_FILES:
         # spawn: a fresh interpreter, not a fork of one that may hold torch's threads and locks
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            # chunks: a round trip per file would cost about what reading a small file does
-            yield from pool.map(read, paths, chunksize=max(1, min(256, len(paths) // (8 * workers))))
+            try:  # chunks: a round trip per file would cost about what reading a small file does
+                yield from pool.map(read, paths, chunksize=max(1, min(256, len(paths) // (8 * workers))))
+            except BaseException:  # interrupted: stop now, not once every queued file is read
+                pool.shutdown(cancel_futures=True)
+                raise
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(read, paths)
