@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import DataError
 from .cache import ScanCache
@@ -16,6 +19,9 @@ log = logging.getLogger(__name__)
 
 _SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}
+# Files to read before the scan starts worker processes: each imports PIL, numpy and scipy (about a
+# second), which 1,000 small images (2-3 ms each) repay on two cores.
+PROCESS_MIN_FILES = 1_000
 
 
 @dataclass
@@ -137,22 +143,49 @@ def read_images(items: list, paths: list[Path], cache: ScanCache | None, near_du
     return readable, unreadable
 
 
-def _read_all(paths: list[Path], cache: ScanCache | None, near_duplicates: bool, max_pixels: int,
+def _read_all(paths: list, cache: ScanCache | None, near_duplicates: bool, max_pixels: int,
               workers: int | None) -> list[ImageInfo | UnreadableImage]:
-    """read_info of every file, in threads, or its cached result while the file is unchanged."""
+    """read_info of every file, or its cached result while the file is unchanged.
+
+    Cached results are looked up in this process (a stat each; a pool would cost more than that).
+    The files to read go to worker processes when there are at least PROCESS_MIN_FILES of them, so
+    that the Python parts of reading each file (which hold the GIL) do not cap the scan at one core
+    on machines with many; fewer files are read in threads, which start at once. Both give the
+    same results; benchmarks/bench_scale.py (read_modes) compares their speeds."""
     known = cache.load() if cache else {}
+    results: list = [cache.lookup(known, path, near_duplicates, max_pixels) if cache else None
+                     for path in paths]
+    del known  # hundreds of MB at a million files: not kept through the reading
+    todo = [i for i, result in enumerate(results) if result is None]
+    read = partial(_read_one, with_phash=near_duplicates, max_pixels=max_pixels)
+    for i, result in zip(todo, _map(read, [paths[i] for i in todo], workers)):
+        results[i] = result
+    return results
 
-    def read(path: Path) -> ImageInfo | UnreadableImage:
-        cached = ScanCache.lookup(known, path, need_phash=near_duplicates)
-        if cached and cached.width * cached.height <= max_pixels:
-            return cached
-        try:
-            return read_info(path, with_phash=near_duplicates, max_pixels=max_pixels)
-        except UnreadableImage as error:
-            return error
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(read, paths))
+def _read_one(path, with_phash: bool, max_pixels: int) -> ImageInfo | UnreadableImage:
+    try:
+        return read_info(path, with_phash=with_phash, max_pixels=max_pixels)
+    except UnreadableImage as error:
+        return error
+
+
+def _map(read, paths: list, workers: int | None) -> Iterator:
+    """read(path) of every path, in order: in `workers` processes (all cores by default) when the
+    paths are files and there are enough of them, else in threads."""
+    workers = workers or os.cpu_count() or 1
+    files = all(isinstance(path, (str, os.PathLike)) for path in paths)  # rows of a dataset stay here
+    if workers > 1 and files and len(paths) >= PROCESS_MIN_FILES:
+        # spawn: a fresh interpreter, not a fork of one that may hold torch's threads and locks
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:  # chunks: a round trip per file would cost about what reading a small file does
+                yield from pool.map(read, paths, chunksize=max(1, min(256, len(paths) // (8 * workers))))
+            except BaseException:  # interrupted: stop now, not once every queued file is read
+                pool.shutdown(cancel_futures=True)
+                raise
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(read, paths)
 
 
 def _classes(root: Path, readable: list, folders: dict[str, list[Path]],

@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,42 @@ class EmbeddingCache:
                 log.warning("ignoring damaged cache shard %s (%s)", shard, error)
         return entries
 
+    def index(self) -> dict[str, Path]:
+        """The shard of every cached content hash, from the shards' headers: no vector is read."""
+        from safetensors import safe_open
+
+        shards: dict[str, Path] = {}
+        for shard in sorted(self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else []:
+            try:
+                with safe_open(str(shard), framework="np") as opened:
+                    shards.update(dict.fromkeys(opened.keys(), shard))
+            except Exception as error:  # as load(): a damaged shard costs a re-embedding
+                log.warning("ignoring damaged cache shard %s (%s)", shard, error)
+        return shards
+
+    def chunks(self, hashes: Sequence[str], shape: tuple, chunk_size: int = 8192
+               ) -> Iterator[np.ndarray]:
+        """The cached vectors of `hashes`, in that order, as float32 arrays of up to `chunk_size`
+        rows: only one chunk is in memory at a time, whatever the number of images."""
+        from safetensors import safe_open
+
+        index = self.index()
+        for start in range(0, len(hashes), chunk_size):
+            wanted = hashes[start:start + chunk_size]
+            chunk = np.empty((len(wanted), *shape), dtype=np.float32)
+            by_shard: dict[Path, list[int]] = {}
+            for row, key in enumerate(wanted):
+                if key not in index:
+                    raise DataError(f"{self.folder}: the embedding of {key[:12]}... is not in this "
+                                    "cache (was it written? see the warnings above); give a "
+                                    "writable --cache-dir and rerun")
+                by_shard.setdefault(index[key], []).append(row)
+            for shard, rows in by_shard.items():
+                with safe_open(str(shard), framework="np") as opened:
+                    for row in rows:
+                        chunk[row] = _checked(opened.get_tensor(wanted[row]), shape, shard)
+            yield chunk
+
     def save(self, entries: dict[str, np.ndarray]) -> None:
         """Write a shard; a cache that cannot be written (read-only, a file in its place, a full
         disk) costs speed, never the run: a warning, and the run goes on."""
@@ -87,6 +123,13 @@ class EmbeddingCache:
         except OSError as error:
             log.warning("could not write the embedding cache %s (%s); going on without it",
                         self.folder, error)
+
+
+def _checked(vector: np.ndarray, shape: tuple, shard: Path) -> np.ndarray:
+    if vector.shape != shape or not np.isfinite(vector).all():
+        raise DataError(f"{shard}: a cached embedding of the wrong shape or with non-finite values; "
+                        "delete that file and rerun")
+    return vector
 
 
 def _usable(entries: dict[str, np.ndarray], shape: tuple) -> dict[str, np.ndarray]:
@@ -105,6 +148,7 @@ class EmbeddingStats:
     embedded: int = 0
     cached: int = 0
     seconds: float = 0.0
+    cache: EmbeddingCache | None = None  # where the vectors are kept (read back after stream=True)
 
     @property
     def images_per_s(self) -> float | None:
@@ -114,21 +158,28 @@ class EmbeddingStats:
 def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence[str],
                 pre: Preprocessing, *, cache_dir: Path | None = None, batch_size: int = 32,
                 workers: int | None = None, device: torch.device | str = "cpu",
-                precision: str = "auto", show_progress: bool = True,
-                ) -> tuple[np.ndarray, EmbeddingStats]:
+                precision: str = "auto", show_progress: bool = True, stream: bool = False,
+                ) -> tuple[np.ndarray | None, EmbeddingStats]:
     """(len(paths), num_features) float32 outputs of `module` (a frozen backbone, pooled), run on
-    `device`; files already in the cache are not decoded."""
+    `device`; files already in the cache are not decoded.
+
+    `stream` (with `cache_dir`): the vectors are left in the cache, to be read back chunk by chunk
+    (EmbeddingCache.chunks), and None is returned: memory stays flat at any number of images."""
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     cache = (EmbeddingCache.for_model(cache_dir, module, pre, device, precision) if cache_dir
              else None)
+    if stream and not cache:
+        raise ValueError("embed_files(stream=True) needs a cache_dir to leave the vectors in")
     known: dict[str, np.ndarray] = {}
-    if cache:
+    if stream:
+        known = cache.index()  # which are there, not the vectors (checked when read)
+    elif cache:
         loaded = cache.load()  # every image ever embedded by this model: keep those asked for
         known = _usable({h: loaded[h] for h in hashes if h in loaded}, feature_shape(module, pre))
-    stats = EmbeddingStats(cached=sum(h in known for h in hashes))
+    stats = EmbeddingStats(cached=sum(h in known for h in hashes), cache=cache)
     todo = [i for i, h in enumerate(hashes) if h not in known]
-    vectors: dict[str, np.ndarray] = {h: known[h] for h in hashes if h in known}
+    vectors: dict[str, np.ndarray] = {} if stream else {h: known[h] for h in hashes if h in known}
     if todo:
         pending: dict[str, np.ndarray] = {}
         start = saved = time.perf_counter()
@@ -143,11 +194,11 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
                     pending[hashes[todo[position]]] = vector
                 if cache and (len(pending) >= SHARD_SIZE or time.perf_counter() - saved >= SHARD_SECONDS):
                     cache.save(pending)
-                    vectors.update(pending)
+                    vectors.update({} if stream else pending)
                     pending, saved = {}, time.perf_counter()
         if cache:
             cache.save(pending)
-        vectors.update(pending)
+        vectors.update({} if stream else pending)
         stats.seconds = time.perf_counter() - start
         stats.embedded = len(todo)
-    return np.stack([vectors[h] for h in hashes]), stats
+    return (None if stream else np.stack([vectors[h] for h in hashes])), stats

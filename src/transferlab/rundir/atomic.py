@@ -100,14 +100,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
     """Readable UTF-8 JSON, or, when a string holds such a file name, JSON with non-ASCII characters
-    escaped (\\udcxx), which reads back to the same name."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    escaped (\\udcxx), which reads back to the same name. `indent` None: compact, for large files."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:
-        data = (json.dumps(obj, indent=2) + "\n").encode("ascii")
+        data = (json.dumps(obj, indent=indent) + "\n").encode("ascii")
     write_bytes(path, data)
 
 

@@ -7,6 +7,9 @@ flatten); the head of the saved network pools the same way, so the bundle predic
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +26,18 @@ from ...inference.embeddings import EmbeddingStats, embed_files
 from ...inference.predictor import NetworkOutputs
 from ...models.backbones import count_parameters
 from ...models.heads import HeadSpec, head_from_sklearn, pooling
-from ...models.network import ClassifierNet, build_network, head_outputs
+from ...models.network import ClassifierNet, build_network, feature_shape, head_outputs
 from ..config import TrainConfig
+from ..streamed import RowFile, fit_streamed
 from .base import FitContext, Strategy, Timings, TrainedModel, backbone_for
 
 MLP_HIDDEN = (250, 100)  # scikit-learn's MLPClassifier as Keras-era tutorials sized it
+# Embeddings (all splits, float32) above which logistic regression is fitted streaming
+# (training/streamed.py): the in-memory fit holds them, a standardised copy of the training ones
+# and the head's outputs, about three times this; 512 MB is 100,000 images of Lite0's 1,280 features.
+STREAM_ABOVE_BYTES = 512 * 2**20
 TRANSPLANT_TOLERANCE = 1e-4  # the torch head must give the fitted classifier's probabilities
+log = logging.getLogger(__name__)
 
 
 class Extract(Strategy):
@@ -85,26 +94,91 @@ class Probe:
 def fit_probe(data: ImageFolderData, config: TrainConfig, backbone: nn.Module, pre: Preprocessing,
               show_progress: bool) -> Probe:
     """Embed every image with the frozen `backbone` (cached), fit `config.classifier` on the training
-    split and transplant it into a torch head; it must give the classifier's probabilities."""
-    pool = _pool(config)
-    features, stats = embed_splits(data, backbone, pre, config, show_progress)
+    split and transplant it into a torch head; it must give the classifier's probabilities.
+
+    Above STREAM_ABOVE_BYTES of embeddings, logistic regression is fitted streaming instead
+    (_fit_probe_streamed), so memory stays flat however many images there are."""
     labels = np.array(data.labels("train"), dtype=np.int64)
     if len(set(labels.tolist())) < 2:
         raise DataError(f"{data.root}: the training split holds only one class; add images")
-
+    if _streams(data, config, backbone, pre):
+        return _fit_probe_streamed(data, config, backbone, pre, labels, show_progress)
+    features, stats = embed_splits(data, backbone, pre, config, show_progress)
     started = time.perf_counter()
     estimator = classifier(config).fit(features["train"], labels)
     fit_s = time.perf_counter() - started
-    spec, head = head_from_sklearn(estimator, num_classes=len(data.classes), pool=pool)
-    linear = head[len(pooling(pool)):]  # the layers after pooling, which the embeddings skip
-
+    spec, head = head_from_sklearn(estimator, num_classes=len(data.classes), pool=_pool(config))
+    linear = head[len(pooling(_pool(config))):]  # the layers after pooling, which the embeddings skip
+    train_fit, transplant_error = _checked_fit(linear, estimator.predict_proba, [features["train"]],
+                                               labels, estimator.classes_)
     outputs = {name: _head_outputs(linear, features[name]) for name in SPLITS}
-    transplant_error = float(np.abs(outputs["train"].softmax()
-                                    - estimator.predict_proba(features["train"])).max())
+    return Probe(spec, head, outputs, train_fit, transplant_error, fit_s, stats)
+
+
+def _streams(data: ImageFolderData, config: TrainConfig, backbone: nn.Module,
+             pre: Preprocessing) -> bool:
+    """Whether the embeddings are too many to hold: only logistic regression has a streamed fit."""
+    width = int(np.prod(feature_shape(_embedder(backbone, config), pre)))
+    large = 4 * width * sum(len(data.split[name]) for name in SPLITS) > STREAM_ABOVE_BYTES
+    if large and config.classifier == "mlp":
+        log.warning("%d images: the MLP classifier is fitted on every embedding in memory; "
+                    "--classifier logistic fits in chunks", len(data.scan.images))
+    return large and config.classifier != "mlp"
+
+
+def _fit_probe_streamed(data: ImageFolderData, config: TrainConfig, backbone: nn.Module,
+                        pre: Preprocessing, labels: np.ndarray, show_progress: bool) -> Probe:
+    """fit_probe for many images: the embeddings stay in the cache (a temporary one without
+    --cache-dir) and are read back in chunks; the training split's are copied once into a RowFile
+    that the fit reads pass after pass. The training split's outputs are not kept (evaluation takes
+    the class-balanced sample its novelty bank needs), those of val and test are."""
+    embedder = _embedder(backbone, config)
+    shape = feature_shape(embedder, pre)
+    with contextlib.ExitStack() as stack:
+        cache_dir = config.cache_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        paths = [path for name in SPLITS for path in data.files(name)]
+        _, stats = embed_files(
+            embedder.eval(), paths, [h for name in SPLITS for h in data.hashes(name)], pre,
+            cache_dir=Path(cache_dir), batch_size=config.batch_size, workers=config.workers,
+            device=config.device, precision=config.precision, show_progress=show_progress,
+            stream=True)
+        rows = stack.enter_context(RowFile(stats.cache.chunks(data.hashes("train"), shape)))
+        started = time.perf_counter()
+        scaler, model = fit_streamed(rows, labels)
+        fit_s = time.perf_counter() - started
+        spec, head = head_from_sklearn((scaler, model), num_classes=len(data.classes),
+                                       pool=_pool(config))
+        linear = head[len(pooling(_pool(config))):]
+        train_fit, transplant_error = _checked_fit(
+            linear, lambda chunk: model.predict_proba(scaler.transform(chunk)), rows.chunks(),
+            labels, model.classes_)
+        outputs = {name: _head_outputs_chunked(linear, stats.cache.chunks(data.hashes(name), shape),
+                                               shape) for name in SPLITS if name != "train"}
+    log.info("extract: logistic regression fitted streaming on %d embeddings in %.0f s",
+             len(labels), fit_s)
+    return Probe(spec, head, outputs, train_fit, transplant_error, fit_s, stats)
+
+
+def _checked_fit(linear: nn.Sequential, predict_proba, chunks, labels: np.ndarray,
+                 classes: np.ndarray) -> tuple[dict, float]:
+    """How well the classifier fits its own training embeddings (with val loss, the overfitting
+    gap), and the torch head's largest difference from its probabilities: an error above
+    TRANSPLANT_TOLERANCE. Chunk by chunk, so that it holds for any number of embeddings."""
+    from sklearn.metrics import log_loss
+
+    loss, correct, start, transplant_error = 0.0, 0, 0, 0.0
+    for chunk in chunks:
+        wanted = labels[start:start + len(chunk)]
+        start += len(chunk)
+        proba = predict_proba(chunk)
+        transplant_error = max(transplant_error,
+                               float(np.abs(_head_outputs(linear, chunk).softmax() - proba).max()))
+        loss += float(log_loss(wanted, proba, labels=classes, normalize=False))
+        correct += int((classes[proba.argmax(1)] == wanted).sum())
     if transplant_error > TRANSPLANT_TOLERANCE:
         raise RuntimeError(f"torch head differs from the fitted classifier by {transplant_error:.2e}")
-    return Probe(spec, head, outputs, _training_fit(estimator, features["train"], labels),
-                 transplant_error, fit_s, stats)
+    return {"loss": loss / start, "accuracy": correct / start,
+            "measured_on": "training embeddings"}, transplant_error
 
 
 def _head_outputs(linear: nn.Sequential, embeddings: np.ndarray) -> NetworkOutputs:
@@ -113,6 +187,19 @@ def _head_outputs(linear: nn.Sequential, embeddings: np.ndarray) -> NetworkOutpu
     with torch.no_grad():
         logits, features = head_outputs(linear, torch.as_tensor(embeddings, dtype=torch.float32))
         return NetworkOutputs(logits.numpy(), features.numpy())
+
+
+def _head_outputs_chunked(linear: nn.Sequential, chunks, shape: tuple) -> NetworkOutputs:
+    parts = [_head_outputs(linear, chunk) for chunk in chunks] or [
+        _head_outputs(linear, np.empty((0, *shape), dtype=np.float32))]
+    return NetworkOutputs(np.concatenate([p.logits for p in parts]),
+                          np.concatenate([p.features for p in parts]))
+
+
+def _embedder(backbone: nn.Module, config: TrainConfig) -> nn.Module:
+    """The frozen backbone, pooled when it is cut: what the embeddings are the outputs of."""
+    pool = _pool(config)
+    return nn.Sequential(backbone, *pooling(pool)) if pool else backbone
 
 
 def _pool(config: TrainConfig) -> str:
@@ -124,8 +211,7 @@ def embed_splits(data: ImageFolderData, backbone: nn.Module, pre: Preprocessing,
                  show_progress: bool) -> tuple[dict[str, np.ndarray], EmbeddingStats]:
     """Every image's embedding by the frozen `backbone` (pooled when it is cut; from the cache where
     it is there), split by split."""
-    pool = _pool(config)
-    embedder = nn.Sequential(backbone, *pooling(pool)) if pool else backbone
+    embedder = _embedder(backbone, config)
     order = [i for name in SPLITS for i in data.split[name]]
     images = [data.scan.images[i] for i in order]
     embeddings, stats = embed_files(
@@ -152,13 +238,3 @@ def classifier(config: TrainConfig):
         return make_pipeline(StandardScaler(), MLPClassifier(
             hidden_layer_sizes=MLP_HIDDEN, random_state=config.seed, max_iter=300))
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
-
-
-def _training_fit(estimator, features: np.ndarray, labels: np.ndarray) -> dict:
-    """How well the classifier fits its own training embeddings: with val loss, the overfitting gap."""
-    from sklearn.metrics import log_loss
-
-    proba = estimator.predict_proba(features)
-    return {"loss": float(log_loss(labels, proba, labels=estimator.classes_)),
-            "accuracy": float((estimator.classes_[proba.argmax(1)] == labels).mean()),
-            "measured_on": "training embeddings"}
