@@ -1,7 +1,7 @@
 """Embeddings of image files by a frozen backbone, cached on disk by content.
 
-A cache entry is keyed by (the module's layers and weights, preprocessing, device type, precision) and
-by each file's sha256,
+A cache entry is keyed by (the module's layers and weights, preprocessing, device type, the engine
+that computed it and its precision; see inference.graphs) and by each file's sha256,
 so renaming or moving files keeps the cache warm and editing an image invalidates only that image.
 Entries are written in safetensors shards, each shard atomically, so a killed run leaves every
 finished shard usable and never a half-written one (at worst a hidden temporary, which load skips).
@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,10 +28,10 @@ from ..models.backbones import weights_fingerprint
 from ..models.network import feature_shape
 from ..rundir.atomic import atomic_path
 from .batches import progress_bar, run_batches
-from .engines import TorchEngine
+from .graphs import FEATURES, GraphEngine, GraphSpec, compile_engine, engine_label
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 2  # 2: keyed by the module's layers and the device type too
+CACHE_FORMAT = 3  # 2: keyed by the module's layers and the device type too; 3: and the engine
 # A shard is saved every SHARD_SIZE images or SHARD_SECONDS, whichever comes first: a kill loses at
 # most that much work, also with a backbone that takes minutes for 1024 images.
 SHARD_SIZE = 1024
@@ -46,13 +46,14 @@ class EmbeddingCache:
 
     @classmethod
     def for_model(cls, cache_dir: Path, module: torch.nn.Module, pre: Preprocessing,
-                  device: torch.device, precision: str) -> "EmbeddingCache":
+                  device: torch.device, engine: str) -> "EmbeddingCache":
         """The cache of `module`'s outputs: its repr names every layer and its settings (a cut
-        backbone and how it is pooled), the fingerprint its weights."""
+        backbone and how it is pooled), the fingerprint its weights; `engine` what computes them
+        (graphs.engine_label: "torch-bf16", "openvino-bf16", ...), so engines never mix."""
         identity = {"format": CACHE_FORMAT, "architecture": type(module).__name__,
                     "layers": hashlib.sha256(repr(module).encode()).hexdigest(),
                     "weights": weights_fingerprint(module), "preprocessing": pre.to_dict(),
-                    "device": torch.device(device).type, "precision": precision}
+                    "device": torch.device(device).type, "engine": engine}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
         return cls(Path(cache_dir) / "embeddings" / key)
 
@@ -105,6 +106,9 @@ class EmbeddingStats:
     embedded: int = 0
     cached: int = 0
     seconds: float = 0.0
+    engine: dict = field(default_factory=dict)  # graphs.GraphEngine.report(), or torch's
+    # the parity check's images embedded by torch in fp32 and by the engine (None: no check ran)
+    check_embeddings: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def images_per_s(self) -> float | None:
@@ -114,26 +118,32 @@ class EmbeddingStats:
 def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence[str],
                 pre: Preprocessing, *, cache_dir: Path | None = None, batch_size: int = 32,
                 workers: int | None = None, device: torch.device | str = "cpu",
-                precision: str = "auto", show_progress: bool = True,
+                precision: str = "auto", engine: str = "auto", show_progress: bool = True,
                 ) -> tuple[np.ndarray, EmbeddingStats]:
     """(len(paths), num_features) float32 outputs of `module` (a frozen backbone, pooled), run on
-    `device`; files already in the cache are not decoded."""
+    `device` by `engine` (graphs.compile_engine: torch, or its ONNX Runtime or OpenVINO graph,
+    checked against torch fp32 on the first batch); files already in the cache are not decoded."""
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    cache = (EmbeddingCache.for_model(cache_dir, module, pre, device, precision) if cache_dir
-             else None)
-    known: dict[str, np.ndarray] = {}
-    if cache:
-        loaded = cache.load()  # every image ever embedded by this model: keep those asked for
-        known = _usable({h: loaded[h] for h in hashes if h in loaded}, feature_shape(module, pre))
-    stats = EmbeddingStats(cached=sum(h in known for h in hashes))
-    todo = [i for i, h in enumerate(hashes) if h not in known]
-    vectors: dict[str, np.ndarray] = {h: known[h] for h in hashes if h in known}
+    runner = compile_engine(GraphSpec(module, pre, (FEATURES,)), engine, device=device,
+                            precision=precision, cache_dir=cache_dir, images=len(paths))
+    stats = EmbeddingStats(engine=runner.report() if isinstance(runner, GraphEngine)
+                           else {"name": "torch", "precision": precision})
+    cache, vectors = _cached(cache_dir, module, pre, device, engine_label(runner, precision), hashes)
+    todo = [i for i, h in enumerate(hashes) if h not in vectors]
+    if todo and isinstance(runner, GraphEngine):
+        runner.check(_decoded([paths[i] for i in todo[:batch_size]], pre))
+        stats.engine, stats.check_embeddings = runner.report(), runner.check_outputs
+        if runner.fallback:  # torch computes them now: its cache, not the graph's
+            cache, vectors = _cached(cache_dir, module, pre, device,
+                                     engine_label(runner, precision), hashes)
+            todo = [i for i, h in enumerate(hashes) if h not in vectors]
+    stats.cached = len(hashes) - len(todo)
     if todo:
         pending: dict[str, np.ndarray] = {}
         start = saved = time.perf_counter()
         with progress_bar("embedding", len(todo), show_progress) as advance:
-            batches = run_batches(TorchEngine(module, pre, device), [paths[i] for i in todo], pre,
+            batches = run_batches(runner, [paths[i] for i in todo], pre,
                                   precision=precision, pin_memory=device.type == "cuda",
                                   batch_size=batch_size, workers=workers, progress=advance)
             for positions, outputs, errors in batches:
@@ -150,4 +160,26 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
         vectors.update(pending)
         stats.seconds = time.perf_counter() - start
         stats.embedded = len(todo)
+        stats.engine["images_per_s"] = round(stats.images_per_s or 0.0, 1)
     return np.stack([vectors[h] for h in hashes]), stats
+
+
+def _cached(cache_dir: Path | None, module: torch.nn.Module, pre: Preprocessing,
+            device: torch.device, engine: str, hashes: Sequence[str],
+            ) -> tuple[EmbeddingCache | None, dict[str, np.ndarray]]:
+    """The cache of `module`'s embeddings by `engine`, and the usable ones of `hashes` in it."""
+    if not cache_dir:
+        return None, {}
+    cache = EmbeddingCache.for_model(cache_dir, module, pre, device, engine)
+    loaded = cache.load()  # every image ever embedded by this model: keep those asked for
+    return cache, _usable({h: loaded[h] for h in hashes if h in loaded}, feature_shape(module, pre))
+
+
+def _decoded(paths: Sequence[Path], pre: Preprocessing) -> torch.Tensor:
+    """The readable ones of `paths` as one uint8 batch, decoded as every batch is (the parity
+    check's images)."""
+    images = [image for _, batch, errors in run_batches(lambda batch, _: batch, list(paths), pre,
+                                                         precision="32", batch_size=len(paths),
+                                                         workers=0)
+              for image, error in zip(batch, errors) if not error]
+    return torch.stack(images) if images else torch.zeros(1, *pre.input_size, dtype=torch.uint8)

@@ -20,6 +20,7 @@ from ...data.split import SPLITS
 from ...data.transforms import Preprocessing
 from ...errors import DataError
 from ...inference.embeddings import EmbeddingStats, embed_files
+from ...inference.graphs import probability_parity
 from ...inference.predictor import NetworkOutputs
 from ...models.backbones import count_parameters
 from ...models.heads import HeadSpec, head_from_sklearn, pooling
@@ -63,7 +64,8 @@ class Extract(Strategy):
             train_fit=probe.train_fit,
             details={"classifier": config.classifier,
                      "precision": {"embedding": config.precision,
-                                   "transplant_max_abs_diff": probe.transplant_error}},
+                                   "transplant_max_abs_diff": probe.transplant_error},
+                     "engine": probe.embedding.engine},
             outputs=probe.outputs)
 
 
@@ -95,6 +97,9 @@ def fit_probe(data: ImageFolderData, config: TrainConfig, backbone: nn.Module, p
     started = time.perf_counter()
     estimator = classifier(config).fit(features["train"], labels)
     fit_s = time.perf_counter() - started
+    if stats.check_embeddings is not None:  # the engine's embeddings, judged by what they decide
+        expected, got = (estimator.predict_proba(x) for x in stats.check_embeddings)
+        stats.engine["classifier_parity"] = probability_parity(expected, got)
     spec, head = head_from_sklearn(estimator, num_classes=len(data.classes), pool=pool)
     linear = head[len(pooling(pool)):]  # the layers after pooling, which the embeddings skip
 
@@ -132,7 +137,7 @@ def embed_splits(data: ImageFolderData, backbone: nn.Module, pre: Preprocessing,
         embedder.eval(), [im.path for im in images], [im.sha256 for im in images], pre,
         cache_dir=Path(config.cache_dir) if config.cache_dir else None, batch_size=config.batch_size,
         workers=config.workers, device=config.device, precision=config.precision,
-        show_progress=show_progress)
+        engine=config.engine, show_progress=show_progress)
     features, start = {}, 0
     for name in SPLITS:
         count = len(data.split[name])
