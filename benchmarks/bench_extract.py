@@ -23,6 +23,19 @@ machine      CPU model, core count, torch/timm versions, precision used, and the
 
 --quick uses only the first 512 images for the throughput parts (a smoke test); the accuracy and
 warm-cache parts always use the whole data set. Temporary directories are removed at the end.
+
+--part engines measures the engines of `--engine` instead (inference/graphs.py), in one run:
+build        each engine's graph of the backbone, built into --graph-cache (kept between runs, so
+             build it once: `--part build`), with its build seconds and its parity against torch
+             fp32 on random images.
+backbone     each engine's backbone-only images/s on random uint8 batches of 1, 8 and 32 (normalised
+             inside the engine as in the pipeline), ROUNDS alternating rounds of 2 s each.
+end_to_end   `embed_files` on the whole data set with a fresh embedding cache (graphs cached) for
+             each engine: decode -> resize -> engine; decode alone (no network) for comparison; and
+             the naive fp32 loop on the first 1,024 images; then `train --strategy extract` with
+             --engine auto and a fresh embedding cache: its accuracy and metrics.json's "engine".
+Ratios: auto's end to end ÷ the fastest engine's batch-32 backbone-only (target >= 0.8), ÷ torch's
+end to end (target >= 1.4) and ÷ the naive loop.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import torch
 from transferlab.models.backbones import create_backbone
 from transferlab.data.folder import ImageFolderData
 from transferlab.inference.embeddings import embed_files
+from transferlab.inference.engines import TorchEngine
 from transferlab.devices import autocast, resolve_precision
 from transferlab.training.config import TrainConfig
 from transferlab.workflows.train import train
@@ -188,16 +202,152 @@ def machine(precision: str, load: list[float]) -> dict:
             "precision": precision, "load_average_at_start": load}
 
 
+ENGINE_BATCHES = (1, 8, 32)
+ENGINE_SECONDS = 2.0
+TARGET_OVER_TORCH = 1.4
+
+
+def build_engines(backbone: torch.nn.Module, pre: Preprocessing, graph_cache: Path) -> dict:
+    """Each installed engine of the backbone, built into (or loaded from) `graph_cache`, with its
+    build-or-load seconds and parity against torch fp32 on random images."""
+    from transferlab.inference.graphs import (ENGINES, FEATURES, GraphEngine, GraphSpec, available,
+                                              compile_engine)
+
+    engines, report = {}, {}
+    for name in ENGINES[1:]:
+        if not available(name, torch.device("cpu")):
+            continue
+        log(f"building/loading {name}")
+        started = time.perf_counter()
+        engine = compile_engine(GraphSpec(backbone, pre, (FEATURES,)), name, cache_dir=graph_cache)
+        seconds = time.perf_counter() - started
+        if isinstance(engine, GraphEngine):
+            engine.check(random_pixels(32, pre))
+            report[name] = {**engine.report(), "build_or_load_s": round(seconds, 1)}
+        engines[name] = engine
+    return {"engines": engines, "report": report}
+
+
+def random_pixels(batch_size: int, pre: Preprocessing) -> torch.Tensor:
+    return torch.randint(0, 256, (batch_size, *pre.input_size), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(batch_size))
+
+
+def engine_rates(engines: dict, pre: Preprocessing, precision: str) -> dict:
+    """images/s of each engine at each batch size, ROUNDS rounds alternating between engines."""
+    rates = {name: {batch: [] for batch in ENGINE_BATCHES} for name in engines}
+    for part in range(ROUNDS):
+        for batch in ENGINE_BATCHES:
+            pixels = random_pixels(batch, pre)
+            for name, engine in engines.items():
+                engine(pixels, precision)  # warm-up
+                images, started = 0, time.perf_counter()
+                while time.perf_counter() - started < ENGINE_SECONDS:
+                    engine(pixels, precision)
+                    images += batch
+                rates[name][batch].append(images / (time.perf_counter() - started))
+        log(f"round {part + 1}: " + ", ".join(f"{name} b32 {rates[name][32][-1]:.1f}"
+                                              for name in engines))
+    return {name: {f"batch_{batch}": {"images_per_s": round(sum(r) / len(r), 1),
+                                      "rounds": [round(x, 1) for x in r]}
+                   for batch, r in by_batch.items()} for name, by_batch in rates.items()}
+
+
+def fresh_cache_with_graphs(tmp: Path, graph_cache: Path, name: str) -> Path:
+    """An empty embedding cache that shares the built graphs."""
+    cache = tmp / f"cache-{name}"
+    cache.mkdir()
+    (cache / "engines").symlink_to((graph_cache / "engines").resolve(), target_is_directory=True)
+    return cache
+
+
+def decode_only(paths: list[Path], pre: Preprocessing) -> float:
+    from transferlab.inference.batches import run_batches
+
+    started = time.perf_counter()
+    for _ in run_batches(lambda batch, _: batch, paths, pre, precision="32"):
+        pass
+    return len(paths) / (time.perf_counter() - started)
+
+
+def bench_engines(data: Path, graph_cache: Path, precision: str, quick: bool) -> dict:
+    backbone = create_backbone().eval()
+    pre = Preprocessing.from_model(backbone)
+    built = build_engines(backbone, pre, graph_cache)
+    engines = {"torch": TorchEngine(backbone, pre), **built["engines"]}
+    backbone_only = engine_rates(engines, pre, precision)
+    images = ImageFolderData(data, near_duplicates=False).scan.images
+    if quick:
+        images = images[:QUICK_IMAGES]
+    paths, hashes = [im.path for im in images], [im.sha256 for im in images]
+    end_to_end = {}
+    with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
+        for name in ("torch", *built["engines"], "auto"):
+            cache = fresh_cache_with_graphs(Path(tmp), graph_cache, name)
+            started = time.perf_counter()
+            _, stats = embed_files(backbone, paths, hashes, pre, cache_dir=cache, engine=name,
+                                   show_progress=False)
+            wall = time.perf_counter() - started
+            end_to_end[name] = {"images_per_s": round(stats.images_per_s, 1),
+                                "wall_images_per_s": round(len(paths) / wall, 1),
+                                "engine": stats.engine["name"], "precision": stats.engine["precision"]}
+            log(f"end to end {name}: {end_to_end[name]}")
+        decode_per_s = decode_only(paths, pre)
+        log(f"decode only: {decode_per_s:.1f} images/s")
+        naive_per_s = naive(paths[:NAIVE_IMAGES], pre)
+        log(f"naive: {naive_per_s:.1f} images/s")
+        cache = fresh_cache_with_graphs(Path(tmp), graph_cache, "train")
+        started = time.perf_counter()
+        run = train(data, strategy="extract", out=Path(tmp) / "run", cache_dir=str(cache),
+                    show_progress=False, audit=False)
+        train_s = time.perf_counter() - started
+    fastest = max(backbone_only, key=lambda name: backbone_only[name]["batch_32"]["images_per_s"])
+    best = backbone_only[fastest]["batch_32"]["images_per_s"]
+    auto = end_to_end["auto"]["images_per_s"]
+    return {
+        "images": len(paths), "graphs": built["report"], "backbone_only": backbone_only,
+        "end_to_end": end_to_end, "decode_only_images_per_s": round(decode_per_s, 1),
+        "naive_images_per_s": round(naive_per_s, 1), "fastest_backbone_only": fastest,
+        "auto_over_fastest_backbone_only": round(auto / best, 3),
+        "auto_over_fastest_backbone_only_target": TARGET_OVER_BACKBONE,
+        "auto_over_torch_end_to_end": round(auto / end_to_end["torch"]["images_per_s"], 3),
+        "auto_over_torch_end_to_end_target": TARGET_OVER_TORCH,
+        "auto_over_naive": round(auto / naive_per_s, 3),
+        "train_extract_auto": {"wall_s": round(train_s, 1),
+                               "val_accuracy": run.metrics["val"]["accuracy"],
+                               "test_accuracy": run.metrics["test"]["accuracy"],
+                               "timing": run.metrics["timing"], "engine": run.metrics.get("engine")},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="labelled image folder")
     parser.add_argument("--quick", action="store_true",
                         help=f"only the first {QUICK_IMAGES} images for the throughput parts")
+    parser.add_argument("--part", choices=("all", "engines", "build"), default="all",
+                        help="all: the sections above; engines: the engines compared; build: only "
+                             "build the graphs into --graph-cache (untimed)")
+    parser.add_argument("--graph-cache", type=Path, default=Path(tempfile.gettempdir())
+                        / "transferlab-bench-graphs", help="where the engines' graphs are kept")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     precision = resolve_precision("auto", "cpu")
     load = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
+    if args.part == "build":
+        backbone = create_backbone().eval()
+        report = build_engines(backbone, Preprocessing.from_model(backbone), args.graph_cache)
+        print(json.dumps(report["report"], indent=2))
+        return
+    if args.part == "engines":
+        result = {"data": str(args.data.resolve()), "quick": args.quick,
+                  "engines": bench_engines(args.data, args.graph_cache, precision, args.quick),
+                  "machine": machine(precision, load),
+                  "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                  "total_s": round(time.perf_counter() - started, 1)}
+        print(json.dumps(result, indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         accuracy, warm_cache = bench_accuracy(args.data, Path(tmp))
     throughput = bench_throughput(args.data, precision, accuracy["embed_images_per_s"], args.quick)

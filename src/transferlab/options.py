@@ -265,6 +265,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            OneOf(PRECISION_NAMES), "auto: bf16 where the CPU or GPU has it, fp16 on other GPUs"),
     Option("device", str, f"Where the network runs: {DEVICE_SYNTAX}.", Device(),
            "auto: a GPU when there is one", resumable=True),
+    Option("engine", str, "What runs the torch network: torch, or its graph compiled once (and "
+           "cached) for onnx (ONNX Runtime) or openvino, checked against torch fp32 on the first "
+           "batch; auto: the fastest installed for the device, once its graph is cached or the job "
+           "is large enough to pay for building it.", OneOf(registry="engine"), "auto",
+           resumable=True),
     Option("accelerator", str, "Lightning's accelerator for training: cpu, gpu, mps or auto.",
            OneOf(ACCELERATORS), "from --device", per_strategy=True, resumable=True),
     Option("devices", int, "Devices (processes) per node for training.", _whole(1), "1",

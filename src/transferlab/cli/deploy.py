@@ -74,6 +74,7 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
           workers: int = flag("serve_workers", default=1),
           backend: str = flag("backend", default="torch"),
           device: Optional[str] = flag("device"),
+          engine: Optional[str] = flag("engine"),
           max_upload_mb: float = flag("max_upload_mb", default=10.0),
           max_pixels: Optional[int] = flag("max_pixels", help="Most pixels per image, checked "
                                            "before decoding [default: 50,000,000]."),
@@ -87,11 +88,13 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
     """Serve MODEL over HTTP: POST /predict (multipart field `file`), GET /health, GET /model, a
     page to try it at / and the API docs at /docs."""
     from ..options import check
+    from ..inference.graphs import ENGINES
 
     check({"max_upload_mb": max_upload_mb, "host": host, "port": port, "serve_workers": workers,
            "max_pixels": max_pixels, "max_files": max_files, "max_concurrent": max_concurrent,
            "top_k": top_k, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
-           "device": device, "allowed_hosts": allowed_hosts})
+           "device": device, "allowed_hosts": allowed_hosts, "engine": engine},
+          {"engine": ENGINES})
     setup_logging(verbose=False)
     import signal
 
@@ -105,6 +108,7 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
     err.print(f"loading {escape(str(model))} ({backend}); once it runs, try it at http://{host}:{port}/ "
               f"(API docs: http://{host}:{port}/docs)", highlight=False)
     run_service(model, host=host, port=port, workers=workers, backend=backend,
+                **given(engine=engine),
                 max_upload_bytes=round(max_upload_mb * 2**20),
                 **given(max_pixels=max_pixels, max_files=max_files, max_concurrent=max_concurrent,
                         top_k=top_k, max_batch=max_batch, batch_window_ms=batch_window_ms,

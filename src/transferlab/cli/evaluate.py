@@ -29,6 +29,7 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
              precision: Optional[str] = flag("precision"),
              device: Optional[str] = flag("device"),
              backend: Optional[str] = flag("backend"),
+             engine: Optional[str] = flag("engine"),
              max_pixels: Optional[int] = flag("max_pixels"),
              layout: Optional[str] = flag("layout"),
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results an --out "
@@ -47,7 +48,7 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
     result = evaluate_model(model, dataset, out=out_dir, split=split, show_progress=not quiet,
                             overwrite=overwrite,
                             **given(batch_size=batch_size, precision=precision, device=device,
-                                    backend=backend))
+                                    backend=backend, engine=engine))
     print_metrics(result.metrics[EVALUATED], result.metrics["classes"],
                   f"{escape(str(model))} on {escape(str(data))} ({split})")
     out.print(f"metrics.json, predictions.csv and report.html in [bold]{escape(str(result.dir))}[/]")

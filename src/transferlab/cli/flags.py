@@ -35,7 +35,7 @@ TRAINING_FLAGS = (
     "augment", "label_smoothing", "class_weights", "early_stopping", "head_init", "head_dim",
     "dropout", "unfreeze", "unfreeze_from",
     "warmup_epochs", "backbone_lr_scale", "batch_size", "workers", "precision", "device",
-    "accelerator", "devices", "num_nodes", "distributed")
+    "engine", "accelerator", "devices", "num_nodes", "distributed")
 _EXTRA = {"distributed": ("--distributed", "--strategy-dist")}
 
 

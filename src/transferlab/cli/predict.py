@@ -24,6 +24,7 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
             precision: Optional[str] = flag("precision"),
             device: Optional[str] = flag("device"),
             backend: str = flag("backend", default="torch"),
+            engine: Optional[str] = flag("engine"),
             tta: bool = typer.Option(False, "--tta", help="Average the probabilities of each image "
                                      "and its mirror image (twice the compute)."),
             max_pixels: Optional[int] = flag("max_pixels"),
@@ -31,20 +32,23 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
             explain: Optional[Path] = flag("explain")):
     """Top-k classes with probabilities for images."""
     from ..errors import ConfigError
+    from ..inference.graphs import ENGINES
     from ..options import check, check_relations
 
     explain_dir = None if explain is None else str(explain)
     check({"top_k": top_k, "output_format": output_format, "batch_size": batch_size,
-           "precision": precision, "device": device, "max_pixels": max_pixels, "explain": explain_dir})
+           "precision": precision, "device": device, "max_pixels": max_pixels, "explain": explain_dir,
+           "engine": engine}, {"engine": ENGINES})
     check_relations({"backend": backend, "explain": explain_dir}, ["explain"] if explain else [])
     setup_logging(verbose=False)
     from ..inference.backends import load_model
     from ..inference.predictor import expand_inputs
 
-    predictor = load_model(model, backend=backend, **given(device=device))
     paths = expand_inputs(inputs)
     if not paths:
         raise ConfigError(f"no files match {' '.join(inputs)}")
+    predictor = load_model(model, backend=backend, images=len(paths),
+                           **given(device=device, engine=engine, precision=precision))
     results = predictor.iter_predictions(paths, top_k=top_k, tta=tta, reject_unknown=reject_unknown,
                                          **given(
         batch_size=batch_size, precision=precision, max_pixels=max_pixels))

@@ -29,6 +29,7 @@ from ..inference.bundle import (COREML_FILE, INT8_FILE, ONNX_FILE, OPENVINO_FILE
                                 TFLITE_FILE, BundleConfig, load_network, load_trust, read_config,
                                 record_export)
 from ..inference.engines import Engine, OnnxEngine, TorchEngine
+from ..inference.graphs import DEFAULT_OPSET, export_onnx_graph
 from ..inference.predictor import Predictor
 from ..inference.trust import Trust
 from ..models.network import WithFeatures
@@ -39,8 +40,7 @@ from ..rundir.layout import RunDir, read_json
 INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = OnnxEngine.INPUT, OnnxEngine.OUTPUT, OnnxEngine.FEATURES
 # The torch.export-based exporter writes opset 18 natively; asking it for 17 runs a version
 # converter that failed on EfficientNet (ReduceMean's axes) and then silently kept opset 18.
-DEFAULT_OPSET = 18
-MIN_OPSET = 18
+MIN_OPSET = DEFAULT_OPSET
 FP32_TOLERANCE = 1e-4  # max |probability difference| an fp32 export may show against torch
 QUANTIZATIONS = ("int8",)
 NOISE_IMAGES = 8
@@ -149,20 +149,13 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, quantiz
 
 
 def _export_graph(net: torch.nn.Module, config: BundleConfig, path: Path, opset: int) -> None:
-    """torch.onnx.export with the torch.export-based ("dynamo") exporter: the TorchScript one works
-    on these models too but is deprecated and warns that it will be removed. One file (no external
-    data), so its sha256 covers everything; the batch axis is dynamic. The graph outputs the
-    penultimate features beside the logits, which novelty is scored on."""
-    example = torch.zeros(2, *config.preprocessing.input_size)  # a size-1 axis would be fixed
+    """The whole network's ONNX graph (inference.graphs.export_onnx_graph, the one ONNX export),
+    with the penultimate features beside the logits, which novelty is scored on."""
     try:
-        torch.onnx.export(WithFeatures(net), (example,), str(path), dynamo=True,
-                          opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME, FEATURES_NAME],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
-                          verbose=False)
-    except Exception as error:  # noqa: BLE001 - the exporter raises many types, all fatal here
-        raise ExportError(f"torch.onnx.export failed for backbone {config.backbone!r} "
-                          f"({error_summary(error)})") from None
+        export_onnx_graph(WithFeatures(net), config.preprocessing.input_size, path,
+                    (OUTPUT_NAME, FEATURES_NAME), opset)
+    except ExportError as error:
+        raise ExportError(f"backbone {config.backbone!r}: {error}") from None
 
 
 def error_summary(error: Exception) -> str:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
@@ -118,9 +119,11 @@ class Classifier:
 
     def __init__(self, model_dir: str | Path, backend: str, limits: ServiceLimits,
                  max_batch: int, window_ms: float, device: str = "auto",
-                 reject_unknown: bool = False):
+                 reject_unknown: bool = False, engine: str = "auto"):
         check({"max_batch": max_batch, "batch_window_ms": window_ms})
-        self.predictor = load_model(model_dir, backend=backend, device=device)
+        # a service runs for long: auto builds the fastest engine's graph if it is not cached
+        self.predictor = load_model(model_dir, backend=backend, device=device, engine=engine,
+                                    images=math.inf)
         self.backend, self.limits, self.reject_unknown = backend, limits, reject_unknown
         self.decoders = Threads("decode", os.cpu_count() or 1)
         self.network = Threads("network")
@@ -202,7 +205,7 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
                max_concurrent: int = ServiceLimits.max_concurrent, top_k: int = DEFAULT_TOP_K,
                max_batch: int = DEFAULT_MAX_BATCH, batch_window_ms: float = DEFAULT_WINDOW_MS,
                device: str = "auto", allowed_hosts: list[str] | None = None,
-               reject_unknown: bool = False) -> FastAPI:
+               reject_unknown: bool = False, engine: str = "auto") -> FastAPI:
     """The service for the bundle in `model_dir` (loaded now, so a bad bundle fails here), on
     `device` (auto: a GPU when there is one).
 
@@ -216,7 +219,7 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files, max_concurrent)
     check({"top_k": top_k})
     classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms, device,
-                            reject_unknown)
+                            reject_unknown, engine)
 
     parser = Threads("multipart")
 

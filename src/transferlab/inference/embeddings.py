@@ -1,7 +1,7 @@
 """Embeddings of image files by a frozen backbone, cached on disk by content.
 
-A cache entry is keyed by (the module's layers and weights, preprocessing, device type, precision) and
-by each file's sha256,
+A cache entry is keyed by (the module's layers and weights, preprocessing, device type, the engine
+that computed it and its precision; see inference.graphs) and by each file's sha256,
 so renaming or moving files keeps the cache warm and editing an image invalidates only that image.
 Entries are written in safetensors shards, each shard atomically, so a killed run leaves every
 finished shard usable and never a half-written one (at worst a hidden temporary, which load skips).
@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -28,10 +28,10 @@ from ..models.backbones import weights_fingerprint
 from ..models.network import feature_shape
 from ..rundir.atomic import atomic_path
 from .batches import progress_bar, run_batches
-from .engines import TorchEngine
+from .graphs import FEATURES, GraphEngine, GraphSpec, compile_engine, engine_label
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 2  # 2: keyed by the module's layers and the device type too
+CACHE_FORMAT = 3  # 2: keyed by the module's layers and the device type too; 3: and the engine
 # A shard is saved every SHARD_SIZE images or SHARD_SECONDS, whichever comes first: a kill loses at
 # most that much work, also with a backbone that takes minutes for 1024 images.
 SHARD_SIZE = 1024
@@ -46,13 +46,14 @@ class EmbeddingCache:
 
     @classmethod
     def for_model(cls, cache_dir: Path, module: torch.nn.Module, pre: Preprocessing,
-                  device: torch.device, precision: str) -> "EmbeddingCache":
+                  device: torch.device, engine: str) -> "EmbeddingCache":
         """The cache of `module`'s outputs: its repr names every layer and its settings (a cut
-        backbone and how it is pooled), the fingerprint its weights."""
+        backbone and how it is pooled), the fingerprint its weights; `engine` what computes them
+        (graphs.engine_label: "torch-bf16", "openvino-bf16", ...), so engines never mix."""
         identity = {"format": CACHE_FORMAT, "architecture": type(module).__name__,
                     "layers": hashlib.sha256(repr(module).encode()).hexdigest(),
                     "weights": weights_fingerprint(module), "preprocessing": pre.to_dict(),
-                    "device": torch.device(device).type, "precision": precision}
+                    "device": torch.device(device).type, "engine": engine}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
         return cls(Path(cache_dir) / "embeddings" / key)
 
@@ -149,6 +150,9 @@ class EmbeddingStats:
     cached: int = 0
     seconds: float = 0.0
     cache: EmbeddingCache | None = None  # where the vectors are kept (read back after stream=True)
+    engine: dict = field(default_factory=dict)  # graphs.GraphEngine.report(), or torch's
+    # the parity check's images embedded by torch in fp32 and by the engine (None: no check ran)
+    check_embeddings: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def images_per_s(self) -> float | None:
@@ -158,47 +162,118 @@ class EmbeddingStats:
 def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence[str],
                 pre: Preprocessing, *, cache_dir: Path | None = None, batch_size: int = 32,
                 workers: int | None = None, device: torch.device | str = "cpu",
-                precision: str = "auto", show_progress: bool = True, stream: bool = False,
-                ) -> tuple[np.ndarray | None, EmbeddingStats]:
+                precision: str = "auto", engine: str = "auto", show_progress: bool = True,
+                stream: bool = False) -> tuple[np.ndarray | None, EmbeddingStats]:
     """(len(paths), num_features) float32 outputs of `module` (a frozen backbone, pooled), run on
-    `device`; files already in the cache are not decoded.
+    `device` by `engine` (graphs.compile_engine: torch, or its ONNX Runtime or OpenVINO graph,
+    checked against torch fp32 on the first batch); files already in the cache are not decoded.
 
     `stream` (with `cache_dir`): the vectors are left in the cache, to be read back chunk by chunk
     (EmbeddingCache.chunks), and None is returned: memory stays flat at any number of images."""
+    if stream and not cache_dir:
+        raise ValueError("embed_files(stream=True) needs a cache_dir to leave the vectors in")
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    cache = (EmbeddingCache.for_model(cache_dir, module, pre, device, precision) if cache_dir
-             else None)
-    if stream and not cache:
-        raise ValueError("embed_files(stream=True) needs a cache_dir to leave the vectors in")
-    known: dict[str, np.ndarray] = {}
-    if stream:
-        known = cache.index()  # which are there, not the vectors (checked when read)
-    elif cache:
-        loaded = cache.load()  # every image ever embedded by this model: keep those asked for
-        known = _usable({h: loaded[h] for h in hashes if h in loaded}, feature_shape(module, pre))
-    stats = EmbeddingStats(cached=sum(h in known for h in hashes), cache=cache)
-    todo = [i for i, h in enumerate(hashes) if h not in known]
-    vectors: dict[str, np.ndarray] = {} if stream else {h: known[h] for h in hashes if h in known}
+    runner = compile_engine(GraphSpec(module, pre, (FEATURES,)), engine, device=device,
+                            precision=precision, cache_dir=cache_dir, images=len(paths))
+    stats = EmbeddingStats(engine=runner.report() if isinstance(runner, GraphEngine)
+                           else {"name": "torch", "precision": precision})
+    cache, known = _cached(cache_dir, module, pre, device, engine_label(runner, precision), hashes,
+                           stream)
+    todo = missing(known, hashes)
+    if todo and isinstance(runner, GraphEngine):
+        runner.check(_decoded([paths[i] for i in todo[:batch_size]], pre))
+        stats.engine, stats.check_embeddings = runner.report(), runner.check_outputs
+        if runner.fallback:  # torch computes them now: its cache, not the graph's
+            cache, known = _cached(cache_dir, module, pre, device, engine_label(runner, precision),
+                                   hashes, stream)
+            todo = missing(known, hashes)
+    stats.cached, stats.cache = len(hashes) - len(todo), cache
+    vectors: dict[str, np.ndarray] = {} if stream else known
     if todo:
-        pending: dict[str, np.ndarray] = {}
-        start = saved = time.perf_counter()
+        writer = ShardWriter(cache, keep=not stream)
+        start = time.perf_counter()
         with progress_bar("embedding", len(todo), show_progress) as advance:
-            batches = run_batches(TorchEngine(module, pre, device), [paths[i] for i in todo], pre,
+            batches = run_batches(runner, [paths[i] for i in todo], pre,
                                   precision=precision, pin_memory=device.type == "cuda",
                                   batch_size=batch_size, workers=workers, progress=advance)
             for positions, outputs, errors in batches:
-                for position, vector, error in zip(positions, outputs.numpy(), errors):
-                    if error:
-                        raise DataError(f"{paths[todo[position]]}: became unreadable ({error}); rerun")
-                    pending[hashes[todo[position]]] = vector
-                if cache and (len(pending) >= SHARD_SIZE or time.perf_counter() - saved >= SHARD_SECONDS):
-                    cache.save(pending)
-                    vectors.update({} if stream else pending)
-                    pending, saved = {}, time.perf_counter()
-        if cache:
-            cache.save(pending)
-        vectors.update({} if stream else pending)
+                writer.add([todo[p] for p in positions], outputs, errors, paths, hashes)
+        vectors.update(writer.close())
         stats.seconds = time.perf_counter() - start
         stats.embedded = len(todo)
+        stats.engine["images_per_s"] = round(stats.images_per_s or 0.0, 1)
     return (None if stream else np.stack([vectors[h] for h in hashes])), stats
+
+
+def _cached(cache_dir: Path | None, module: torch.nn.Module, pre: Preprocessing,
+            device: torch.device, engine: str, hashes: Sequence[str], stream: bool = False,
+            ) -> tuple[EmbeddingCache | None, dict]:
+    """The cache of `module`'s embeddings by `engine`, and the usable ones of `hashes` in it by hash
+    (with `stream`, only which are there, from the shards' headers; checked when read back)."""
+    if not cache_dir:
+        return None, {}
+    cache = EmbeddingCache.for_model(cache_dir, module, pre, device, engine)
+    if stream:
+        return cache, cache.index()
+    return cache, cached_vectors(cache, module, pre, hashes)
+
+
+def cached_vectors(cache: EmbeddingCache | None, module: torch.nn.Module, pre: Preprocessing,
+                   hashes: Sequence[str]) -> dict[str, np.ndarray]:
+    """The usable cached vectors of `hashes` by hash (none without a cache)."""
+    if cache is None:
+        return {}
+    loaded = cache.load()  # every image ever embedded by this model: keep those asked for
+    return _usable({h: loaded[h] for h in hashes if h in loaded}, feature_shape(module, pre))
+
+
+def missing(known, hashes: Sequence[str]) -> list[int]:
+    """The positions in `hashes` that have no vector yet: the files to embed."""
+    return [i for i, h in enumerate(hashes) if h not in known]
+
+
+class ShardWriter:
+    """Collects embedded vectors and saves them to `cache` (if any) in shards of SHARD_SIZE images
+    or SHARD_SECONDS, so a killed run keeps what it had finished; `close()` saves the rest and
+    returns every vector added, by hash (none unless `keep`: a writer that only fills the cache
+    holds no more than a shard)."""
+
+    def __init__(self, cache: EmbeddingCache | None, keep: bool = True):
+        self.cache, self.keep = cache, keep
+        self.vectors: dict[str, np.ndarray] = {}
+        self.pending: dict[str, np.ndarray] = {}
+        self.saved = time.perf_counter()
+
+    def add(self, indices: Sequence[int], outputs: torch.Tensor, errors: Sequence[str],
+            paths: Sequence[Path], hashes: Sequence[str]) -> None:
+        """The outputs of the files at `indices` of `paths`/`hashes`; a file that became unreadable
+        since it was scanned stops the run, naming it."""
+        for index, vector, error in zip(indices, outputs.numpy(), errors):
+            if error:
+                raise DataError(f"{paths[index]}: became unreadable ({error}); rerun")
+            self.pending[hashes[index]] = vector
+        if self.cache and (len(self.pending) >= SHARD_SIZE
+                           or time.perf_counter() - self.saved >= SHARD_SECONDS):
+            self._save()
+
+    def close(self) -> dict[str, np.ndarray]:
+        self._save()
+        return self.vectors
+
+    def _save(self) -> None:
+        if self.cache:
+            self.cache.save(self.pending)
+        if self.keep:
+            self.vectors.update(self.pending)
+        self.pending, self.saved = {}, time.perf_counter()
+
+
+def _decoded(paths: Sequence[Path], pre: Preprocessing) -> torch.Tensor:
+    """The readable ones of `paths` as one uint8 batch, decoded as every batch is (the parity
+    check's images)."""
+    images = [image for _, batch, errors in run_batches(lambda batch, _: batch, list(paths), pre,
+                                                         precision="32", batch_size=len(paths),
+                                                         workers=0)
+              for image, error in zip(batch, errors) if not error]
+    return torch.stack(images) if images else torch.zeros(1, *pre.input_size, dtype=torch.uint8)

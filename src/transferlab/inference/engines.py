@@ -65,9 +65,17 @@ class ExportedEngine:
     def has_features(self) -> bool:
         return self.FEATURES in self.outputs
 
-    def _outputs_in(self, names, path: str | Path, fix: str) -> None:
+    def _outputs_in(self, names, path: str | Path, fix: str,
+                    wanted: tuple[str, ...] | None = None) -> None:
         """Keep the outputs this file has, in (logits, features) order; a file without logits is
-        refused with `fix`, what to run instead."""
+        refused with `fix`, what to run instead. `wanted`: exactly these outputs, in this order (a
+        graph of a backbone, inference.graphs, has only features)."""
+        if wanted is not None:
+            missing = [name for name in wanted if name not in names]
+            if missing:
+                raise BundleError(f"{path}: the model has no {missing[0]!r} output; {fix}")
+            self.outputs = list(wanted)
+            return
         if self.OUTPUT not in names:
             raise BundleError(f"{path}: the model has no {self.OUTPUT!r} output; {fix}")
         self.outputs = [name for name in (self.OUTPUT, self.FEATURES) if name in names]
@@ -94,7 +102,8 @@ class OnnxEngine(ExportedEngine):
     installed onnxruntime has it (onnxruntime-gpu). The graph runs in the types it was exported with,
     so the only precision it takes is 32 (`auto` resolves to it)."""
 
-    def __init__(self, path: str | Path, pre: Preprocessing, device: torch.device | str = "cpu"):
+    def __init__(self, path: str | Path, pre: Preprocessing, device: torch.device | str = "cpu",
+                 outputs: tuple[str, ...] | None = None):
         import onnxruntime
 
         self.device = torch.device(device)
@@ -117,19 +126,22 @@ class OnnxEngine(ExportedEngine):
             raise BundleError(f"{path}: onnxruntime cannot load it ({error}); export it again with "
                               "`transferlab export`") from None
         self._outputs_in({output.name for output in self.session.get_outputs()}, path,
-                         "export it again with `transferlab export`")
+                         "export it again with `transferlab export`", outputs)
 
     def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
         return self._pack(self.session.run(self.outputs, {self.INPUT: self._batch(images)}))
 
 
 class OpenVinoEngine(ExportedEngine):
-    """An OpenVINO IR export (model.xml + model.bin) on the CPU, compiled to compute in fp32 (on a
-    CPU with bf16 units OpenVINO would otherwise pick bf16 and stray from the checked export)."""
+    """An OpenVINO IR (model.xml + model.bin) on the CPU, compiled to compute in `precision`: "f32"
+    for an fp32 export (on a CPU with bf16 units OpenVINO would otherwise pick bf16 and stray from
+    the checked export), "bf16" for a graph that inference.graphs checks against torch itself, None
+    for OpenVINO's own choice."""
 
-    COMPILE = {"INFERENCE_PRECISION_HINT": "f32"}
+    PRECISION: str | None = "f32"
 
-    def __init__(self, path: str | Path, pre: Preprocessing, device: torch.device | str = "cpu"):
+    def __init__(self, path: str | Path, pre: Preprocessing, device: torch.device | str = "cpu",
+                 outputs: tuple[str, ...] | None = None, precision: str | None = None):
         try:
             import openvino
         except ImportError:
@@ -137,13 +149,15 @@ class OpenVinoEngine(ExportedEngine):
                               "'transferlab[openvino]'") from None
         self.device = _cpu_only(device, "openvino")
         self.pre = pre
+        precision = precision or self.PRECISION
+        hints = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
         try:
-            self.compiled = openvino.Core().compile_model(str(path), "CPU", self.COMPILE)
+            self.compiled = openvino.Core().compile_model(str(path), "CPU", hints)
         except Exception as error:  # noqa: BLE001 - OpenVINO raises its own untyped errors
             raise BundleError(f"{path}: OpenVINO cannot load it ({str(error)[:200]}); export it "
                               "again with `transferlab export --format openvino`") from None
         self._outputs_in({name for output in self.compiled.outputs for name in output.get_names()},
-                         path, "export it again")
+                         path, "export it again", outputs)
 
     def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
         result = self.compiled(self._batch(images))
@@ -155,7 +169,7 @@ class OpenVinoInt8Engine(OpenVinoEngine):
     defaults: the export's numbers are measured with this engine and reported, not held to fp32's
     bound, so the layers NNCF left in float may run in bf16 on a CPU that has it."""
 
-    COMPILE = {}
+    PRECISION = None
 
 
 class TfliteEngine(ExportedEngine):

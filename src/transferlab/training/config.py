@@ -17,6 +17,7 @@ class TrainConfig:
     workers: int | None = None
     precision: str = "auto"
     device: str = "auto"
+    engine: str = "auto"
     cache_dir: str | None = None
     cut_layer: str | None = None
     head_pool: str | None = None

@@ -23,6 +23,7 @@ from ..devices import resolve_device, resolve_precision
 from ..evaluation.labels import find_label_issues, out_of_fold_probabilities
 from ..evaluation.outliers import NEIGHBOURS, find_outliers, label_conflicts
 from ..inference.embeddings import embed_files
+from ..inference.graphs import ENGINES
 from ..models.backbones import DEFAULT_BACKBONE, create_backbone, resolve_name
 from ..options import check
 from ..reporting.report import write_audit_page
@@ -51,6 +52,7 @@ class Embedder:
     workers: int | None = None
     device: str = "auto"
     precision: str = "auto"
+    engine: str = "auto"  # inference.graphs: torch, or a compiled graph
 
     def embed(self, data: ImageFolderData, indices: list[int], show_progress: bool) -> np.ndarray:
         """The embeddings of `data`'s images at `indices` (from the cache where they are there: the
@@ -63,7 +65,7 @@ class Embedder:
                                     cache_dir=Path(self.cache_dir) if self.cache_dir else None,
                                     batch_size=self.batch_size, workers=self.workers,
                                     device=device, precision=resolve_precision(self.precision, device),
-                                    show_progress=show_progress)
+                                    engine=self.engine, show_progress=show_progress)
         return embeddings
 
 
@@ -71,19 +73,20 @@ def audit(data: ImageFolderData | str | os.PathLike, *, out: str | os.PathLike |
           backbone: str | None = None, weights: str = "imagenet", folds: int = 5, seed: int = 0,
           batch_size: int = 32, workers: int | None = None, device: str = "auto",
           precision: str = "auto", cache_dir: str | None = "default", overwrite: bool = False,
-          show_progress: bool = True) -> Audit:
+          show_progress: bool = True, engine: str = "auto") -> Audit:
     """Audit every image of `data` into `out` (default runs/audit-DATA-TIME): label_issues.csv,
     outliers.csv, conflicts.csv, quality.csv, audit.json and audit.html. An `out` holding results
     is refused unless `overwrite`."""
     backbone = backbone or DEFAULT_BACKBONE
     check({"backbone": backbone, "weights": weights, "folds": folds, "seed": seed,
-           "batch_size": batch_size, "workers": workers, "device": device, "precision": precision})
+           "batch_size": batch_size, "workers": workers, "device": device, "precision": precision,
+           "engine": engine}, {"engine": ENGINES})
     resolve_name(backbone)
     if not isinstance(data, ImageFolderData):
         data = ImageFolderData(data, seed=seed, cache_dir=cache_dir)
     resolve_device(device)  # a device the machine does not have is refused before any work
     embedder = Embedder(backbone, weights, str(data.cache_dir) if data.cache_dir else None,
-                        batch_size, workers, device, precision)
+                        batch_size, workers, device, precision, engine)
     folder = Path(out) if out else default_run_dir("audit", data.root.name)
     check_writable(folder)
     check_outside(folder, data.root)

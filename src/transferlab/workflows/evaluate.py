@@ -15,6 +15,7 @@ from ..data.folder import ImageFolderData
 from ..errors import DataError
 from ..evaluation.heldout import measure
 from ..inference.backends import load_model
+from ..inference.graphs import ENGINES
 from ..inference.bundle import read_config
 from ..inference.predictor import Predictor
 from ..options import check
@@ -39,20 +40,21 @@ def evaluate(model: str | os.PathLike, data: ImageFolderData | str | os.PathLike
              out: str | os.PathLike | None = None, split: str = "all", batch_size: int = 32,
              workers: int | None = None, precision: str = "auto", device: str = "auto",
              backend: str = "torch", overwrite: bool = False, report: bool = True,
-             show_progress: bool = True) -> Evaluation:
+             show_progress: bool = True, engine: str = "auto") -> Evaluation:
     """Predict every image of `data` (or one split of it: train, val or test, as `data`'s seed and
     fractions deal them) with the bundle in `model` and measure the result. An `out` holding the
     results of a run, an evaluation or a comparison is refused unless `overwrite`."""
     check({"split": split, "batch_size": batch_size, "workers": workers, "precision": precision,
-           "device": device})
+           "device": device, "engine": engine}, {"engine": ENGINES})
     config = read_config(model)
     if not isinstance(data, ImageFolderData):
         data = ImageFolderData(data, min_classes=1 if split == "all" else 2)
     out = Path(out) if out else default_run_dir("evaluate", data.root.resolve().name)
     check_writable(out)
     check_outside(out, data.root)
-    predictor = load_model(model, backend=backend, device=device)
     indices = list(range(len(data.scan.images))) if split == "all" else data.split[split]
+    predictor = load_model(model, backend=backend, device=device, engine=engine,
+                           precision=precision, images=len(indices))
     if not indices:
         raise DataError(f"{data.root}: no readable images{'' if split == 'all' else ' in ' + split}")
     to_model = _class_mapping(data.classes, config.classes, data.root, model)

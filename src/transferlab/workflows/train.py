@@ -148,7 +148,8 @@ def _audit(metrics: dict, data: ImageFolderData, config: TrainConfig, folder: Pa
     pretrained = config.weights != "none" and config.backbone not in (SIMPLE_CNN, None)
     embedder = Embedder(config.backbone if pretrained else DEFAULT_BACKBONE,
                         config.weights if pretrained else "imagenet", config.cache_dir,
-                        config.batch_size, config.workers, config.device, config.precision)
+                        config.batch_size, config.workers, config.device, config.precision,
+                        config.engine)
     try:
         summary = audit_training_split(data, folder, embedder, seed=config.seed,
                                        show_progress=show_progress)

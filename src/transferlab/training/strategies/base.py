@@ -15,6 +15,7 @@ from ...data.folder import ImageFolderData
 from ...data.transforms import Preprocessing
 from ...devices import resolve_device, resolve_precision
 from ...errors import ConfigError
+from ...inference.graphs import ENGINES
 from ...inference.predictor import NetworkOutputs
 from ...models.backbones import DEFAULT_BACKBONE, create_backbone, resolve_name
 from ...models.heads import HeadSpec
@@ -24,7 +25,7 @@ from ..config import TrainConfig
 
 # What every strategy uses, whichever it is.
 COMMON_OPTIONS = frozenset({"strategy", "backbone", "weights", "seed", "batch_size", "workers",
-                            "precision", "device", "cache_dir"})
+                            "precision", "device", "engine", "cache_dir"})
 COMMON_DEFAULTS = {"backbone": DEFAULT_BACKBONE, "weights": "imagenet"}
 
 
@@ -93,7 +94,7 @@ class Strategy:
         unknown = sorted(set(given) - set(TrainConfig.names()))
         if unknown:
             raise ConfigError(f"{unknown[0]}: not an option of train; see `transferlab train --help`")
-        check(given)
+        check(given, {"engine": ENGINES})
         named = [name for name, value in given.items() if value is not None]
         check_used(named, self.name, self.uses, users_of)
         values = {**COMMON_DEFAULTS, **self.defaults,

@@ -23,6 +23,7 @@ from ...data.split import SPLITS
 from ...data.transforms import Preprocessing
 from ...errors import DataError
 from ...inference.embeddings import EmbeddingStats, embed_files
+from ...inference.graphs import probability_parity
 from ...inference.predictor import NetworkOutputs
 from ...models.backbones import count_parameters
 from ...models.heads import HeadSpec, head_from_sklearn, pooling
@@ -72,7 +73,8 @@ class Extract(Strategy):
             train_fit=probe.train_fit,
             details={"classifier": config.classifier,
                      "precision": {"embedding": config.precision,
-                                   "transplant_max_abs_diff": probe.transplant_error}},
+                                   "transplant_max_abs_diff": probe.transplant_error},
+                     "engine": probe.embedding.engine},
             outputs=probe.outputs)
 
 
@@ -107,6 +109,7 @@ def fit_probe(data: ImageFolderData, config: TrainConfig, backbone: nn.Module, p
     started = time.perf_counter()
     estimator = classifier(config).fit(features["train"], labels)
     fit_s = time.perf_counter() - started
+    _classifier_parity(stats, estimator.predict_proba)
     spec, head = head_from_sklearn(estimator, num_classes=len(data.classes), pool=_pool(config))
     linear = head[len(pooling(_pool(config))):]  # the layers after pooling, which the embeddings skip
     train_fit, transplant_error = _checked_fit(linear, estimator.predict_proba, [features["train"]],
@@ -140,12 +143,13 @@ def _fit_probe_streamed(data: ImageFolderData, config: TrainConfig, backbone: nn
         _, stats = embed_files(
             embedder.eval(), paths, [h for name in SPLITS for h in data.hashes(name)], pre,
             cache_dir=Path(cache_dir), batch_size=config.batch_size, workers=config.workers,
-            device=config.device, precision=config.precision, show_progress=show_progress,
-            stream=True)
+            device=config.device, precision=config.precision, engine=config.engine,
+            show_progress=show_progress, stream=True)
         rows = stack.enter_context(RowFile(stats.cache.chunks(data.hashes("train"), shape)))
         started = time.perf_counter()
         scaler, model = fit_streamed(rows, labels)
         fit_s = time.perf_counter() - started
+        _classifier_parity(stats, lambda chunk: model.predict_proba(scaler.transform(chunk)))
         spec, head = head_from_sklearn((scaler, model), num_classes=len(data.classes),
                                        pool=_pool(config))
         linear = head[len(pooling(_pool(config))):]
@@ -157,6 +161,14 @@ def _fit_probe_streamed(data: ImageFolderData, config: TrainConfig, backbone: nn
     log.info("extract: logistic regression fitted streaming on %d embeddings in %.0f s",
              len(labels), fit_s)
     return Probe(spec, head, outputs, train_fit, transplant_error, fit_s, stats)
+
+
+def _classifier_parity(stats: EmbeddingStats, predict_proba) -> None:
+    """The engine's embeddings judged by what they decide: the fitted classifier's probabilities on
+    the parity check's images embedded by the engine against torch fp32 (when a check ran)."""
+    if stats.check_embeddings is not None:
+        expected, got = (predict_proba(x) for x in stats.check_embeddings)
+        stats.engine["classifier_parity"] = probability_parity(expected, got)
 
 
 def _checked_fit(linear: nn.Sequential, predict_proba, chunks, labels: np.ndarray,
@@ -218,7 +230,7 @@ def embed_splits(data: ImageFolderData, backbone: nn.Module, pre: Preprocessing,
         embedder.eval(), [im.path for im in images], [im.sha256 for im in images], pre,
         cache_dir=Path(config.cache_dir) if config.cache_dir else None, batch_size=config.batch_size,
         workers=config.workers, device=config.device, precision=config.precision,
-        show_progress=show_progress)
+        engine=config.engine, show_progress=show_progress)
     features, start = {}, 0
     for name in SPLITS:
         count = len(data.split[name])
