@@ -72,6 +72,19 @@ class EmbeddingCache:
                 log.warning("ignoring damaged cache shard %s (%s)", shard, error)
         return entries
 
+    def keys(self) -> set[str]:
+        """The hashes the cache holds, read from the shards' headers only (no vectors loaded)."""
+        from safetensors import safe_open
+
+        keys: set[str] = set()
+        for shard in sorted(self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else ():
+            try:
+                with safe_open(str(shard), framework="numpy") as handle:
+                    keys.update(handle.keys())
+            except Exception as error:  # a damaged shard: its images count as missing
+                log.warning("ignoring damaged cache shard %s (%s)", shard, error)
+        return keys
+
     def save(self, entries: dict[str, np.ndarray]) -> None:
         """Write a shard; a cache that cannot be written (read-only, a file in its place, a full
         disk) costs speed, never the run: a warning, and the run goes on."""
@@ -122,32 +135,69 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
     precision = resolve_precision(precision, device)
     cache = (EmbeddingCache.for_model(cache_dir, module, pre, device, precision) if cache_dir
              else None)
-    known: dict[str, np.ndarray] = {}
-    if cache:
-        loaded = cache.load()  # every image ever embedded by this model: keep those asked for
-        known = _usable({h: loaded[h] for h in hashes if h in loaded}, feature_shape(module, pre))
-    stats = EmbeddingStats(cached=sum(h in known for h in hashes))
-    todo = [i for i, h in enumerate(hashes) if h not in known]
-    vectors: dict[str, np.ndarray] = {h: known[h] for h in hashes if h in known}
+    vectors = cached_vectors(cache, module, pre, hashes)
+    stats = EmbeddingStats(cached=sum(h in vectors for h in hashes))
+    todo = missing(vectors, hashes)
     if todo:
-        pending: dict[str, np.ndarray] = {}
-        start = saved = time.perf_counter()
+        writer = ShardWriter(cache)
+        start = time.perf_counter()
         with progress_bar("embedding", len(todo), show_progress) as advance:
             batches = run_batches(TorchEngine(module, pre, device), [paths[i] for i in todo], pre,
                                   precision=precision, pin_memory=device.type == "cuda",
                                   batch_size=batch_size, workers=workers, progress=advance)
             for positions, outputs, errors in batches:
-                for position, vector, error in zip(positions, outputs.numpy(), errors):
-                    if error:
-                        raise DataError(f"{paths[todo[position]]}: became unreadable ({error}); rerun")
-                    pending[hashes[todo[position]]] = vector
-                if cache and (len(pending) >= SHARD_SIZE or time.perf_counter() - saved >= SHARD_SECONDS):
-                    cache.save(pending)
-                    vectors.update(pending)
-                    pending, saved = {}, time.perf_counter()
-        if cache:
-            cache.save(pending)
-        vectors.update(pending)
+                writer.add([todo[p] for p in positions], outputs, errors, paths, hashes)
+        vectors.update(writer.close())
         stats.seconds = time.perf_counter() - start
         stats.embedded = len(todo)
     return np.stack([vectors[h] for h in hashes]), stats
+
+
+def cached_vectors(cache: EmbeddingCache | None, module: torch.nn.Module, pre: Preprocessing,
+                   hashes: Sequence[str]) -> dict[str, np.ndarray]:
+    """The usable cached vectors of `hashes` by hash (none without a cache)."""
+    if cache is None:
+        return {}
+    loaded = cache.load()  # every image ever embedded by this model: keep those asked for
+    return _usable({h: loaded[h] for h in hashes if h in loaded}, feature_shape(module, pre))
+
+
+def missing(vectors: dict[str, np.ndarray], hashes: Sequence[str]) -> list[int]:
+    """The positions in `hashes` that have no vector yet: the files to embed."""
+    return [i for i, h in enumerate(hashes) if h not in vectors]
+
+
+class ShardWriter:
+    """Collects embedded vectors and saves them to `cache` (if any) in shards of SHARD_SIZE images
+    or SHARD_SECONDS, so a killed run keeps what it had finished; `close()` saves the rest and
+    returns every vector added, by hash (none unless `keep`: a writer that only fills the cache
+    holds no more than a shard)."""
+
+    def __init__(self, cache: EmbeddingCache | None, keep: bool = True):
+        self.cache, self.keep = cache, keep
+        self.vectors: dict[str, np.ndarray] = {}
+        self.pending: dict[str, np.ndarray] = {}
+        self.saved = time.perf_counter()
+
+    def add(self, indices: Sequence[int], outputs: torch.Tensor, errors: Sequence[str],
+            paths: Sequence[Path], hashes: Sequence[str]) -> None:
+        """The outputs of the files at `indices` of `paths`/`hashes`; a file that became unreadable
+        since it was scanned stops the run, naming it."""
+        for index, vector, error in zip(indices, outputs.numpy(), errors):
+            if error:
+                raise DataError(f"{paths[index]}: became unreadable ({error}); rerun")
+            self.pending[hashes[index]] = vector
+        if self.cache and (len(self.pending) >= SHARD_SIZE
+                           or time.perf_counter() - self.saved >= SHARD_SECONDS):
+            self._save()
+
+    def close(self) -> dict[str, np.ndarray]:
+        self._save()
+        return self.vectors
+
+    def _save(self) -> None:
+        if self.cache:
+            self.cache.save(self.pending)
+        if self.keep:
+            self.vectors.update(self.pending)
+        self.pending, self.saved = {}, time.perf_counter()
