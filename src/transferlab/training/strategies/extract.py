@@ -18,13 +18,15 @@ from torch import nn
 from ...data.folder import ImageFolderData
 from ...data.split import SPLITS
 from ...data.transforms import Preprocessing
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ...inference.embeddings import EmbeddingStats, embed_files
 from ...inference.predictor import NetworkOutputs
 from ...models.backbones import count_parameters
 from ...models.heads import HeadSpec, head_from_sklearn, pooling
 from ...models.network import ClassifierNet, build_network, head_outputs
 from ..config import TrainConfig
+from ..distributed_embedding import embed_into_cache
+from ..trainer import Distribution
 from .base import FitContext, Strategy, Timings, TrainedModel, backbone_for
 
 MLP_HIDDEN = (250, 100)  # scikit-learn's MLPClassifier as Keras-era tutorials sized it
@@ -34,12 +36,21 @@ TRANSPLANT_TOLERANCE = 1e-4  # the torch head must give the fitted classifier's 
 class Extract(Strategy):
     name = "extract"
     summary = "frozen backbone, cached embeddings, logistic regression (or an MLP)"
-    uses = frozenset({"classifier", "cut_layer", "head_pool"})
-    defaults = {"classifier": "logistic", "head_pool": "avg"}
+    uses = frozenset({"classifier", "cut_layer", "head_pool", "accelerator", "devices", "num_nodes",
+                      "distributed"})
+    defaults = {"classifier": "logistic", "head_pool": "avg", "num_nodes": 1, "distributed": "auto"}
 
     def resolve(self, values: dict, given: set[str]) -> dict:
         if values.get("cut_layer") is None and "head_pool" not in given:
             values["head_pool"] = None  # nothing to pool: the backbone gives vectors
+        if distributed(values):
+            processes = f"devices={values.get('devices') or 1}, num_nodes={values['num_nodes']}"
+            if not values.get("cache_dir"):
+                raise ConfigError(f"{processes} with the cache off: extract's processes hand their "
+                                  "embeddings over through the cache; drop --no-cache")
+            if values["distributed"] not in EMBEDDING_STRATEGIES:
+                raise ConfigError(f"distributed={values['distributed']!r}: extract's frozen backbone "
+                                  f"is spread with {', '.join(EMBEDDING_STRATEGIES)}; use one of them")
         return values
 
     def network(self, config: TrainConfig, num_classes: int
@@ -50,10 +61,15 @@ class Extract(Strategy):
                                   pool=config.head_pool or "avg")
         return net, spec, pre, count_parameters(net.head)
 
-    def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel:
+    def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel | None:
         torch.manual_seed(config.seed)
         backbone, pre = backbone_for(config)
-        probe = fit_probe(data, config, backbone, pre, context.show_progress)
+        distribution = (Distribution.resolve(torch.device(config.device), config.accelerator,
+                                             config.devices, config.num_nodes, config.distributed)
+                        if distributed(config.to_dict()) else None)
+        probe = fit_probe(data, config, backbone, pre, context.show_progress, distribution)
+        if probe is None:  # a helper process of a distributed embedding: its part is done
+            return None
         return TrainedModel(
             network=ClassifierNet(backbone, probe.head.eval()), head=probe.spec, preprocessing=pre,
             trainable=count_parameters(probe.head),
@@ -62,6 +78,7 @@ class Extract(Strategy):
                             embedded=probe.embedding.embedded, cached=probe.embedding.cached),
             train_fit=probe.train_fit,
             details={"classifier": config.classifier,
+                     **({"distribution": _describe(distribution)} if distribution else {}),
                      "precision": {"embedding": config.precision,
                                    "transplant_max_abs_diff": probe.transplant_error}},
             outputs=probe.outputs)
@@ -83,11 +100,16 @@ class Probe:
 
 
 def fit_probe(data: ImageFolderData, config: TrainConfig, backbone: nn.Module, pre: Preprocessing,
-              show_progress: bool) -> Probe:
+              show_progress: bool, distribution: Distribution | None = None) -> Probe | None:
     """Embed every image with the frozen `backbone` (cached), fit `config.classifier` on the training
-    split and transplant it into a torch head; it must give the classifier's probabilities."""
+    split and transplant it into a torch head; it must give the classifier's probabilities.
+    With a `distribution`, the embedding is spread over its processes and only the main one fits
+    (the others return None)."""
     pool = _pool(config)
-    features, stats = embed_splits(data, backbone, pre, config, show_progress)
+    embedded = embed_splits(data, backbone, pre, config, show_progress, distribution)
+    if embedded is None:
+        return None
+    features, stats = embedded
     labels = np.array(data.labels("train"), dtype=np.int64)
     if len(set(labels.tolist())) < 2:
         raise DataError(f"{data.root}: the training split holds only one class; add images")
@@ -121,24 +143,52 @@ def _pool(config: TrainConfig) -> str:
 
 
 def embed_splits(data: ImageFolderData, backbone: nn.Module, pre: Preprocessing, config: TrainConfig,
-                 show_progress: bool) -> tuple[dict[str, np.ndarray], EmbeddingStats]:
+                 show_progress: bool, distribution: Distribution | None = None,
+                 ) -> tuple[dict[str, np.ndarray], EmbeddingStats] | None:
     """Every image's embedding by the frozen `backbone` (pooled when it is cut; from the cache where
-    it is there), split by split."""
+    it is there), split by split. With a `distribution`, its processes first embed what the cache
+    lacks into it (None in the helper processes); the main process then reads them all from it."""
     pool = _pool(config)
     embedder = nn.Sequential(backbone, *pooling(pool)) if pool else backbone
     order = [i for name in SPLITS for i in data.split[name]]
     images = [data.scan.images[i] for i in order]
-    embeddings, stats = embed_files(
-        embedder.eval(), [im.path for im in images], [im.sha256 for im in images], pre,
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None, batch_size=config.batch_size,
-        workers=config.workers, device=config.device, precision=config.precision,
-        show_progress=show_progress)
+    paths, hashes = [im.path for im in images], [im.sha256 for im in images]
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    settings = dict(batch_size=config.batch_size, workers=config.workers, device=config.device,
+                    precision=config.precision, show_progress=show_progress)
+    spread = None
+    if distribution:
+        spread = embed_into_cache(embedder.eval(), paths, hashes, pre, cache_dir=cache_dir,
+                                  distribution=distribution, **settings)
+        if spread is None:
+            return None
+    # everything is cached now, except files a rank could not read (named here) or that another
+    # run's writes hid from the ranks' shared list of missing files (embedded here)
+    embeddings, stats = embed_files(embedder.eval(), paths, hashes, pre, cache_dir=cache_dir,
+                                    **settings)
+    if spread:
+        stats = EmbeddingStats(embedded=spread.embedded + stats.embedded,
+                               cached=len(hashes) - spread.embedded - stats.embedded,
+                               seconds=spread.seconds + stats.seconds)
     features, start = {}, 0
     for name in SPLITS:
         count = len(data.split[name])
         features[name] = embeddings[start:start + count]
         start += count
     return features, stats
+
+
+EMBEDDING_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork")  # Lightning's, for a predict loop
+
+
+def distributed(values: dict) -> bool:
+    """Whether the options ask for more than one process."""
+    return (values.get("devices") or 1) > 1 or (values.get("num_nodes") or 1) > 1
+
+
+def _describe(distribution: Distribution) -> dict:
+    return {"accelerator": distribution.accelerator, "devices": distribution.devices,
+            "num_nodes": distribution.num_nodes, "strategy": distribution.strategy}
 
 
 def classifier(config: TrainConfig):
