@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -74,7 +73,8 @@ class CacheFiller(L.LightningModule):
             self.advance = self.progress.enter_context(progress_bar(
                 f"embedding (1 of {self.trainer.world_size} processes)", share, self.show_progress))
 
-    def predict_step(self, batch, batch_idx: int) -> None:
+    def predict_step(self, batch, batch_idx: int) -> int:
+        """Cache the batch's vectors; the count returned is dropped (return_predictions=False)."""
         positions, images, errors = batch
         outputs = self.engine(images, self.precision)
         readable = [i for i, error in enumerate(errors) if not error]
@@ -85,6 +85,7 @@ class CacheFiller(L.LightningModule):
                         ["" for _ in readable], self.paths, self.hashes)
         if self.advance:
             self.advance(len(images))
+        return len(images)
 
     def teardown(self, stage: str) -> None:
         """Also runs when this rank's share is empty (the loop then skips its hooks): every rank
@@ -123,8 +124,7 @@ def embed_into_cache(module: torch.nn.Module, paths: Sequence[Path], hashes: Seq
     # The launcher sets torch's threads (cores // processes per machine) and OMP_NUM_THREADS in
     # this process too: put both back for what runs after the embedding.
     threads = torch.get_num_threads()
-    with scoped_environment(), _quiet_lightning(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*predict returned None.*")  # on purpose
+    with scoped_environment(), _quiet_lightning():
         trainer = L.Trainer(accelerator=distribution.accelerator, devices=distribution.devices,
                             num_nodes=distribution.num_nodes, strategy=distribution.strategy,
                             precision="32-true",  # the engine applies `precision` itself
