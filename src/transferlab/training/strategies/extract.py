@@ -8,7 +8,7 @@ flatten); the head of the saved network pools the same way, so the bundle predic
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,7 @@ class Extract(Strategy):
                             embedded=probe.embedding.embedded, cached=probe.embedding.cached),
             train_fit=probe.train_fit,
             details={"classifier": config.classifier,
-                     **({"distribution": _describe(distribution)} if distribution else {}),
+                     **({"distribution": asdict(distribution)} if distribution else {}),
                      "precision": {"embedding": config.precision,
                                    "transplant_max_abs_diff": probe.transplant_error}},
             outputs=probe.outputs)
@@ -162,8 +162,8 @@ def embed_splits(data: ImageFolderData, backbone: nn.Module, pre: Preprocessing,
                                   distribution=distribution, **settings)
         if spread is None:
             return None
-    # everything is cached now, except files a rank could not read (named here) or that another
-    # run's writes hid from the ranks' shared list of missing files (embedded here)
+    # the cache holds every vector now, bar files a rank could not read: embed_files reads them
+    # all, and embeds (or names) any left
     embeddings, stats = embed_files(embedder.eval(), paths, hashes, pre, cache_dir=cache_dir,
                                     **settings)
     if spread:
@@ -184,11 +184,6 @@ EMBEDDING_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork")  # Lightning's, 
 def distributed(values: dict) -> bool:
     """Whether the options ask for more than one process."""
     return (values.get("devices") or 1) > 1 or (values.get("num_nodes") or 1) > 1
-
-
-def _describe(distribution: Distribution) -> dict:
-    return {"accelerator": distribution.accelerator, "devices": distribution.devices,
-            "num_nodes": distribution.num_nodes, "strategy": distribution.strategy}
 
 
 def classifier(config: TrainConfig):
