@@ -272,10 +272,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            resumable=True),
     Option("accelerator", str, "Lightning's accelerator for training: cpu, gpu, mps or auto.",
            OneOf(ACCELERATORS), "from --device", per_strategy=True, resumable=True),
-    Option("devices", int, "Devices (processes) per node for training.", _whole(1), "1",
+    Option("devices", int, "Devices (processes) per node for training, or for extract's embedding "
+           "(which then needs the cache, on a shared file system across nodes).", _whole(1), "1",
            per_strategy=True, resumable=True),
-    Option("num_nodes", int, "Machines for training.", _whole(1), "1", per_strategy=True,
-           resumable=True),
+    Option("num_nodes", int, "Machines for training or extract's embedding.", _whole(1), "1",
+           per_strategy=True, resumable=True),
     Option("distributed", str, "Lightning's distribution strategy, such as ddp.",
            OneOf(DISTRIBUTED), "auto", per_strategy=True, resumable=True, flag="--distributed"),
     # compare

@@ -321,4 +321,9 @@ def engine_label(engine: TorchEngine | GraphEngine, precision: str) -> str:
     """What computes the outputs, for cache keys: "torch" with its precision, or the graph's."""
     if isinstance(engine, GraphEngine) and not engine.fallback:
         return f"{engine.name}-{engine.precision}"
+    return torch_label(precision)
+
+
+def torch_label(precision: str) -> str:
+    """The cache label of outputs computed by torch in `precision`."""
     return f"torch-{precision}"

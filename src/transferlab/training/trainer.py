@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -55,10 +56,13 @@ class Distribution:
 
 def is_main_process() -> bool:
     """False in the helper processes of a distributed run, from the rank Lightning's launcher (or
-    torchrun, or SLURM) gives them in their environment; only the main process writes files."""
+    torchrun, or SLURM) gives them in their environment; only the main process writes files. On the
+    other machines of a multi-node run, the process started by hand has rank 0 until Lightning sets
+    its global rank; NODE_RANK (Lightning's multi-node set-up) tells it first."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+    node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
+    return getattr(rank_zero_only, "rank", 0) == 0 and node == "0"
 
 
 @dataclass

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from torch import nn
 from ...data.folder import ImageFolderData
 from ...data.split import SPLITS
 from ...data.transforms import Preprocessing
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ...inference.embeddings import EmbeddingStats, embed_files
 from ...inference.graphs import probability_parity
 from ...inference.predictor import NetworkOutputs
@@ -30,6 +30,8 @@ from ...models.heads import HeadSpec, head_from_sklearn, pooling
 from ...models.network import ClassifierNet, build_network, feature_shape, head_outputs
 from ..config import TrainConfig
 from ..streamed import RowFile, fit_streamed
+from ..distributed_embedding import embed_into_cache
+from ..trainer import Distribution
 from .base import FitContext, Strategy, Timings, TrainedModel, backbone_for
 
 MLP_HIDDEN = (250, 100)  # scikit-learn's MLPClassifier as Keras-era tutorials sized it
@@ -44,12 +46,21 @@ log = logging.getLogger(__name__)
 class Extract(Strategy):
     name = "extract"
     summary = "frozen backbone, cached embeddings, logistic regression (or an MLP)"
-    uses = frozenset({"classifier", "cut_layer", "head_pool"})
-    defaults = {"classifier": "logistic", "head_pool": "avg"}
+    uses = frozenset({"classifier", "cut_layer", "head_pool", "accelerator", "devices", "num_nodes",
+                      "distributed"})
+    defaults = {"classifier": "logistic", "head_pool": "avg", "num_nodes": 1, "distributed": "auto"}
 
     def resolve(self, values: dict, given: set[str]) -> dict:
         if values.get("cut_layer") is None and "head_pool" not in given:
             values["head_pool"] = None  # nothing to pool: the backbone gives vectors
+        if distributed(values):
+            processes = f"devices={values.get('devices') or 1}, num_nodes={values['num_nodes']}"
+            if not values.get("cache_dir"):
+                raise ConfigError(f"{processes} with the cache off: extract's processes hand their "
+                                  "embeddings over through the cache; drop --no-cache")
+            if values["distributed"] not in EMBEDDING_STRATEGIES:
+                raise ConfigError(f"distributed={values['distributed']!r}: extract's frozen backbone "
+                                  f"is spread with {', '.join(EMBEDDING_STRATEGIES)}; use one of them")
         return values
 
     def network(self, config: TrainConfig, num_classes: int
@@ -60,10 +71,15 @@ class Extract(Strategy):
                                   pool=config.head_pool or "avg")
         return net, spec, pre, count_parameters(net.head)
 
-    def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel:
+    def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel | None:
         torch.manual_seed(config.seed)
         backbone, pre = backbone_for(config)
-        probe = fit_probe(data, config, backbone, pre, context.show_progress)
+        distribution = (Distribution.resolve(torch.device(config.device), config.accelerator,
+                                             config.devices, config.num_nodes, config.distributed)
+                        if distributed(config.to_dict()) else None)
+        probe = fit_probe(data, config, backbone, pre, context.show_progress, distribution)
+        if probe is None:  # a helper process of a distributed embedding: its part is done
+            return None
         return TrainedModel(
             network=ClassifierNet(backbone, probe.head.eval()), head=probe.spec, preprocessing=pre,
             trainable=count_parameters(probe.head),
@@ -72,6 +88,7 @@ class Extract(Strategy):
                             embedded=probe.embedding.embedded, cached=probe.embedding.cached),
             train_fit=probe.train_fit,
             details={"classifier": config.classifier,
+                     **({"distribution": asdict(distribution)} if distribution else {}),
                      "precision": {"embedding": config.precision,
                                    "transplant_max_abs_diff": probe.transplant_error},
                      "engine": probe.embedding.engine},
@@ -94,18 +111,21 @@ class Probe:
 
 
 def fit_probe(data: ImageFolderData, config: TrainConfig, backbone: nn.Module, pre: Preprocessing,
-              show_progress: bool) -> Probe:
+              show_progress: bool, distribution: Distribution | None = None) -> Probe | None:
     """Embed every image with the frozen `backbone` (cached), fit `config.classifier` on the training
     split and transplant it into a torch head; it must give the classifier's probabilities.
-
-    Above STREAM_ABOVE_BYTES of embeddings, logistic regression is fitted streaming instead
-    (_fit_probe_streamed), so memory stays flat however many images there are."""
+    With a `distribution`, the embedding is spread over its processes and only the main one fits
+    (the others return None). Above STREAM_ABOVE_BYTES of embeddings, logistic regression is fitted
+    streaming instead (_fit_probe_streamed), so memory stays flat however many images there are."""
     labels = np.array(data.labels("train"), dtype=np.int64)
     if len(set(labels.tolist())) < 2:
         raise DataError(f"{data.root}: the training split holds only one class; add images")
     if _streams(data, config, backbone, pre):
-        return _fit_probe_streamed(data, config, backbone, pre, labels, show_progress)
-    features, stats = embed_splits(data, backbone, pre, config, show_progress)
+        return _fit_probe_streamed(data, config, backbone, pre, labels, show_progress, distribution)
+    embedded = embed_splits(data, backbone, pre, config, show_progress, distribution)
+    if embedded is None:
+        return None
+    features, stats = embedded
     started = time.perf_counter()
     estimator = classifier(config).fit(features["train"], labels)
     fit_s = time.perf_counter() - started
@@ -130,7 +150,8 @@ def _streams(data: ImageFolderData, config: TrainConfig, backbone: nn.Module,
 
 
 def _fit_probe_streamed(data: ImageFolderData, config: TrainConfig, backbone: nn.Module,
-                        pre: Preprocessing, labels: np.ndarray, show_progress: bool) -> Probe:
+                        pre: Preprocessing, labels: np.ndarray, show_progress: bool,
+                        distribution: Distribution | None = None) -> Probe | None:
     """fit_probe for many images: the embeddings stay in the cache (a temporary one without
     --cache-dir) and are read back in chunks; the training split's are copied once into a RowFile
     that the fit reads pass after pass. The training split's outputs are not kept (evaluation takes
@@ -140,11 +161,16 @@ def _fit_probe_streamed(data: ImageFolderData, config: TrainConfig, backbone: nn
     with contextlib.ExitStack() as stack:
         cache_dir = config.cache_dir or stack.enter_context(tempfile.TemporaryDirectory())
         paths = [path for name in SPLITS for path in data.files(name)]
-        _, stats = embed_files(
-            embedder.eval(), paths, [h for name in SPLITS for h in data.hashes(name)], pre,
-            cache_dir=Path(cache_dir), batch_size=config.batch_size, workers=config.workers,
-            device=config.device, precision=config.precision, engine=config.engine,
-            show_progress=show_progress, stream=True)
+        hashes = [h for name in SPLITS for h in data.hashes(name)]
+        settings = dict(batch_size=config.batch_size, workers=config.workers, device=config.device,
+                        precision=config.precision, show_progress=show_progress)
+        if distribution and embed_into_cache(embedder.eval(), paths, hashes, pre,
+                                             cache_dir=Path(cache_dir), distribution=distribution,
+                                             **settings) is None:
+            return None  # a helper process: the main one fits
+        _, stats = embed_files(embedder.eval(), paths, hashes, pre, cache_dir=Path(cache_dir),
+                               engine="torch" if distribution else config.engine, stream=True,
+                               **settings)
         rows = stack.enter_context(RowFile(stats.cache.chunks(data.hashes("train"), shape)))
         started = time.perf_counter()
         scaler, model = fit_streamed(rows, labels)
@@ -220,23 +246,47 @@ def _pool(config: TrainConfig) -> str:
 
 
 def embed_splits(data: ImageFolderData, backbone: nn.Module, pre: Preprocessing, config: TrainConfig,
-                 show_progress: bool) -> tuple[dict[str, np.ndarray], EmbeddingStats]:
+                 show_progress: bool, distribution: Distribution | None = None,
+                 ) -> tuple[dict[str, np.ndarray], EmbeddingStats] | None:
     """Every image's embedding by the frozen `backbone` (pooled when it is cut; from the cache where
-    it is there), split by split."""
+    it is there), split by split. With a `distribution`, its processes first embed what the cache
+    lacks into it (None in the helper processes); the main process then reads them all from it.
+    Spread over processes, each runs the torch engine on the device Lightning gives it."""
     embedder = _embedder(backbone, config)
     order = [i for name in SPLITS for i in data.split[name]]
     images = [data.scan.images[i] for i in order]
-    embeddings, stats = embed_files(
-        embedder.eval(), [im.path for im in images], [im.sha256 for im in images], pre,
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None, batch_size=config.batch_size,
-        workers=config.workers, device=config.device, precision=config.precision,
-        engine=config.engine, show_progress=show_progress)
+    paths, hashes = [im.path for im in images], [im.sha256 for im in images]
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    settings = dict(batch_size=config.batch_size, workers=config.workers, device=config.device,
+                    precision=config.precision, show_progress=show_progress)
+    spread = None
+    if distribution:
+        spread = embed_into_cache(embedder.eval(), paths, hashes, pre, cache_dir=cache_dir,
+                                  distribution=distribution, **settings)
+        if spread is None:
+            return None
+    # the cache holds every vector now, bar files a rank could not read: embed_files reads them
+    # all, and embeds (or names) any left
+    embeddings, stats = embed_files(embedder.eval(), paths, hashes, pre, cache_dir=cache_dir,
+                                    engine="torch" if distribution else config.engine, **settings)
+    if spread:
+        stats.embedded += spread.embedded
+        stats.cached = len(hashes) - stats.embedded
+        stats.seconds += spread.seconds
     features, start = {}, 0
     for name in SPLITS:
         count = len(data.split[name])
         features[name] = embeddings[start:start + count]
         start += count
     return features, stats
+
+
+EMBEDDING_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork")  # Lightning's, for a predict loop
+
+
+def distributed(values: dict) -> bool:
+    """Whether the options ask for more than one process."""
+    return (values.get("devices") or 1) > 1 or (values.get("num_nodes") or 1) > 1
 
 
 def classifier(config: TrainConfig):
