@@ -7,10 +7,6 @@ outside timm fall back to their top-level children.
 
 from __future__ import annotations
 
-import contextlib
-import types
-
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -77,31 +73,3 @@ def keep_inference_mode(backbone: nn.Module, freeze_batchnorm: bool) -> None:
         for module in backbone.modules():
             if isinstance(module, _BatchNorm):
                 module.eval()
-
-
-@contextlib.contextmanager
-def batchnorm_as_affine(backbone: nn.Module):
-    """Inside, every BatchNorm of `backbone` in inference mode runs as the fixed per-channel map it
-    is, x * scale + shift: one multiply-add in the activation's own dtype, whose backward is one
-    multiply. Under bf16 autocast on the CPU, torch's batch_norm backward over bf16 channels_last
-    activations took a fifth of a fine-tuning step. The graph recorded inside keeps the affine ops
-    for the backward pass after the block; the modules are unchanged outside (state_dict, export)."""
-    frozen = [module for module in backbone.modules()
-              if isinstance(module, _BatchNorm) and not module.training and module.affine
-              and module.running_var is not None]
-    for module in frozen:
-        module.forward = types.MethodType(_affine_forward, module)
-    try:
-        yield
-    finally:
-        for module in frozen:
-            del module.forward  # back to the class's forward
-
-
-def _affine_forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    scale = self.weight * (self.running_var + self.eps).rsqrt()
-    shift = self.bias - self.running_mean * scale
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    x = torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
-    # timm's BatchNormAct2d applies its dropout and activation after the normalisation
-    return self.act(self.drop(x)) if hasattr(self, "act") else x

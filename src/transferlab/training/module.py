@@ -7,7 +7,6 @@ callback that switches `requires_grad` on (see callbacks.py).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..data.transforms import Preprocessing, normalize
 from ..errors import TransferlabError
 from ..inference.trust import calibrated_log_loss
-from ..models.freezing import batchnorm_as_affine, keep_inference_mode
+from ..models.freezing import keep_inference_mode
 from ..models.network import ClassifierNet
 
 
@@ -122,16 +121,9 @@ class ClassifierModule(L.LightningModule):
             keep_inference_mode(self.net.backbone, self.freeze_batchnorm)
         return self
 
-    def training_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The forward pass of a training step: frozen BatchNorm runs as its per-channel
-        multiply-add (models.freezing.batchnorm_as_affine), whose backward is cheaper."""
-        frozen = batchnorm_as_affine(self.net.backbone) if self.freeze_batchnorm else contextlib.nullcontext()
-        with frozen:
-            return self(images)
-
     def training_step(self, batch, batch_index):
         images, labels, _ = batch  # (images, labels, errors): see data.loaders.ImageDataset
-        logits = self.training_logits(images)
+        logits = self(images)
         loss = self.training_loss(logits.float(), labels)
         if not torch.isfinite(loss):  # everything after would be NaN: stop now, and say why
             raise TrainingDiverged(
