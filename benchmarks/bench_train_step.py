@@ -6,8 +6,7 @@ channels_last), run by hand so each phase can be timed on its own:
 
     data       next(batch) from the training DataLoader: decode (PIL) + "light" augmentation + collate
     normalise  uint8 -> float, channels_last (data.transforms.normalize)
-    forward    the network and the loss, under autocast when the precision is bf16, frozen BatchNorm
-               as a multiply-add (as in ClassifierModule.training_logits)
+    forward    the network and the loss, under autocast when the precision is bf16
     backward   loss.backward()
     optimizer  optimizer.step() and zero_grad()
 
@@ -16,13 +15,12 @@ wall-clock timers around each phase are exact. Variants of the optimizer and of 
 in alternating rounds, because this VM's speed drifts:
 
     python benchmarks/bench_train_step.py [--data DIR] [--steps 8] [--rounds 2]
-                                          [--variants fused,batchnorm,compiled]
+                                          [--variants fused,fp32,compiled]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import time
@@ -58,14 +56,14 @@ def build(data, implementation: str | None):
 
 
 def time_steps(data, steps: int, skip: int, implementation: str | None = None,
-               compiled: bool = False, affine: bool = True) -> dict:
+               compiled: bool = False, precision: str | None = None) -> dict:
     """Seconds per step of each phase (mean over `steps` after `skip` warm-up steps)."""
     from transferlab.data.loaders import ImageFolderDataModule
     from transferlab.data.transforms import normalize
     from transferlab.devices import autocast
-    from transferlab.models.freezing import batchnorm_as_affine
 
     module, optimizer, config, pre = build(data, implementation)
+    precision = precision or config.precision
     module.train()
     net = torch.compile(module.net) if compiled else module.net
     loader = ImageFolderDataModule(data, pre, config.augment, batch_size=32, workers=0).train_dataloader()
@@ -78,8 +76,7 @@ def time_steps(data, steps: int, skip: int, implementation: str | None = None,
         marks.append(time.perf_counter())
         inputs = normalize(images, pre)
         marks.append(time.perf_counter())
-        with autocast("cpu", config.precision), (
-                batchnorm_as_affine(module.net.backbone) if affine else contextlib.nullcontext()):
+        with autocast("cpu", precision):
             logits = net(inputs)
         loss = module.training_loss(logits.float(), labels)
         marks.append(time.perf_counter())
@@ -97,7 +94,7 @@ def time_steps(data, steps: int, skip: int, implementation: str | None = None,
     total = sum(per_step.values())
     result = {"ms_per_step": {k: round(1000 * v, 1) for k, v in per_step.items()},
               "share": {k: round(v / total, 3) for k, v in per_step.items()},
-              "images_per_s": round(32 / total, 1), "precision": config.precision}
+              "images_per_s": round(32 / total, 1), "precision": precision}
     if compiled:
         result["first_step_s_including_compile"] = compile_s
     return result
@@ -108,11 +105,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default="batchnorm,fused",
+    parser.add_argument("--variants", default="fused,fp32",
                         help="comma-separated, timed beside the default step: forloop, foreach, "
                              "fused (AdamW implementations), compiled (torch.compile of the network), "
-                             "batchnorm (torch's batch_norm for frozen BatchNorm, not the "
-                             "multiply-add of ClassifierModule.training_logits)")
+                             "fp32 (no autocast)")
     args = parser.parse_args()
     from transferlab import ImageFolderData
 
@@ -121,8 +117,8 @@ def main() -> None:
     for name in filter(None, args.variants.split(",")):
         if name == "compiled":
             variants[name] = lambda: time_steps(data, args.steps, skip=3, compiled=True)
-        elif name == "batchnorm":
-            variants[name] = lambda: time_steps(data, args.steps, skip=2, affine=False)
+        elif name == "fp32":
+            variants[name] = lambda: time_steps(data, args.steps, skip=2, precision="32")
         else:
             variants[name] = lambda name=name: time_steps(data, args.steps, skip=2, implementation=name)
     rounds: dict[str, list[dict]] = {name: [] for name in variants}
