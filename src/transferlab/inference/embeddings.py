@@ -202,7 +202,6 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
         vectors.update(writer.close())
         stats.seconds = time.perf_counter() - start
         stats.embedded = len(todo)
-        stats.engine["images_per_s"] = round(stats.images_per_s or 0.0, 1)
     return (None if stream else np.stack([vectors[h] for h in hashes])), stats
 
 
