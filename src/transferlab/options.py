@@ -226,12 +226,12 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("dropout", float, "Dropout after the head's hidden layer.", _fraction(), "scratch 0.5",
            per_strategy=True, requires=("head_dim", ())),
     # how to train
-    Option("epochs", int, "Training epochs.", _whole(1), "head 5, finetune 3, scratch 10",
+    Option("epochs", int, "Training epochs.", _whole(1), "head 5, finetune 10, scratch 10",
            per_strategy=True, resumable=True),
     Option("optimizer", str, "sgd, adam, adamw or rmsprop.", OneOf(OPTIMIZERS),
-           "finetune sgd, else adam", per_strategy=True),
+           "finetune adamw, else adam", per_strategy=True),
     Option("lr", float, "Learning rate of the head.", _positive("1e-3"),
-           "finetune 1e-3, else 1e-4", per_strategy=True),
+           "1e-4", per_strategy=True),
     Option("momentum", float, "Momentum of sgd or rmsprop.", _fraction(), "sgd 0.9, rmsprop 0",
            per_strategy=True, requires=("optimizer", ("sgd", "rmsprop"))),
     Option("weight_decay", float, "Weight decay.", Number(whole=False, low=0), "0",
@@ -253,10 +253,10 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            per_strategy=True),
     Option("unfreeze_from", str, "finetune: train every block from this layer up (such as "
            "blocks.5).", Text(), per_strategy=True, excludes="unfreeze"),
-    Option("warmup_epochs", int, "finetune: head-only epochs first.", _whole(0), "1",
+    Option("warmup_epochs", int, "finetune: head-only epochs first.", _whole(0), "0",
            per_strategy=True),
     Option("backbone_lr_scale", float, "finetune: backbone learning rate relative to the head's.",
-           _positive("0.1"), "0.1", per_strategy=True),
+           _positive("0.1"), "1.0", per_strategy=True),
     # where and how fast
     Option("batch_size", int, "Images per batch.", _whole(1), "32"),
     Option("workers", int, "DataLoader worker processes.", _whole(0), "0 on 4 cores or fewer",
