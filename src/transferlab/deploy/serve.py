@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..data.decode import SUPPORTED_FORMATS
 from ..inference.backends import load_model
+from ..inference.graphs import engine_report
 from ..inference.predictor import Scores
 from ..options import check
 from ..process import scoped_environment
@@ -167,7 +168,8 @@ class Classifier:
         config, pre = self.predictor.config, self.predictor.preprocessing
         training = config.training
         novelty = self.predictor.trust.novelty
-        return {**self.summary(), "classes": self.predictor.classes,
+        return {**self.summary(), "engine": engine_report(self.predictor.engine),
+                "classes": self.predictor.classes,
                 "trust": {"temperature": self.predictor.trust.temperature,
                           "novelty_threshold": novelty.threshold if novelty else None,
                           "reject_unknown": self.reject_unknown},

@@ -322,3 +322,10 @@ def engine_label(engine: TorchEngine | GraphEngine, precision: str) -> str:
     if isinstance(engine, GraphEngine) and not engine.fallback:
         return f"{engine.name}-{engine.precision}"
     return f"torch-{precision}"
+
+
+def engine_report(engine: Engine) -> dict:
+    """What runs a network, for a service's description: a graph's report, else its class."""
+    if isinstance(engine, GraphEngine):
+        return engine.report()
+    return {"name": "torch" if isinstance(engine, TorchEngine) else type(engine).__name__}
