@@ -40,14 +40,17 @@ GRAPH_FORMAT = 1
 DEFAULT_OPSET = 18
 INPUT, LOGITS, FEATURES = OnnxEngine.INPUT, OnnxEngine.OUTPUT, OnnxEngine.FEATURES
 # What `auto` runs, in order of preference, per device type; the first one installed and able to run
-# on the device wins. CPU: benchmarks/bench_extract.py's backbone-only images/s of EfficientNet-Lite0
-# on a 2-core AMD EPYC with AVX-512 BF16 (see README). CUDA: ONNX Runtime only with onnxruntime-gpu's
-# CUDA provider (OnnxEngine picks it), else torch.
+# on the device wins. CPU: EfficientNet-Lite0's backbone-only images/s on a 2-core AMD EPYC with
+# AVX-512 BF16 (benchmarks/bench_extract.py --part engines, a busy machine, 3 alternating rounds):
+# batch 32 openvino-bf16 135, onnx-fp32 122, torch-bf16 84; batch 1: 57, 46, 42; end to end on
+# face-mask 113, 99, 73. CUDA: ONNX Runtime only with onnxruntime-gpu's CUDA provider (OnnxEngine
+# picks it), else torch; not measured here (no GPU).
 AUTO_ORDER = {"cpu": ("openvino", "onnx", "torch"), "cuda": ("onnx", "torch"), "mps": ("torch",)}
 # `auto` builds a graph that is not cached yet only for this many images or more: exporting
-# EfficientNet-Lite0 took about a minute on the machine above (more when it is busy), which the
-# faster engine earns back (about 2 ms an image) only after tens of thousands of images; a graph
-# built once serves every later run, so a cached one is always used.
+# EfficientNet-Lite0 to ONNX took 5.4 minutes on that busy machine (and converting it for OpenVINO
+# 36 s more), while OpenVINO saved about 5 ms an image end to end, so building pays for itself only
+# over tens of thousands of images; a graph built once serves every later run, so a cached one is
+# always used. Small runs (and the test suite's tiny models) therefore never wait for an export.
 AUTO_BUILD_IMAGES = 20_000
 # A graph is used only if, on the first real batch, against torch in fp32: embeddings keep a mean
 # cosine similarity of at least MIN_COSINE (bf16 gives about 0.999; a wrong graph far less), and
