@@ -211,7 +211,7 @@ class GraphCache:
 
 class GraphEngine:
     """A compiled graph that answers like the torch module it was built from: the same call as
-    TorchEngine (the precision it is given applies only to torch, should it take over). The first
+    TorchEngine (a precision of 32 asked of a bf16 graph is torch's to answer). The first
     batch it is given (or `check`'s) is run beside torch in fp32 first; a graph that strays is set
     aside for torch, with a warning. `report()` is what metrics.json records."""
 
@@ -228,8 +228,8 @@ class GraphEngine:
     def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
         if self.parity is None:
             self.check(images)
-        if self.fallback:
-            return self.reference(images, precision)
+        if self.fallback or (precision == "32" and self.precision == "bf16"):
+            return self.reference(images, precision)  # fp32 asked for: a bf16 graph cannot give it
         return self.graph(images)
 
     def check(self, images: torch.Tensor) -> dict:
