@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
@@ -122,9 +121,9 @@ class Classifier:
                  max_batch: int, window_ms: float, device: str = "auto",
                  reject_unknown: bool = False, engine: str = "auto"):
         check({"max_batch": max_batch, "batch_window_ms": window_ms})
-        # a service runs for long: auto builds the fastest engine's graph if it is not cached
-        self.predictor = load_model(model_dir, backend=backend, device=device, engine=engine,
-                                    images=math.inf)
+        # auto runs the fastest engine whose graph is cached, and builds none: an export takes
+        # minutes, which a service's start must not wait for (--engine openvino builds it once)
+        self.predictor = load_model(model_dir, backend=backend, device=device, engine=engine)
         self.backend, self.limits, self.reject_unknown = backend, limits, reject_unknown
         self.decoders = Threads("decode", os.cpu_count() or 1)
         self.network = Threads("network")
