@@ -214,8 +214,8 @@ def build_engines(backbone: torch.nn.Module, pre: Preprocessing, graph_cache: Pa
                                               compile_engine)
 
     engines, report = {}, {}
-    for name in ENGINES[1:]:
-        if not available(name, torch.device("cpu")):
+    for name in ENGINES:
+        if name in ("auto", "torch") or not available(name, torch.device("cpu")):
             continue
         log(f"building/loading {name}")
         started = time.perf_counter()
@@ -301,6 +301,7 @@ def bench_engines(data: Path, graph_cache: Path, precision: str, quick: bool) ->
         run = train(data, strategy="extract", out=Path(tmp) / "run", cache_dir=str(cache),
                     show_progress=False, audit=False)
         train_s = time.perf_counter() - started
+        log(f"train --strategy extract (auto): {train_s:.1f}s, engine {run.metrics.get('engine')}")
     fastest = max(backbone_only, key=lambda name: backbone_only[name]["batch_32"]["images_per_s"])
     best = backbone_only[fastest]["batch_32"]["images_per_s"]
     auto = end_to_end["auto"]["images_per_s"]

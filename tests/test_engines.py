@@ -152,6 +152,14 @@ def test_a_graph_that_strays_from_torch_is_set_aside(caplog):
     assert "differs from torch fp32" in caplog.text
 
 
+def test_fp32_asked_of_a_bf16_graph_is_answered_by_torch():
+    reference = TorchEngine(tiny_backbone(), PRE)
+    graph = GraphEngine(lambda images: reference(images, "32") + 1e-3, reference, "openvino",
+                        "bf16", classifier=False)
+    torch.testing.assert_close(graph(pixels(), "32"), reference(pixels(), "32"))
+    torch.testing.assert_close(graph(pixels(), "bf16"), reference(pixels(), "32") + 1e-3)
+
+
 def test_openvino_graph_comes_from_the_cached_onnx_one(builds, tmp_path):
     pytest.importorskip("openvino")
     model = spec()
@@ -159,8 +167,8 @@ def test_openvino_graph_comes_from_the_cached_onnx_one(builds, tmp_path):
     assert engine.precision == ("bf16" if cpu_has_native_bf16() else "f32")
     assert compile_engine(model, "onnx", cache_dir=tmp_path).name == "onnx"
     assert len(builds) == 1  # the ONNX graph, converted once for OpenVINO and reused by onnx
-    torch.testing.assert_close(engine(pixels()), TorchEngine(model.module, PRE)(pixels(), "32"),
-                               rtol=0.05, atol=0.02)
+    torch.testing.assert_close(engine(pixels(), "bf16"),
+                               TorchEngine(model.module, PRE)(pixels(), "32"), rtol=0.05, atol=0.02)
 
 
 def test_embedding_cache_is_kept_per_engine(builds, image_folder, tmp_path):

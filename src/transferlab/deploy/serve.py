@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
@@ -31,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..data.decode import SUPPORTED_FORMATS
 from ..inference.backends import load_model
+from ..inference.graphs import engine_report
 from ..inference.predictor import Scores
 from ..options import check
 from ..process import scoped_environment
@@ -121,9 +121,9 @@ class Classifier:
                  max_batch: int, window_ms: float, device: str = "auto",
                  reject_unknown: bool = False, engine: str = "auto"):
         check({"max_batch": max_batch, "batch_window_ms": window_ms})
-        # a service runs for long: auto builds the fastest engine's graph if it is not cached
-        self.predictor = load_model(model_dir, backend=backend, device=device, engine=engine,
-                                    images=math.inf)
+        # auto runs the fastest engine whose graph is cached, and builds none: an export takes
+        # minutes, which a service's start must not wait for (--engine openvino builds it once)
+        self.predictor = load_model(model_dir, backend=backend, device=device, engine=engine)
         self.backend, self.limits, self.reject_unknown = backend, limits, reject_unknown
         self.decoders = Threads("decode", os.cpu_count() or 1)
         self.network = Threads("network")
@@ -167,7 +167,8 @@ class Classifier:
         config, pre = self.predictor.config, self.predictor.preprocessing
         training = config.training
         novelty = self.predictor.trust.novelty
-        return {**self.summary(), "classes": self.predictor.classes,
+        return {**self.summary(), "engine": engine_report(self.predictor.engine),
+                "classes": self.predictor.classes,
                 "trust": {"temperature": self.predictor.trust.temperature,
                           "novelty_threshold": novelty.threshold if novelty else None,
                           "reject_unknown": self.reject_unknown},

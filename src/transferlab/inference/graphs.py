@@ -40,14 +40,17 @@ GRAPH_FORMAT = 1
 DEFAULT_OPSET = 18
 INPUT, LOGITS, FEATURES = OnnxEngine.INPUT, OnnxEngine.OUTPUT, OnnxEngine.FEATURES
 # What `auto` runs, in order of preference, per device type; the first one installed and able to run
-# on the device wins. CPU: benchmarks/bench_extract.py's backbone-only images/s of EfficientNet-Lite0
-# on a 2-core AMD EPYC with AVX-512 BF16 (see README). CUDA: ONNX Runtime only with onnxruntime-gpu's
-# CUDA provider (OnnxEngine picks it), else torch.
+# on the device wins. CPU: EfficientNet-Lite0's backbone-only images/s on a 2-core AMD EPYC with
+# AVX-512 BF16 (benchmarks/bench_extract.py --part engines, a busy machine, 3 alternating rounds):
+# batch 32 openvino-bf16 135, onnx-fp32 122, torch-bf16 84; batch 1: 57, 46, 42; end to end on
+# face-mask 113, 99, 73. CUDA: ONNX Runtime only with onnxruntime-gpu's CUDA provider (OnnxEngine
+# picks it), else torch; not measured here (no GPU).
 AUTO_ORDER = {"cpu": ("openvino", "onnx", "torch"), "cuda": ("onnx", "torch"), "mps": ("torch",)}
 # `auto` builds a graph that is not cached yet only for this many images or more: exporting
-# EfficientNet-Lite0 took about a minute on the machine above (more when it is busy), which the
-# faster engine earns back (about 2 ms an image) only after tens of thousands of images; a graph
-# built once serves every later run, so a cached one is always used.
+# EfficientNet-Lite0 to ONNX took 5.4 minutes on that busy machine (and converting it for OpenVINO
+# 36 s more), while OpenVINO saved about 5 ms an image end to end, so building pays for itself only
+# over tens of thousands of images; a graph built once serves every later run, so a cached one is
+# always used. Small runs (and the test suite's tiny models) therefore never wait for an export.
 AUTO_BUILD_IMAGES = 20_000
 # A graph is used only if, on the first real batch, against torch in fp32: embeddings keep a mean
 # cosine similarity of at least MIN_COSINE (bf16 gives about 0.999; a wrong graph far less), and
@@ -208,7 +211,7 @@ class GraphCache:
 
 class GraphEngine:
     """A compiled graph that answers like the torch module it was built from: the same call as
-    TorchEngine (the precision it is given applies only to torch, should it take over). The first
+    TorchEngine (a precision of 32 asked of a bf16 graph is torch's to answer). The first
     batch it is given (or `check`'s) is run beside torch in fp32 first; a graph that strays is set
     aside for torch, with a warning. `report()` is what metrics.json records."""
 
@@ -225,8 +228,8 @@ class GraphEngine:
     def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
         if self.parity is None:
             self.check(images)
-        if self.fallback:
-            return self.reference(images, precision)
+        if self.fallback or (precision == "32" and self.precision == "bf16"):
+            return self.reference(images, precision)  # fp32 asked for: a bf16 graph cannot give it
         return self.graph(images)
 
     def check(self, images: torch.Tensor) -> dict:
@@ -327,3 +330,10 @@ def engine_label(engine: TorchEngine | GraphEngine, precision: str) -> str:
 def torch_label(precision: str) -> str:
     """The cache label of outputs computed by torch in `precision`."""
     return f"torch-{precision}"
+
+
+def engine_report(engine: Engine) -> dict:
+    """What runs a network, for a service's description: a graph's report, else its class."""
+    if isinstance(engine, GraphEngine):
+        return engine.report()
+    return {"name": "torch" if isinstance(engine, TorchEngine) else type(engine).__name__}
