@@ -265,16 +265,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            OneOf(PRECISION_NAMES), "auto: bf16 where the CPU or GPU has it, fp16 on other GPUs"),
     Option("device", str, f"Where the network runs: {DEVICE_SYNTAX}.", Device(),
            "auto: a GPU when there is one", resumable=True),
-    Option("engine", str, "What runs the torch network: torch, or its graph compiled once (and "
-           "cached) for onnx (ONNX Runtime) or openvino, checked against torch fp32 on the first "
-           "batch; auto: the fastest installed for the device, once its graph is cached or the job "
-           "is large enough to pay for building it.", OneOf(registry="engine"), "auto",
-           resumable=True),
+    Option("engine", str, "What runs the network: torch, or its cached onnx/openvino graph (checked "
+           "against torch fp32 first).", OneOf(registry="engine"),
+           "auto: the fastest for the device whose graph is cached or pays for itself", resumable=True),
     Option("accelerator", str, "Lightning's accelerator for training: cpu, gpu, mps or auto.",
            OneOf(ACCELERATORS), "from --device", per_strategy=True, resumable=True),
-    Option("devices", int, "Devices (processes) per node for training, or for extract's embedding "
-           "(which then needs the cache, on a shared file system across nodes).", _whole(1), "1",
-           per_strategy=True, resumable=True),
+    Option("devices", int, "Devices (processes) per node for training or extract's embedding (via "
+           "the cache).", _whole(1), "1", per_strategy=True, resumable=True),
     Option("num_nodes", int, "Machines for training or extract's embedding.", _whole(1), "1",
            per_strategy=True, resumable=True),
     Option("distributed", str, "Lightning's distribution strategy, such as ddp.",
@@ -291,13 +288,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("top_k", int, "Classes to show per image.", _whole(1), "1", flag="--top-k"),
     Option("output_format", str, "table, json or csv.", OneOf(("table", "json", "csv")), "table",
            flag="--format"),
-    Option("backend", str, "torch; onnx: the bundle's model.onnx in onnxruntime; openvino: its "
-           "model.xml in OpenVINO; tflite: its model.tflite in LiteRT; onnx-int8, openvino-int8: "
-           "their int8 versions (made by `transferlab export`).", OneOf(registry="backend"),
-           "torch"),
-    Option("explain", str, "Write a Grad-CAM saliency map of the top-1 class over each image, one "
-           "PNG per image, into this folder (torch backend only).", Text(),
-           requires=("backend", ("torch",))),
+    Option("backend", str, "Which model file runs: torch (the bundle's network), or an export made "
+           "by `transferlab export`: onnx, onnx-int8, openvino, openvino-int8 or tflite.",
+           OneOf(registry="backend"), "torch"),
+    Option("explain", str, "Write a Grad-CAM map of the top-1 class over each image, one PNG per "
+           "image, into this folder (torch backend only).", Text(), requires=("backend", ("torch",))),
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
     Option("export_format", str, "onnx; openvino (IR: model.xml + model.bin; needs "
