@@ -8,8 +8,9 @@ fp32 and int8 (NNCF, calibrated on the run's validation images) and LiteRT (TFLi
 are timed in alternating rounds so that a noisy VM slows them
 all alike. Target: ONNX Runtime fp32 p50 <= 0.7 x torch eager.
 
-Section `service`: `transferlab serve` as a real Uvicorn process on loopback under N requests from
-C concurrent clients (requests/s, p50/p99, errors), with batching across requests on and off.
+Section `service` (bench_service.py): `transferlab serve` as a real Uvicorn process on loopback
+under one-image requests from 8 concurrent clients (images/s, p50/p99, errors, CPU shares) for the
+torch and ONNX backends, each as a ratio to its engine's batch-32 images/s in the same run.
 
     python benchmarks/bench_deploy.py [--model runs/NAME/model] [--out /tmp/bench-deploy]
 """

@@ -1,14 +1,23 @@
-"""The `service` section of bench_deploy.py: `transferlab serve` as a real Uvicorn process on a free
-loopback port, under REQUESTS one-image uploads from CLIENTS concurrent clients, for each backend
-with batching across requests on (the default) and off (--max-batch 1).
+"""The service against its own engine: `transferlab serve` as a real Uvicorn process on a free
+loopback port under one-image uploads from CLIENTS concurrent clients, for each backend, beside that
+backend's engine alone on a batch of 32 of the same images, preprocessed (Predictor.score_batch: the
+network, the temperature and softmax), measured in the same run. Target: service images/s >= 0.8 x
+the engine's batch-32 images/s with 8 clients.
 
-    python benchmarks/bench_service.py MODEL_DIR   # prints JSON on its own
+The clients share the machine's cores with the server, so they are as light as a client can be: one
+keep-alive connection each, speaking HTTP/1.1 over asyncio streams with request bodies encoded once
+before the clock starts. Their CPU time and the server's are reported as shares of the machine's
+cores over the measured interval, so what the client took from the server is in the open.
+
+    python benchmarks/bench_service.py MODEL_DIR [--backends torch,onnx] [--requests 400]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -17,8 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
-REQUESTS, CLIENTS = 200, 8
+REQUESTS, CLIENTS, ENGINE_BATCH = 400, 8, 32
+BOUNDARY = b"transferlab-bench-boundary"
+ENGINE_SECONDS = 6.0  # each engine measurement runs this long, after a warm-up
 
 
 def free_port() -> int:
@@ -27,66 +39,150 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, int]:
     import httpx
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "serve", str(model_dir),
                                 "--port", str(port), *options],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process, port
         except httpx.TransportError:
             time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"serve {model_dir} {' '.join(options)} did not start")
 
 
-async def load(url: str, images: list[bytes], requests: int, clients: int) -> dict:
-    """`clients` concurrent clients sending `requests` one-image uploads in all."""
-    import httpx
+def upload_request(port: int, name: str, image: bytes) -> bytes:
+    """A whole POST /predict with one image, as bytes on the wire."""
+    body = (b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="file"; filename="'
+            + name.encode() + b'"\r\nContent-Type: image/jpeg\r\n\r\n' + image
+            + b"\r\n--" + BOUNDARY + b"--\r\n")
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+            f"boundary={BOUNDARY.decode()}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
 
-    latencies, errors, next_request = [], 0, iter(range(requests))
 
-    async def client(session: httpx.AsyncClient) -> None:
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   request: bytes) -> tuple[int, bytes]:
+    """Send one request on a keep-alive connection; (status, body) of its answer."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), await reader.readexactly(int(headers["content-length"]))
+
+
+async def load(port: int, requests: list[bytes], count: int, clients: int) -> dict:
+    """`clients` concurrent clients sending `count` of `requests` in all, in turn; each answer is
+    checked to hold one prediction."""
+    latencies, errors, turns = [], 0, iter(range(count))
+
+    async def client() -> None:
         nonlocal errors
-        for number in next_request:
-            started = time.perf_counter()
-            response = await session.post(f"{url}/predict", files={
-                "file": (f"{number}.jpg", images[number % len(images)], "image/jpeg")})
-            latencies.append(time.perf_counter() - started)
-            errors += response.status_code != 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for number in turns:
+                started = time.perf_counter()
+                status, body = await exchange(reader, writer, requests[number % len(requests)])
+                latencies.append(time.perf_counter() - started)
+                errors += status != 200 or len(json.loads(body)["predictions"]) != 1
+        finally:
+            writer.close()
 
-    async with httpx.AsyncClient(timeout=60) as session:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(clients)))
-        seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    seconds = time.perf_counter() - started
     ms = np.array(latencies) * 1000
-    return {"requests": requests, "clients": clients, "requests_per_s": round(requests / seconds, 1),
+    return {"requests": count, "clients": clients, "seconds": round(seconds, 2),
+            "images_per_s": round(count / seconds, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1), "errors": errors}
 
 
-def service(model_dir: Path, requests: int = REQUESTS, clients: int = CLIENTS) -> dict:
+def measured_load(server: psutil.Process, port: int, requests: list[bytes], count: int,
+                  clients: int) -> dict:
+    """load(), with the CPU time the client (this process) and the server took meanwhile, as
+    shares of every core over the interval."""
+    client_before, server_before = time.process_time(), sum(server.cpu_times()[:2])
+    result = asyncio.run(load(port, requests, count, clients))
+    cores = psutil.cpu_count() * result["seconds"]
+    result["client_cpu_share"] = round((time.process_time() - client_before) / cores, 3)
+    result["server_cpu_share"] = round((sum(server.cpu_times()[:2]) - server_before) / cores, 3)
+    return result
+
+
+def engine_images_per_s(model_dir: Path, backend: str, images: list[bytes], batch: int) -> float:
+    """The backend's engine alone on `batch` of the images, decoded and preprocessed as the
+    service does, through Predictor.score_batch (network, temperature, softmax)."""
+    import io
+
+    import torch
+
+    from transferlab import load_model
+
+    predictor = load_model(model_dir, backend=backend)
+    decoded = [predictor.decode(io.BytesIO(image)) for image in images]
+    stacked = torch.stack([decoded[i % len(decoded)] for i in range(batch)])
+    for _ in range(3):
+        predictor.score_batch(stacked)
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < ENGINE_SECONDS:
+        predictor.score_batch(stacked)
+        calls += 1
+    return calls * batch / (time.perf_counter() - started)
+
+
+def compare(model_dir: Path, backend: str, images: list[bytes], count: int, clients: int,
+            *options: str) -> dict:
+    """The engine at batch 32 and at `clients` (the most a batch can gather from clients sending
+    one image at a time), then the service under `clients` clients."""
+    engine = {f"batch_{size}_images_per_s": round(engine_images_per_s(model_dir, backend, images,
+                                                                        size), 1)
+              for size in (ENGINE_BATCH, clients)}
+    process, port = start_server(model_dir, "--backend", backend, *options)
+    try:
+        requests = [upload_request(port, f"{i}.jpg", image) for i, image in enumerate(images)]
+        server = psutil.Process(process.pid)
+        asyncio.run(load(port, requests, 4 * clients, clients))  # warm-up: every batch size
+        service = measured_load(server, port, requests, count, clients)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    ratio = service["images_per_s"] / engine[f"batch_{ENGINE_BATCH}_images_per_s"]
+    return {"engine": engine, "service": service, "service_over_engine_batch_32": round(ratio, 3)}
+
+
+def service(model_dir: Path, requests: int = REQUESTS, clients: int = CLIENTS,
+            backends: tuple[str, ...] = ("torch", "onnx")) -> dict:
+    """Every backend's engine and service (the `service` section of bench_deploy.py); the ONNX
+    backend needs `transferlab export MODEL_DIR` first."""
     from transferlab.deploy.export import run_val_images
 
-    images = [path.read_bytes() for path in run_val_images(model_dir)[0][:32]]
-    results = {}
-    for backend in ("torch", "onnx"):
-        for batching, options in (("batching", ()), ("no_batching", ("--max-batch", "1"))):
-            process, url = start_server(model_dir, "--backend", backend, *options)
-            try:
-                asyncio.run(load(url, images, 16, clients))  # warm-up
-                results[f"{backend}_{batching}"] = asyncio.run(load(url, images, requests, clients))
-            finally:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=60)
+    images = [path.read_bytes() for path in run_val_images(model_dir, limit=32)[0]]
+    results = {"machine": {"cores": psutil.cpu_count(), "load_average": os.getloadavg()},
+               "target": f"service images/s with {clients} clients x 1 image >= 0.8 x the "
+                         f"engine's batch-{ENGINE_BATCH} images/s"}
+    for backend in backends:
+        results[backend] = compare(model_dir, backend, images, requests, clients)
+    results["load_average_after"] = os.getloadavg()
     return results
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="a bundle inside a run directory")
+    parser.add_argument("--backends", default="torch,onnx")
+    parser.add_argument("--requests", type=int, default=REQUESTS)
+    parser.add_argument("--clients", type=int, default=CLIENTS)
+    args = parser.parse_args()
+    print(json.dumps(service(args.model, args.requests, args.clients,
+                             tuple(args.backends.split(","))), indent=2))
+
+
 if __name__ == "__main__":
-    print(json.dumps(service(Path(sys.argv[1])), indent=2))
+    main()

@@ -10,6 +10,7 @@ import zlib
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -17,7 +18,9 @@ from transferlab import load_model
 from transferlab.deploy.batching import MicroBatcher
 from transferlab.errors import BundleError, ConfigError
 from transferlab.deploy.export import export_onnx
+from transferlab.deploy import serve
 from transferlab.deploy.serve import create_app
+from transferlab.inference.predictor import Predictor
 
 from conftest import running_server
 
@@ -220,6 +223,53 @@ def test_the_batcher_gathers_concurrent_items_and_survives_a_failing_batch():
     asyncio.run(scenario())
     assert sum(sizes[:-2]) == 11 and max(sizes) <= 4 and len(sizes) - 2 < 11  # batched, capped
     assert all(size & (size - 1) == 0 for size in sizes), sizes  # 1, 2, 4: few shapes, flat memory
+
+
+def colored_jpeg(index: int) -> bytes:
+    return encoded(Image.new("RGB", (40 + index, 32), (15 * index % 256, 90, 255 - 20 * index % 256)))
+
+
+@pytest.mark.parametrize("inline_parse_bytes", [serve.INLINE_PARSE_BYTES, 0])
+def test_concurrent_requests_each_get_their_own_answer_and_their_own_errors(
+        tiny_run, classes, monkeypatch, inline_parse_bytes):
+    """Many one-image requests at once, batched across requests: each answer is the one its image
+    gets alone, and a bad file fails its own request only (bodies parsed on the event loop, and
+    all in the parsing thread)."""
+    monkeypatch.setattr(serve, "INLINE_PARSE_BYTES", inline_parse_bytes)
+    images = [colored_jpeg(i) for i in range(12)]
+    bad = {3: b"just some text\n" * 20, 8: colored_jpeg(8)[:200]}
+    batch_sizes = []
+    score_batch = Predictor.score_batch
+
+    def recorded(self, batch, *args, **kwargs):
+        batch_sizes.append(len(batch))
+        return score_batch(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "score_batch", recorded)
+    app = create_app(tiny_run.model_dir, top_k=len(classes))
+
+    async def send_all():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+                return await asyncio.gather(*(client.post("/predict", files=files(
+                    (f"{i}.jpg", bad.get(i, image), "image/jpeg"))) for i, image in enumerate(images)))
+
+    responses = asyncio.run(send_all())
+    served_sizes = list(batch_sizes)
+    predictor = load_model(tiny_run.model_dir)
+    alone = predictor.predict_batch(torch.stack([predictor.decode(io.BytesIO(image))
+                                                 for image in images])).numpy()
+    for i, response in enumerate(responses):
+        if i in bad:
+            check_refused(response, 415, "not_an_image", f"{i}.jpg")
+            continue
+        assert response.status_code == 200, response.text
+        (answer,) = response.json()["predictions"]
+        assert answer["file"] == f"{i}.jpg"
+        served = {r["label"]: r["probability"] for r in answer["top_k"]}
+        assert [served[name] for name in classes] == pytest.approx(alone[i].tolist(), abs=1e-4)
+    assert sum(served_sizes) == len(images) - len(bad)  # every good image once, none of the bad
 
 
 # ---------------------------------------------------------------------------- a real Uvicorn process

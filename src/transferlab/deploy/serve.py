@@ -58,6 +58,9 @@ BODY_TIMEOUT_S = 60.0
 # ... and after its first 5 s, at least this many bytes/s on average: 16 trickling uploads held
 # every turn for the whole minute, so everyone else got 503. 16 KiB/s is a slow phone connection.
 MIN_BODY_RATE = 16 * 1024
+# A body this small is parsed on the event loop: handing it to the parsing thread and back cost
+# more than parsing it (a one-image upload of a phone-camera thumbnail or a face crop).
+INLINE_PARSE_BYTES = 256 * 1024
 SETTINGS_ENV = "TRANSFERLAB_SERVE_SETTINGS"  # create_app's arguments for uvicorn's worker processes
 
 
@@ -295,12 +298,16 @@ def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, parser: Thre
             body = await read_body(request.stream(), limits.max_upload_bytes,
                                    request.headers.get("content-length"), BODY_TIMEOUT_S,
                                    MIN_BODY_RATE)
-            # parsed off the event loop, always in the same one thread (see Threads)
-            uploads = await parser.run(parse_uploads, body, request.headers.get("content-type"),
-                                       limits.max_files)
+            content_type = request.headers.get("content-type")
+            if len(body) <= INLINE_PARSE_BYTES:
+                uploads = parse_uploads(body, content_type, limits.max_files)
+            else:  # off the event loop, always in the same one thread (see Threads)
+                uploads = await parser.run(parse_uploads, body, content_type, limits.max_files)
             del body  # the uploads are copies: one copy of each file in memory while it is decoded
-            return {"predictions": await classifier.predict(uploads, top_k),
-                    "model": classifier.summary()}
+            predictions = await classifier.predict(uploads, top_k)
+        # Answered as built: FastAPI would validate these dicts against PredictResponse (which only
+        # documents them here) on the event loop, between the engine's batches.
+        return JSONResponse({"predictions": predictions, "model": classifier.summary()})
 
 
 
