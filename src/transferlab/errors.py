@@ -23,3 +23,9 @@ class BundleError(TransferlabError):
 
 class ExportError(TransferlabError):
     """A model cannot be exported, or the exported model does not compute what the original does."""
+
+
+def error_summary(error: Exception) -> str:
+    """A converter's or exporter's exception in one line: its type and its message's first line."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

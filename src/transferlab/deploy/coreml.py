@@ -29,7 +29,7 @@ from torch import nn
 
 from ..data.decode import sha256_of_folder
 from ..data.transforms import Preprocessing
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, error_summary
 from ..inference.bundle import BundleConfig, load_network, load_trust, record_export
 from ..inference.engines import TorchEngine
 from ..inference.predictor import Predictor
@@ -37,8 +37,7 @@ from ..inference.trust import Trust
 from ..models.network import ClassifierNet
 from ..options import check
 from ..rundir.atomic import replace_folder, temporary_folder_beside
-from .export import (FP32_TOLERANCE, NOISE_IMAGES, ExportResult, check_export_target, error_summary,
-                     export_name)
+from .export import FP32_TOLERANCE, NOISE_IMAGES, ExportResult, check_export_target, export_name
 
 INPUT_NAME = "image"
 LABEL_OUTPUT, PROBABILITIES_OUTPUT = "classLabel", "classLabel_probs"  # Core ML's classifier names

@@ -158,12 +158,6 @@ def _export_graph(net: torch.nn.Module, config: BundleConfig, path: Path, opset:
         raise ExportError(f"backbone {config.backbone!r}: {error}") from None
 
 
-def error_summary(error: Exception) -> str:
-    """A converter's exception in one line: its type and its message's first line."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _quantize_int8(source: Path, target: Path) -> None:
     """Dynamic int8 quantisation: weights stored as uint8, activations quantised on the fly, after
     onnxruntime's recommended pre-processing (shape inference), in a scratch file beside `source`.

@@ -28,7 +28,7 @@ import torch
 
 from ..data.transforms import Preprocessing
 from ..devices import resolve_precision
-from ..errors import BundleError, ConfigError, ExportError
+from ..errors import BundleError, ConfigError, ExportError, error_summary
 from ..models.backbones import weights_fingerprint
 from ..rundir.atomic import replace_folder, temporary_folder_beside
 from .engines import Engine, OnnxEngine, OpenVinoEngine, Outputs, TorchEngine
@@ -141,9 +141,7 @@ def export_onnx_graph(module: torch.nn.Module, input_size: tuple[int, ...], path
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
                           verbose=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises many types, all fatal here
-        text = str(error).strip()
-        raise ExportError(f"torch.onnx.export failed ({type(error).__name__}: "
-                          f"{text.splitlines()[0] if text else ''})") from None
+        raise ExportError(f"torch.onnx.export failed ({error_summary(error)})") from None
 
 
 class GraphCache:
