@@ -25,7 +25,7 @@ from ..data.loaders import ImageDataset, make_loader
 from ..data.transforms import Preprocessing
 from ..devices import resolve_precision
 from ..inference.batches import progress_bar
-from ..inference.embeddings import EmbeddingCache, EmbeddingStats, ShardWriter
+from ..inference.embeddings import EmbeddingCache, EmbeddingStats, ShardWriter, missing
 from ..inference.engines import Engine, TorchEngine
 from ..inference.graphs import torch_label
 from ..process import scoped_environment
@@ -112,8 +112,7 @@ def embed_into_cache(module: torch.nn.Module, paths: Sequence[Path], hashes: Seq
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     cache = EmbeddingCache.for_model(cache_dir, module, pre, device, torch_label(precision))
-    known = cache.index()
-    todo = [i for i, h in enumerate(hashes) if h not in known]
+    todo = missing(cache.index(), hashes)
     stats = EmbeddingStats(cached=len(hashes) - len(todo))
     # Only the main process of a one-machine run may skip: it has not started the others yet.
     if not todo and is_main_process() and distribution.num_nodes == 1:
