@@ -160,28 +160,25 @@ def _fit_probe_streamed(data: ImageFolderData, config: TrainConfig, backbone: nn
     shape = feature_shape(embedder, pre)
     with contextlib.ExitStack() as stack:
         cache_dir = config.cache_dir or stack.enter_context(tempfile.TemporaryDirectory())
-        paths = [path for name in SPLITS for path in data.files(name)]
-        hashes = [h for name in SPLITS for h in data.hashes(name)]
-        settings = dict(batch_size=config.batch_size, workers=config.workers, device=config.device,
-                        precision=config.precision, show_progress=show_progress)
-        if distribution and embed_into_cache(embedder.eval(), paths, hashes, pre,
-                                             cache_dir=Path(cache_dir), distribution=distribution,
-                                             **settings) is None:
+        embedded = _embed_all(data, embedder, pre, config, show_progress, distribution,
+                              Path(cache_dir), stream=True)
+        if embedded is None:
             return None  # a helper process: the main one fits
-        _, stats = embed_files(embedder.eval(), paths, hashes, pre, cache_dir=Path(cache_dir),
-                               engine="torch" if distribution else config.engine, stream=True,
-                               **settings)
+        _, stats = embedded
         rows = stack.enter_context(RowFile(stats.cache.chunks(data.hashes("train"), shape)))
         started = time.perf_counter()
         scaler, model = fit_streamed(rows, labels)
         fit_s = time.perf_counter() - started
-        _classifier_parity(stats, lambda chunk: model.predict_proba(scaler.transform(chunk)))
+
+        def predict_proba(chunk: np.ndarray) -> np.ndarray:
+            return model.predict_proba(scaler.transform(chunk))
+
+        _classifier_parity(stats, predict_proba)
         spec, head = head_from_sklearn((scaler, model), num_classes=len(data.classes),
                                        pool=_pool(config))
         linear = head[len(pooling(_pool(config))):]
-        train_fit, transplant_error = _checked_fit(
-            linear, lambda chunk: model.predict_proba(scaler.transform(chunk)), rows.chunks(),
-            labels, model.classes_)
+        train_fit, transplant_error = _checked_fit(linear, predict_proba, rows.chunks(), labels,
+                                                   model.classes_)
         outputs = {name: _head_outputs_chunked(linear, stats.cache.chunks(data.hashes(name), shape),
                                                shape) for name in SPLITS if name != "train"}
     log.info("extract: logistic regression fitted streaming on %d embeddings in %.0f s",
@@ -249,14 +246,30 @@ def embed_splits(data: ImageFolderData, backbone: nn.Module, pre: Preprocessing,
                  show_progress: bool, distribution: Distribution | None = None,
                  ) -> tuple[dict[str, np.ndarray], EmbeddingStats] | None:
     """Every image's embedding by the frozen `backbone` (pooled when it is cut; from the cache where
-    it is there), split by split. With a `distribution`, its processes first embed what the cache
-    lacks into it (None in the helper processes); the main process then reads them all from it.
-    Spread over processes, each runs the torch engine on the device Lightning gives it."""
-    embedder = _embedder(backbone, config)
-    order = [i for name in SPLITS for i in data.split[name]]
-    images = [data.scan.images[i] for i in order]
-    paths, hashes = [im.path for im in images], [im.sha256 for im in images]
-    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    it is there), split by split; None in the helper processes of a `distribution`."""
+    embedded = _embed_all(data, _embedder(backbone, config), pre, config, show_progress, distribution,
+                          Path(config.cache_dir) if config.cache_dir else None)
+    if embedded is None:
+        return None
+    embeddings, stats = embedded
+    features, start = {}, 0
+    for name in SPLITS:
+        count = len(data.split[name])
+        features[name] = embeddings[start:start + count]
+        start += count
+    return features, stats
+
+
+def _embed_all(data: ImageFolderData, embedder: nn.Module, pre: Preprocessing, config: TrainConfig,
+               show_progress: bool, distribution: Distribution | None, cache_dir: Path | None,
+               stream: bool = False) -> tuple[np.ndarray | None, EmbeddingStats] | None:
+    """embed_files of every image, split after split (`stream`: left in the cache). With a
+    `distribution`, its processes first embed what the cache lacks into it (None in the helper
+    processes); the main process then reads them all from it, and embeds (or names) any a process
+    could not read. Spread over processes, each runs the torch engine on the device Lightning gives
+    it, so the main process reads torch's cache."""
+    paths = [path for name in SPLITS for path in data.files(name)]
+    hashes = [h for name in SPLITS for h in data.hashes(name)]
     settings = dict(batch_size=config.batch_size, workers=config.workers, device=config.device,
                     precision=config.precision, show_progress=show_progress)
     spread = None
@@ -265,20 +278,14 @@ def embed_splits(data: ImageFolderData, backbone: nn.Module, pre: Preprocessing,
                                   distribution=distribution, **settings)
         if spread is None:
             return None
-    # the cache holds every vector now, bar files a rank could not read: embed_files reads them
-    # all, and embeds (or names) any left
     embeddings, stats = embed_files(embedder.eval(), paths, hashes, pre, cache_dir=cache_dir,
-                                    engine="torch" if distribution else config.engine, **settings)
+                                    engine="torch" if distribution else config.engine,
+                                    stream=stream, **settings)
     if spread:
         stats.embedded += spread.embedded
         stats.cached = len(hashes) - stats.embedded
         stats.seconds += spread.seconds
-    features, start = {}, 0
-    for name in SPLITS:
-        count = len(data.split[name])
-        features[name] = embeddings[start:start + count]
-        start += count
-    return features, stats
+    return embeddings, stats
 
 
 EMBEDDING_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork")  # Lightning's, for a predict loop
