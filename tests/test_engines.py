@@ -189,6 +189,31 @@ def test_embedding_cache_is_kept_per_engine(builds, image_folder, tmp_path):
     assert stats.cached == 6 and len(builds) == 1
 
 
+def test_auto_embedding_builds_a_graph_only_for_many_images_torch_has_not_cached(
+        builds, image_folder, tmp_path, monkeypatch):
+    from transferlab.inference import embeddings
+
+    _fake_installed(monkeypatch, {"onnx"})
+    for chooser in (embeddings, graphs):
+        monkeypatch.setattr(chooser, "AUTO_BUILD_IMAGES", 5)
+    images = ImageFolderData(image_folder).scan.images[:6]
+    paths, hashes = [im.path for im in images], [im.sha256 for im in images]
+    module = tiny_backbone()
+    embed = lambda n: embed_files(module, paths[:n], hashes[:n], PRE, cache_dir=tmp_path,  # noqa: E731
+                                  engine="auto", precision="32", show_progress=False)[1]
+    stats = embed(4)  # under the threshold: torch, nothing built
+    assert stats.engine["name"] == "torch" and stats.embedded == 4 and builds == []
+    stats = embed(6)  # 2 left for torch: still not worth a graph, and the 4 are reused
+    assert stats.engine["name"] == "torch" and stats.cached == 4 and builds == []
+    other = tmp_path / "other"
+    stats = embed_files(module, paths, hashes, PRE, cache_dir=other, engine="auto",
+                        precision="32", show_progress=False)[1]
+    assert stats.engine["name"] == "onnx" and stats.embedded == 6 and len(builds) == 1
+    stats = embed_files(module, paths[:2], hashes[:2], PRE, cache_dir=other, engine="auto",
+                        precision="32", show_progress=False)[1]
+    assert stats.engine["name"] == "onnx" and stats.cached == 2  # a built graph is always used
+
+
 def test_extract_records_the_engine_in_metrics(builds, image_folder, tmp_path):
     from transferlab import train
 

@@ -33,3 +33,37 @@ def test_augmentation_presets_give_model_sized_uint8_and_vary():
         assert torch.equal(first, second) == (preset == "none"), preset
     with pytest.raises(ConfigError, match="augment='wild'"):
         train_transform(pre, "wild")
+
+
+def test_eval_transform_gives_timms_pixels_from_torchs_resampling():
+    """ResizeCenterCrop against timm's own transform (PIL's resize) on photo-like images that are
+    upscaled, downscaled, already at the resize size, portrait and landscape."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+    from timm.data import create_transform
+
+    from transferlab.data.transforms import ResizeCenterCrop, eval_transform
+
+    rng = np.random.default_rng(0)
+    for pre in (Preprocessing(), Preprocessing(input_size=(3, 96, 96), interpolation="bilinear",
+                                               crop_pct=0.9)):
+        ours = eval_transform(pre)
+        assert isinstance(ours, ResizeCenterCrop)
+        timm = create_transform(input_size=pre.input_size, interpolation=pre.interpolation,
+                                crop_pct=pre.crop_pct, is_training=False, use_prefetcher=True)
+        for width, height in ((150, 131), (131, 150), (640, 480), (300, 1000),
+                              (pre.resize_size, 300), (pre.resize_size, pre.resize_size)):
+            noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            image = Image.fromarray(noise).filter(ImageFilter.GaussianBlur(2))  # photo-like
+            got, expected = ours(image), timm(image)
+            assert got.dtype == torch.uint8 and got.shape == expected.shape == pre.input_size
+            difference = (got.int() - expected.int()).abs()
+            assert difference.max() <= 2 and difference.float().mean() < 0.1, (width, height)
+
+
+def test_eval_transform_leaves_other_crop_modes_and_filters_to_timm():
+    from transferlab.data.transforms import ResizeCenterCrop, eval_transform
+
+    for pre in (Preprocessing(crop_mode="squash"), Preprocessing(interpolation="lanczos"),
+                Preprocessing(input_size=(3, 224, 160)), Preprocessing(crop_pct=1.2)):
+        assert not isinstance(eval_transform(pre), ResizeCenterCrop), pre

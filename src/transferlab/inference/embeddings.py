@@ -28,10 +28,13 @@ from ..models.backbones import weights_fingerprint
 from ..models.network import feature_shape
 from ..rundir.atomic import atomic_path
 from .batches import progress_bar, run_batches
-from .graphs import FEATURES, GraphEngine, GraphSpec, compile_engine, engine_label
+from .graphs import (AUTO_BUILD_IMAGES, FEATURES, GraphEngine, GraphSpec, compile_engine,
+                     engine_label)
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 3  # 2: keyed by the module's layers and the device type too; 3: and the engine
+# 2: keyed by the module's layers and the device type too; 3: and the engine; 4: images resized
+# by torch (data.transforms.ResizeCenterCrop), within 2 of 255 of timm's PIL resize
+CACHE_FORMAT = 4
 # A shard is saved every SHARD_SIZE images or SHARD_SECONDS, whichever comes first: a kill loses at
 # most that much work, also with a backbone that takes minutes for 1024 images.
 SHARD_SIZE = 1024
@@ -174,13 +177,10 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
         raise ValueError("embed_files(stream=True) needs a cache_dir to leave the vectors in")
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    runner = compile_engine(GraphSpec(module, pre, (FEATURES,)), engine, device=device,
-                            precision=precision, cache_dir=cache_dir, images=len(paths))
+    runner, cache, todo, known = _runner(GraphSpec(module, pre, (FEATURES,)), engine, device,
+                                         precision, cache_dir, hashes, stream)
     stats = EmbeddingStats(engine=runner.report() if isinstance(runner, GraphEngine)
                            else {"name": "torch", "precision": precision})
-    cache, known = _cached(cache_dir, module, pre, device, engine_label(runner, precision), hashes,
-                           stream)
-    todo = missing(known, hashes)
     if todo and isinstance(runner, GraphEngine):
         runner.check(_decoded([paths[i] for i in todo[:batch_size]], pre))
         stats.engine, stats.check_embeddings = runner.report(), runner.check_outputs
@@ -203,6 +203,26 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
         stats.seconds = time.perf_counter() - start
         stats.embedded = len(todo)
     return (None if stream else np.stack([vectors[h] for h in hashes])), stats
+
+
+def _runner(spec: GraphSpec, engine: str, device: torch.device, precision: str,
+            cache_dir: Path | None, hashes: Sequence[str], stream: bool):
+    """What embeds (graphs.compile_engine), its cache, the positions of `hashes` it has still to
+    embed and the vectors it has. `auto` takes a graph already built, or else torch, and builds
+    one only for the images torch has not cached yet: switching engines would embed them all again
+    (the cache is per engine), and building pays only over graphs.AUTO_BUILD_IMAGES images."""
+    runner = compile_engine(spec, engine, device=device, precision=precision, cache_dir=cache_dir)
+    cache, known = _cached(cache_dir, spec.module, spec.pre, device,
+                           engine_label(runner, precision), hashes, stream)
+    todo = missing(known, hashes)
+    if engine == "auto" and not isinstance(runner, GraphEngine) and len(todo) >= AUTO_BUILD_IMAGES:
+        runner = compile_engine(spec, engine, device=device, precision=precision,
+                                cache_dir=cache_dir, images=len(todo))
+        if isinstance(runner, GraphEngine):
+            cache, known = _cached(cache_dir, spec.module, spec.pre, device,
+                                   engine_label(runner, precision), hashes, stream)
+            todo = missing(known, hashes)
+    return runner, cache, todo, known
 
 
 def _cached(cache_dir: Path | None, module: torch.nn.Module, pre: Preprocessing,

@@ -46,12 +46,12 @@ INPUT, LOGITS, FEATURES = OnnxEngine.INPUT, OnnxEngine.OUTPUT, OnnxEngine.FEATUR
 # face-mask 113, 99, 73. CUDA: ONNX Runtime only with onnxruntime-gpu's CUDA provider (OnnxEngine
 # picks it), else torch; not measured here (no GPU).
 AUTO_ORDER = {"cpu": ("openvino", "onnx", "torch"), "cuda": ("onnx", "torch"), "mps": ("torch",)}
-# `auto` builds a graph that is not cached yet only for this many images or more: exporting
-# EfficientNet-Lite0 to ONNX took 5.4 minutes on that busy machine (and converting it for OpenVINO
-# 36 s more), while OpenVINO saved about 5 ms an image end to end, so building pays for itself only
-# over tens of thousands of images; a graph built once serves every later run, so a cached one is
-# always used. Small runs (and the test suite's tiny models) therefore never wait for an export.
-AUTO_BUILD_IMAGES = 20_000
+# `auto` builds a graph that is not cached yet only for this many images or more: building
+# EfficientNet-Lite0's OpenVINO graph (ONNX export, then conversion) takes about 11 s, and OpenVINO
+# then saves about 5 ms an image end to end against torch (2-core AMD EPYC with AVX-512 BF16), so
+# the build pays for itself from about 2,000 images; it is cached, so every later run gains too.
+# Smaller runs (and the test suite's tiny models) never wait for an export.
+AUTO_BUILD_IMAGES = 2_000
 # A graph is used only if, on the first real batch, against torch in fp32: embeddings keep a mean
 # cosine similarity of at least MIN_COSINE (bf16 gives about 0.999; a wrong graph far less), and
 # a classifier's top-1 answers agree on at least MIN_TOP1_AGREEMENT of the images.
