@@ -58,7 +58,7 @@ def test_eval_transform_gives_timms_pixels_from_torchs_resampling():
             got, expected = ours(image), timm(image)
             assert got.dtype == torch.uint8 and got.shape == expected.shape == pre.input_size
             difference = (got.int() - expected.int()).abs()
-            assert difference.max() <= 2 and difference.float().mean() < 0.1, (width, height)
+            assert difference.max() <= 2 and difference.float().mean() < 0.25, (width, height)
 
 
 def test_eval_transform_leaves_other_crop_modes_and_filters_to_timm():
