@@ -253,3 +253,39 @@ def test_engine_with_an_export_backend_is_one_line(tiny_run, image_folder):
     assert isinstance(result.exception, ConfigError)  # main() prints it as one line, exit 2
     message = str(result.exception)
     assert "engine='openvino'" in message and "drop --engine" in message and "\n" not in message
+
+
+def test_decoding_ahead_in_a_thread_gives_the_same_batches_and_errors(image_folder):
+    import threading
+
+    from transferlab.inference.batches import decoded_ahead, run_batches
+
+    paths = sorted(image_folder.rglob("*.png"))[:7]
+    run = lambda ahead: list(run_batches(lambda batch, _: batch.float().mean((1, 2, 3)), paths,  # noqa: E731
+                                         PRE, precision="32", batch_size=2, workers=0,
+                                         decode_ahead=ahead))
+    plain, ahead = run(False), run(True)
+    assert [p for p, _, _ in ahead] == [p for p, _, _ in plain] and len(plain) == 4
+    for (_, a, _), (_, b, _) in zip(ahead, plain):
+        assert torch.equal(a, b)
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(decoded_ahead(failing()))
+    taken = decoded_ahead(iter(range(1000)), depth=1)
+    assert next(taken) == 0
+    taken.close()  # a caller that stops early stops the thread
+    for thread in threading.enumerate():
+        if thread.name == "transferlab-decode":
+            thread.join(timeout=5)
+            assert not thread.is_alive()
+
+
+def test_engines_say_whether_decoding_beside_them_gains(builds, tmp_path):
+    engine = compile_engine(spec(), "onnx", cache_dir=tmp_path)
+    assert engine.overlap_decoding and not TorchEngine(tiny_backbone(), PRE).overlap_decoding
+    engine.fallback = "strayed"
+    assert not engine.overlap_decoding

@@ -196,7 +196,8 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
         with progress_bar("embedding", len(todo), show_progress) as advance:
             batches = run_batches(runner, [paths[i] for i in todo], pre,
                                   precision=precision, pin_memory=device.type == "cuda",
-                                  batch_size=batch_size, workers=workers, progress=advance)
+                                  batch_size=batch_size, workers=workers, progress=advance,
+                                  decode_ahead=getattr(runner, "overlap_decoding", False))
             for positions, outputs, errors in batches:
                 writer.add([todo[p] for p in positions], outputs, errors, paths, hashes)
         vectors.update(writer.close())

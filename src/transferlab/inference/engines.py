@@ -24,6 +24,7 @@ from ..errors import BundleError, ConfigError
 
 class Engine(Protocol):
     device: torch.device
+    overlap_decoding: bool  # whether decoding in a thread beside it gains (batches.decoded_ahead)
 
     def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
         """uint8 NCHW images -> float32 outputs on the CPU: one tensor (logits, or a backbone's
@@ -36,6 +37,9 @@ Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 class TorchEngine:
     """A torch module on `device` in eval mode, channels_last, without autograd, with autocast in the
     resolved precision. Copies to a CUDA device come from pinned memory without blocking."""
+
+    # decoding in a thread beside torch's kernels costs them (batches.decoded_ahead)
+    overlap_decoding = False
 
     def __init__(self, module: torch.nn.Module, pre: Preprocessing,
                  device: torch.device | str = "cpu"):
@@ -60,6 +64,7 @@ class ExportedEngine:
 
     INPUT, OUTPUT, FEATURES = "images", "logits", "features"
     outputs: list[str]
+    overlap_decoding = True  # the runtime releases the GIL (batches.decoded_ahead)
 
     @property
     def has_features(self) -> bool:
@@ -152,15 +157,31 @@ class OpenVinoEngine(ExportedEngine):
         precision = precision or self.PRECISION
         hints = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
         try:
-            self.compiled = openvino.Core().compile_model(str(path), "CPU", hints)
+            core = openvino.Core()
+            model = self._normalising(core.read_model(str(path)))
+            self.compiled = core.compile_model(model, "CPU", hints)
         except Exception as error:  # noqa: BLE001 - OpenVINO raises its own untyped errors
             raise BundleError(f"{path}: OpenVINO cannot load it ({str(error)[:200]}); export it "
                               "again with `transferlab export --format openvino`") from None
         self._outputs_in({name for output in self.compiled.outputs for name in output.get_names()},
                          path, "export it again", outputs)
 
+    def _normalising(self, model):
+        """`model` taking the uint8 NCHW batch itself: (x - 255 mean) / (255 std) compiled into the
+        graph, where OpenVINO fuses it into the first convolution, instead of a float copy of the
+        batch made on the CPU first (0.4 ms an image at 224 px, a fifth of the network's time)."""
+        from openvino import Layout, Type
+        from openvino.preprocess import PrePostProcessor
+
+        steps = PrePostProcessor(model)
+        steps.input(self.INPUT).tensor().set_element_type(Type.u8).set_layout(Layout("NCHW"))
+        steps.input(self.INPUT).model().set_layout(Layout("NCHW"))
+        steps.input(self.INPUT).preprocess().convert_element_type(Type.f32).mean(
+            [255 * m for m in self.pre.mean]).scale([255 * s for s in self.pre.std])
+        return steps.build()
+
     def __call__(self, images: torch.Tensor, precision: str = "32") -> Outputs:
-        result = self.compiled(self._batch(images))
+        result = self.compiled(np.ascontiguousarray(images.numpy()))
         return self._pack(result[self.compiled.output(name)] for name in self.outputs)
 
 

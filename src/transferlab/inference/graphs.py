@@ -248,6 +248,10 @@ class GraphEngine:
         self.fallback = reason
 
     @property
+    def overlap_decoding(self) -> bool:
+        return not self.fallback and getattr(self.graph, "overlap_decoding", False)
+
+    @property
     def running(self) -> str:
         return "torch" if self.fallback else self.name
 

@@ -205,7 +205,8 @@ class Predictor:
         with progress_bar("predicting", len(paths), show_progress) as advance:
             yield from run_batches(forward, paths, self.preprocessing, precision=precision,
                                    pin_memory=self.device.type == "cuda", batch_size=batch_size,
-                                   workers=workers, progress=advance, max_pixels=max_pixels)
+                                   workers=workers, progress=advance, max_pixels=max_pixels,
+                                   decode_ahead=getattr(self.engine, "overlap_decoding", False))
 
     def predict(self, paths: Sequence[str | Path], top_k: int = 1, **options: Any) -> list[Prediction]:
         return list(self.iter_predictions(paths, top_k, **options))
