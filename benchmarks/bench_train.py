@@ -78,13 +78,16 @@ def ours(data, steps: int, skip: int) -> float:
     import lightning as L
 
     from transferlab.data.loaders import ImageFolderDataModule
+    from transferlab.training.kernels import fp32_where_bf16_is_slower
     from transferlab.training.module import ClassifierModule, Optimization
     from transferlab.training.strategies import configure
 
     strategy, config = configure("finetune", {"warmup_epochs": 0, "device": "cpu"})
     net, _, pre, recipe = strategy.build(config, len(data.classes))
-    module = ClassifierModule(net, pre, recipe.groups, Optimization("sgd", 1e-3), len(data.classes),
-                              freeze_batchnorm=True)
+    optimization = Optimization(config.optimizer, config.lr, config.momentum, config.weight_decay,
+                                config.schedule)  # the default finetune's (AdamW)
+    module = ClassifierModule(net, pre, recipe.groups, optimization, len(data.classes),
+                              freeze_batchnorm=recipe.freeze_batchnorm)
     timer = StepTimer(skip)
 
     class Timing(L.Callback):
@@ -96,7 +99,9 @@ def ours(data, steps: int, skip: int) -> float:
                         enable_model_summary=False, limit_val_batches=0,
                         precision="bf16-mixed" if config.precision == "bf16" else "32-true",
                         callbacks=[*recipe.callbacks, Timing()])
-    trainer.fit(module, datamodule=ImageFolderDataModule(data, pre, "light", batch_size=32))
+    with fp32_where_bf16_is_slower(module, config.precision, "cpu"):  # as training.trainer.fit
+        trainer.fit(module, datamodule=ImageFolderDataModule(data, pre, config.augment,
+                                                             batch_size=32))
     return steps * 32 / timer.seconds
 
 

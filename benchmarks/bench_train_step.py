@@ -56,14 +56,23 @@ def build(data, implementation: str | None):
 
 
 def time_steps(data, steps: int, skip: int, implementation: str | None = None,
-               compiled: bool = False, precision: str | None = None) -> dict:
-    """Seconds per step of each phase (mean over `steps` after `skip` warm-up steps)."""
+               compiled: bool = False, precision: str | None = None,
+               all_bf16: bool = False) -> dict:
+    """Seconds per step of each phase (mean over `steps` after `skip` warm-up steps), with the
+    layers training.kernels keeps in fp32 under bf16 so kept, as `train` does, unless `all_bf16`."""
+    from transferlab.training.kernels import fp32_where_bf16_is_slower
+
+    module, optimizer, config, pre = build(data, implementation)
+    precision = precision or config.precision
+    with fp32_where_bf16_is_slower(module, "32" if all_bf16 else precision, "cpu"):
+        return _timed(module, optimizer, config, pre, data, steps, skip, compiled, precision)
+
+
+def _timed(module, optimizer, config, pre, data, steps, skip, compiled, precision) -> dict:
     from transferlab.data.loaders import ImageFolderDataModule
     from transferlab.data.transforms import normalize
     from transferlab.devices import autocast
 
-    module, optimizer, config, pre = build(data, implementation)
-    precision = precision or config.precision
     module.train()
     net = torch.compile(module.net) if compiled else module.net
     loader = ImageFolderDataModule(data, pre, config.augment, batch_size=32, workers=0).train_dataloader()
@@ -105,10 +114,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default="fused,fp32",
+    parser.add_argument("--variants", default="all-bf16,fp32",
                         help="comma-separated, timed beside the default step: forloop, foreach, "
                              "fused (AdamW implementations), compiled (torch.compile of the network), "
-                             "fp32 (no autocast)")
+                             "fp32 (no autocast), all-bf16 (no layer kept in fp32: the step before "
+                             "training.kernels)")
     args = parser.parse_args()
     from transferlab import ImageFolderData
 
@@ -119,6 +129,8 @@ def main() -> None:
             variants[name] = lambda: time_steps(data, args.steps, skip=3, compiled=True)
         elif name == "fp32":
             variants[name] = lambda: time_steps(data, args.steps, skip=2, precision="32")
+        elif name == "all-bf16":
+            variants[name] = lambda: time_steps(data, args.steps, skip=2, all_bf16=True)
         else:
             variants[name] = lambda name=name: time_steps(data, args.steps, skip=2, implementation=name)
     rounds: dict[str, list[dict]] = {name: [] for name in variants}

@@ -22,6 +22,7 @@ from ..errors import ConfigError, WeightsError
 from ..rundir.atomic import atomic_path
 from ..rundir.layout import BEST_CHECKPOINT, LOGS_DIR, RunDir
 from .callbacks import EpochLog, History, Throughput
+from .kernels import fp32_where_bf16_is_slower
 from .module import VAL_SELECTION_METRIC
 
 
@@ -140,8 +141,9 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
             enable_progress_bar=bars, enable_model_summary=False, num_sanity_val_steps=0,
             log_every_n_steps=10, limit_val_batches=1.0 if has_val else 0)
         last = paths.last_checkpoint
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None,
-                    weights_only=True)
+        with fp32_where_bf16_is_slower(module, precision, distribution.accelerator):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None,
+                        weights_only=True)
 
     best_epoch = None
     if checkpoint.best_model_path and Path(checkpoint.best_model_path).is_file():
