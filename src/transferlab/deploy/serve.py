@@ -124,8 +124,9 @@ class Classifier:
                  max_batch: int, window_ms: float, device: str = "auto",
                  reject_unknown: bool = False, engine: str = "auto"):
         check({"max_batch": max_batch, "batch_window_ms": window_ms})
-        # auto runs the fastest engine whose graph is cached, and builds none: an export takes
-        # minutes, which a service's start must not wait for (--engine openvino builds it once)
+        # auto runs the fastest engine whose graph is cached, and builds none: building takes 10 s
+        # or more (minutes on a loaded machine), which a service's start must not wait for;
+        # `serve --engine openvino` (or any earlier predict of 2,000 files) builds it once
         self.predictor = load_model(model_dir, backend=backend, device=device, engine=engine)
         self.backend, self.limits, self.reject_unknown = backend, limits, reject_unknown
         self.decoders = Threads("decode", os.cpu_count() or 1)

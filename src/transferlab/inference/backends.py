@@ -69,8 +69,7 @@ def load_model(folder: str | Path, backend: str = "torch", device: str = "auto",
     With backend="torch", `engine` says what runs the network (inference.graphs): torch, or its
     graph compiled for onnx or openvino in `precision`, cached in `cache_dir` ("default": the one
     train uses; None: built for this process only); auto builds a graph that is not cached only
-    for `images` (the images the caller expects to run; a service: inf) of graphs.AUTO_BUILD_IMAGES
-    or more."""
+    for `images` (the images the caller expects to run) of graphs.AUTO_BUILD_IMAGES or more."""
     check({"backend": backend, "device": device, "engine": engine, "precision": precision},
           {"backend": BACKENDS, "engine": ENGINES})
     if backend != "torch" and engine != "auto":
