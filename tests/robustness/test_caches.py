@@ -49,7 +49,8 @@ def test_a_cache_path_that_is_a_file(image_folder, clean, tmp_path, caplog):
 
 def test_damaged_and_wrong_shaped_embeddings_are_recomputed(image_folder, clean, tmp_path, caplog):
     cache = tmp_path / "cache"
-    # without the audit, whose embeddings have a cache of their own: one folder, extract's
+    # without the audit: its backbone, randomly initialised again (weights none), has other weights
+    # and so a cache of its own; this way the one folder is extract's
     first = train(image_folder, out=tmp_path / "first", cache_dir=str(cache), audit=False, **FAST)
     assert len(list(cache.glob("embeddings/*"))) == 1
     shards = sorted(cache.glob("embeddings/*/shard-*.safetensors"))
