@@ -94,8 +94,8 @@ def eval_transform(pre: Preprocessing):
 class ResizeCenterCrop:
     """timm's centre-crop evaluation (torchvision's Resize of the short side to `resize`, CenterCrop
     to `crop`, a uint8 tensor) with torch's uint8 resampling, which ports Pillow's antialiased
-    bilinear and bicubic filters to vector code: within 2 of 255 of timm's output (0.5% of the
-    values differ at all) in 40% of its time. Decoding shares the cores with the network, so this
+    bilinear and bicubic filters to vector code: within 2 of 255 of timm's output (under 0.5% of
+    the values differ at all) in 40% of its time. Decoding shares the cores with the network, so this
     is throughput: 1.0 ms of timm's 1.6 ms per face-mask photo went into PIL's resize."""
 
     FILTERS = ("bilinear", "bicubic")

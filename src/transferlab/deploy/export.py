@@ -153,7 +153,7 @@ def _export_graph(net: torch.nn.Module, config: BundleConfig, path: Path, opset:
     with the penultimate features beside the logits, which novelty is scored on."""
     try:
         export_onnx_graph(WithFeatures(net), config.preprocessing.input_size, path,
-                    (OUTPUT_NAME, FEATURES_NAME), opset)
+                          (OUTPUT_NAME, FEATURES_NAME), opset)
     except ExportError as error:
         raise ExportError(f"backbone {config.backbone!r}: {error}") from None
 

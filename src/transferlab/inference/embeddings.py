@@ -177,17 +177,16 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
         raise ValueError("embed_files(stream=True) needs a cache_dir to leave the vectors in")
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    runner, cache, todo, known = _runner(GraphSpec(module, pre, (FEATURES,)), engine, device,
-                                         precision, cache_dir, hashes, stream)
+    spec = GraphSpec(module, pre, (FEATURES,))
+    runner, cache, known, todo = _runner(spec, engine, device, precision, cache_dir, hashes, stream)
     stats = EmbeddingStats(engine=runner.report() if isinstance(runner, GraphEngine)
                            else {"name": "torch", "precision": precision})
     if todo and isinstance(runner, GraphEngine):
         runner.check(_decoded([paths[i] for i in todo[:batch_size]], pre))
         stats.engine, stats.check_embeddings = runner.report(), runner.check_outputs
         if runner.fallback:  # torch computes them now: its cache, not the graph's
-            cache, known = _cached(cache_dir, module, pre, device, engine_label(runner, precision),
-                                   hashes, stream)
-            todo = missing(known, hashes)
+            cache, known, todo = _still_to_embed(runner, spec, device, precision, cache_dir, hashes,
+                                                 stream)
     stats.cached, stats.cache = len(hashes) - len(todo), cache
     vectors: dict[str, np.ndarray] = {} if stream else known
     if todo:
@@ -197,7 +196,7 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
             batches = run_batches(runner, [paths[i] for i in todo], pre,
                                   precision=precision, pin_memory=device.type == "cuda",
                                   batch_size=batch_size, workers=workers, progress=advance,
-                                  decode_ahead=getattr(runner, "overlap_decoding", False))
+                                  decode_ahead=runner.overlap_decoding)
             for positions, outputs, errors in batches:
                 writer.add([todo[p] for p in positions], outputs, errors, paths, hashes)
         vectors.update(writer.close())
@@ -208,35 +207,32 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
 
 def _runner(spec: GraphSpec, engine: str, device: torch.device, precision: str,
             cache_dir: Path | None, hashes: Sequence[str], stream: bool):
-    """What embeds (graphs.compile_engine), its cache, the positions of `hashes` it has still to
-    embed and the vectors it has. `auto` takes a graph already built, or else torch, and builds
-    one only for the images torch has not cached yet: switching engines would embed them all again
-    (the cache is per engine), and building pays only over graphs.AUTO_BUILD_IMAGES images."""
+    """What embeds (graphs.compile_engine), with _still_to_embed's cache, vectors and positions.
+    `auto` takes a graph already built, or else torch, and builds one only for the images torch has
+    not cached yet: switching engines would embed them all again (the cache is per engine), and
+    building pays only over graphs.AUTO_BUILD_IMAGES images."""
     runner = compile_engine(spec, engine, device=device, precision=precision, cache_dir=cache_dir)
-    cache, known = _cached(cache_dir, spec.module, spec.pre, device,
-                           engine_label(runner, precision), hashes, stream)
-    todo = missing(known, hashes)
+    cache, known, todo = _still_to_embed(runner, spec, device, precision, cache_dir, hashes, stream)
     if engine == "auto" and not isinstance(runner, GraphEngine) and len(todo) >= AUTO_BUILD_IMAGES:
         runner = compile_engine(spec, engine, device=device, precision=precision,
                                 cache_dir=cache_dir, images=len(todo))
         if isinstance(runner, GraphEngine):
-            cache, known = _cached(cache_dir, spec.module, spec.pre, device,
-                                   engine_label(runner, precision), hashes, stream)
-            todo = missing(known, hashes)
-    return runner, cache, todo, known
+            cache, known, todo = _still_to_embed(runner, spec, device, precision, cache_dir, hashes,
+                                                 stream)
+    return runner, cache, known, todo
 
 
-def _cached(cache_dir: Path | None, module: torch.nn.Module, pre: Preprocessing,
-            device: torch.device, engine: str, hashes: Sequence[str], stream: bool = False,
-            ) -> tuple[EmbeddingCache | None, dict]:
-    """The cache of `module`'s embeddings by `engine`, and the usable ones of `hashes` in it by hash
-    (with `stream`, only which are there, from the shards' headers; checked when read back)."""
+def _still_to_embed(runner, spec: GraphSpec, device: torch.device, precision: str,
+                    cache_dir: Path | None, hashes: Sequence[str], stream: bool):
+    """The cache of what `runner` computes (engine_label), the usable vectors of `hashes` in it by
+    hash (with `stream`, only which are there, from the shards' headers; checked when read back),
+    and the positions in `hashes` it has still to embed."""
     if not cache_dir:
-        return None, {}
-    cache = EmbeddingCache.for_model(cache_dir, module, pre, device, engine)
-    if stream:
-        return cache, cache.index()
-    return cache, cached_vectors(cache, module, pre, hashes)
+        return None, {}, list(range(len(hashes)))
+    cache = EmbeddingCache.for_model(cache_dir, spec.module, spec.pre, device,
+                                     engine_label(runner, precision))
+    known = cache.index() if stream else cached_vectors(cache, spec.module, spec.pre, hashes)
+    return cache, known, missing(known, hashes)
 
 
 def cached_vectors(cache: EmbeddingCache | None, module: torch.nn.Module, pre: Preprocessing,

@@ -130,7 +130,7 @@ def choose_engine(engine: str, device: torch.device, *, cached=lambda name: Fals
 
 
 def export_onnx_graph(module: torch.nn.Module, input_size: tuple[int, ...], path: Path,
-                outputs: tuple[str, ...], opset: int = DEFAULT_OPSET) -> None:
+                      outputs: tuple[str, ...], opset: int = DEFAULT_OPSET) -> None:
     """torch.onnx.export with the torch.export-based ("dynamo") exporter: the TorchScript one works
     on these models too but is deprecated and warns that it will be removed. One file (no external
     data), so its sha256 covers everything; the batch axis is dynamic. Raises ExportError."""
@@ -189,8 +189,8 @@ class GraphCache:
             if engine == "openvino":
                 self._build_openvino(staged / self.OPENVINO_FILE)
             else:
-                export_onnx_graph(self.spec.module, self.spec.pre.input_size, staged / self.ONNX_FILE,
-                            self.spec.outputs)
+                export_onnx_graph(self.spec.module, self.spec.pre.input_size,
+                                  staged / self.ONNX_FILE, self.spec.outputs)
             replace_folder(staged, target)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -249,7 +249,7 @@ class GraphEngine:
 
     @property
     def overlap_decoding(self) -> bool:
-        return not self.fallback and getattr(self.graph, "overlap_decoding", False)
+        return not self.fallback and self.graph.overlap_decoding
 
     @property
     def running(self) -> str:

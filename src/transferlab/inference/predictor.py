@@ -206,7 +206,7 @@ class Predictor:
             yield from run_batches(forward, paths, self.preprocessing, precision=precision,
                                    pin_memory=self.device.type == "cuda", batch_size=batch_size,
                                    workers=workers, progress=advance, max_pixels=max_pixels,
-                                   decode_ahead=getattr(self.engine, "overlap_decoding", False))
+                                   decode_ahead=self.engine.overlap_decoding)
 
     def predict(self, paths: Sequence[str | Path], top_k: int = 1, **options: Any) -> list[Prediction]:
         return list(self.iter_predictions(paths, top_k, **options))
