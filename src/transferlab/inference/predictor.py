@@ -206,7 +206,8 @@ class Predictor:
             yield from run_batches(forward, paths, self.preprocessing, precision=precision,
                                    pin_memory=self.device.type == "cuda", batch_size=batch_size,
                                    workers=workers, progress=advance, max_pixels=max_pixels,
-                                   decode_ahead=self.engine.overlap_decoding)
+                                   # an engine a caller made or wrapped may not say
+                                   decode_ahead=getattr(self.engine, "overlap_decoding", False))
 
     def predict(self, paths: Sequence[str | Path], top_k: int = 1, **options: Any) -> list[Prediction]:
         return list(self.iter_predictions(paths, top_k, **options))
