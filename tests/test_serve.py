@@ -276,22 +276,32 @@ def test_concurrent_requests_each_get_their_own_answer_and_their_own_errors(
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
-    """`transferlab serve` in its own process on a free loopback port, stopped with SIGTERM."""
+def served(tiny_run, tmp_path_factory):
+    """`transferlab serve` in its own process on a free loopback port, stopped with SIGTERM:
+    (url, its log file)."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with running_server(tiny_run.model_dir, log, "--max-upload-mb", "0.5", "--max-pixels",
                         str(LIMITS["max_pixels"]), "--max-files", str(LIMITS["max_files"])) as (url, _):
-        yield url
+        yield url, log
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 # Bad input, chunked bodies, clients that leave and concurrent requests on the real server, all at
 # once: tests/robustness/test_service_load.py.
 
 
-def test_the_real_server_answers_a_good_image(server, classes):
-    response = httpx.post(f"{server}/predict", files=files(("red.jpg", red_jpeg(), "image/jpeg")))
+def test_the_real_server_answers_a_good_image(served, classes):
+    url, log = served
+    response = httpx.post(f"{url}/predict", files=files(("red.jpg", red_jpeg(), "image/jpeg")))
     assert response.status_code == 200
     check_prediction(response.json(), classes, ["red.jpg"], top_k=len(classes))
+    text = log.read_text(errors="replace")
+    assert "Uvicorn running on" in text  # startup is logged, requests are not (--access-log)
+    assert "POST /predict" not in text
 
 
 # ---------------------------------------------------------------------------- the page, in Chromium

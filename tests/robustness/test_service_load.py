@@ -271,7 +271,7 @@ def server(bundle, tmp_path_factory):
     """`transferlab serve` on a free loopback port: (url, process, log file)."""
     log = tmp_path_factory.mktemp("serve-load") / "server.log"
     with running_server(bundle, log, "--max-upload-mb", str(MAX_UPLOAD / 2**20), "--max-pixels",
-                        str(MAX_PIXELS), "--max-files", str(MAX_FILES)) as (url, process):
+                        str(MAX_PIXELS), "--max-files", str(MAX_FILES), "--access-log") as (url, process):
         yield url, process, log
 
 
@@ -398,6 +398,7 @@ def test_500_mixed_requests_from_8_clients(server, bundle, tmp_path):
 
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     text = log.read_text(errors="replace")
+    assert '"POST /predict HTTP/1.1" 200' in text  # the access log the next line reads
     assert not re.search(r'" 5\d\d\b', text), "a 5xx in the access log (to a client that left?)"
     assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
     assert after["VmHWM"] - before["VmHWM"] < MAX_PEAK_GROWTH_MB, (

@@ -84,7 +84,10 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
                                       "say [default: 3]."),
           max_batch: Optional[int] = flag("max_batch"),
           batch_window_ms: Optional[float] = flag("batch_window_ms"),
-          reject_unknown: bool = typer.Option(False, "--reject-unknown", help=REJECT_HELP)):
+          reject_unknown: bool = typer.Option(False, "--reject-unknown", help=REJECT_HELP),
+          access_log: bool = typer.Option(False, "--access-log", help=(
+              "Log a line per request (off by default: it costs a few percent of the images/s "
+              "served)."))):
     """Serve MODEL over HTTP: POST /predict (multipart field `file`), GET /health, GET /model, a
     page to try it at / and the API docs at /docs."""
     from ..options import check
@@ -107,7 +110,7 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
 
     err.print(f"loading {escape(str(model))} ({backend}); once it runs, try it at http://{host}:{port}/ "
               f"(API docs: http://{host}:{port}/docs)", highlight=False)
-    run_service(model, host=host, port=port, workers=workers, backend=backend,
+    run_service(model, host=host, port=port, workers=workers, access_log=access_log, backend=backend,
                 **given(engine=engine),
                 max_upload_bytes=round(max_upload_mb * 2**20),
                 **given(max_pixels=max_pixels, max_files=max_files, max_concurrent=max_concurrent,

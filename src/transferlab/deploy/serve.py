@@ -35,7 +35,7 @@ from ..inference.predictor import Scores
 from ..options import check
 from ..process import scoped_environment
 from .batching import MicroBatcher
-from .guards import PAGE_POLICY, Guard, HeaderDeadlineH11, default_allowed_hosts
+from .guards import PAGE_POLICY, Guard, HeaderDeadlineProtocol, default_allowed_hosts
 from .threads import Threads
 from .uploads import FIELD, Upload, UploadError, decode_upload, parse_uploads, read_body
 
@@ -355,16 +355,24 @@ def app_from_env() -> FastAPI:
 
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          **settings) -> None:
-    """Run the service with Uvicorn until interrupted; `settings` are create_app's options."""
+          access_log: bool = False, **settings) -> None:
+    """Run the service with Uvicorn until interrupted; `settings` are create_app's options.
+
+    The event loop is uvloop's where it is installed (uvicorn's "auto"), requests are parsed by
+    httptools (guards.HeaderDeadlineProtocol), and no line is logged per request unless
+    `access_log`: on the 2-core test machine, 8 one-image clients of EfficientNet-Lite0 (OpenVINO)
+    got 0.63-0.64 of the engine's batch-32 images/s with asyncio, h11 and the access log, and
+    0.68-0.78 without (benchmarks/bench_service.py, README). Startup lines and errors are logged
+    either way."""
     import uvicorn
 
     check({"host": host, "port": port, "serve_workers": workers})
     settings["model_dir"] = str(Path(model_dir).resolve())
     settings.setdefault("allowed_hosts", default_allowed_hosts(host))
     app = create_app(**settings)  # loads the model: a bad bundle or option fails here, once
+    server = {"host": host, "port": port, "http": HeaderDeadlineProtocol, "access_log": access_log}
     if workers == 1:
-        uvicorn.run(app, host=host, port=port, http=HeaderDeadlineH11)
+        uvicorn.run(app, **server)
         return
     del app
     # Each worker is its own process with its own model, started from an import string; its
@@ -372,6 +380,5 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     # through the environment it inherits, for the duration of this call only.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
     with scoped_environment({SETTINGS_ENV: json.dumps(settings), "OMP_NUM_THREADS": threads}):
-        uvicorn.run(f"{__name__}:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    http=HeaderDeadlineH11)
+        uvicorn.run(f"{__name__}:app_from_env", factory=True, workers=workers, **server)
 
