@@ -362,7 +362,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     httptools (guards.HeaderDeadlineProtocol), and no line is logged per request unless
     `access_log`: on the 2-core test machine, 8 one-image clients of EfficientNet-Lite0 (OpenVINO)
     got 0.63-0.64 of the engine's batch-32 images/s with asyncio, h11 and the access log, and
-    0.68-0.78 without (benchmarks/bench_service.py, README). Startup lines and errors are logged
+    0.67-0.78 without (benchmarks/bench_service.py, README). Startup lines and errors are logged
     either way."""
     import uvicorn
 
