@@ -228,6 +228,22 @@ def test_extract_records_the_engine_in_metrics(builds, image_folder, tmp_path):
     assert engine["classifier_parity"]["top1_agreement"] == 1.0
 
 
+def test_evaluate_records_the_engine_and_its_check_in_metrics(builds, tiny_run, image_folder,
+                                                             tmp_path, monkeypatch):
+    from transferlab import evaluate
+
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))  # this test's graphs only
+    graph = evaluate(tiny_run.model_dir, image_folder, out=tmp_path / "onnx", engine="onnx",
+                     report=False, show_progress=False)
+    engine = json.loads((tmp_path / "onnx" / "metrics.json").read_text())["engine"]
+    assert engine == graph.metrics["engine"]
+    assert engine["name"] == "onnx" and engine["parity"]["top1_agreement"] == 1.0
+    assert engine["parity"]["images"] > 0 and engine["parity"]["max_abs_prob_diff"] < 1e-3
+    plain = evaluate(tiny_run.model_dir, image_folder, out=tmp_path / "torch", engine="torch",
+                     report=False, show_progress=False)
+    assert plain.metrics["engine"] == {"name": "torch"}
+
+
 def test_predict_with_engine_torch_and_onnx_agree(builds, tiny_run, image_folder, tmp_path,
                                                   monkeypatch):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path))  # this test's graphs stay its own

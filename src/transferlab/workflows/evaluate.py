@@ -15,7 +15,7 @@ from ..data.folder import ImageFolderData
 from ..errors import DataError
 from ..evaluation.heldout import measure
 from ..inference.backends import load_model
-from ..inference.graphs import ENGINES
+from ..inference.graphs import ENGINES, engine_report
 from ..inference.bundle import read_config
 from ..inference.predictor import Predictor
 from ..options import check
@@ -90,6 +90,8 @@ def _evaluate(predictor: Predictor, model: Path, data: ImageFolderData, indices:
                EVALUATED: measured.metrics,
                "timing": {"predict_s": round(seconds, 3),
                           "images_per_s": round(len(files) / seconds, 1) if seconds else None},
+               # what ran the network, and a graph's check against torch fp32 on the first batch
+               "engine": engine_report(predictor.engine),
                "trained": {k: config.training.get(k) for k in ("val", "test")}}
     paths = RunDir(out)
     PredictionTable.concat(config.classes, {EVALUATED: (
