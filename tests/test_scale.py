@@ -89,6 +89,8 @@ def test_streamed_logistic_regression_matches_lbfgs(classes):
     reference.fit(features[train], labels[train])
     with RowFile(np.array_split(features[train], 7)) as rows:  # chunks of uneven sizes
         assert rows.rows == 2000 and sum(len(c) for c in rows.chunks(300)) == 2000
+        reused = [chunk.copy() for chunk in rows.chunks(300, reuse=True)]
+        assert np.array_equal(np.concatenate(reused), features[train])  # the same rows, in order
         scaler, model = fit_streamed(rows, labels[train])
     streamed = model.predict_proba(scaler.transform(features[test]))
     expected = reference.predict_proba(features[test])

@@ -6,7 +6,7 @@ the validation and test embeddings. Here the same model is fitted with the embed
 chunks: a StandardScaler by partial_fit, then the same objective (cross-entropy summed over the
 images, plus half the squared L2 norm of the weights, C = 1; the intercept is not penalised;
 a binary problem has one logit) minimised by torch's L-BFGS, each evaluation one pass over the
-chunks. The result quacks like the Pipeline(StandardScaler, LogisticRegression) it stands in for,
+chunks, with the gradient computed directly rather than by autograd. The result quacks like the Pipeline(StandardScaler, LogisticRegression) it stands in for,
 so models.heads.head_from_sklearn transplants it unchanged.
 
 The chunks come from a RowFile: float32 rows in an anonymous temporary file, read back with plain
@@ -44,11 +44,22 @@ class RowFile:
             chunk.tofile(self.file)
             self.rows += len(chunk)
 
-    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+    def chunks(self, rows: int = CHUNK_ROWS, reuse: bool = False) -> Iterator[np.ndarray]:
+        """The rows, `rows` at a time. reuse: each chunk read into the same buffer, overwriting
+        the one before (for a caller done with a chunk before it asks for the next): a third
+        faster than a new array per chunk, whose fresh pages the kernel must clear first."""
         self.file.seek(0)
+        buffer = np.empty((min(rows, self.rows), self.width or 0), dtype=np.float32) if reuse else None
         for start in range(0, self.rows, rows):
-            yield np.fromfile(self.file, dtype=np.float32, count=min(rows, self.rows - start)
-                              * self.width).reshape(-1, self.width)
+            count = min(rows, self.rows - start)
+            if buffer is None:
+                yield np.fromfile(self.file, dtype=np.float32, count=count * self.width
+                                  ).reshape(-1, self.width)
+                continue
+            chunk = buffer[:count]
+            if self.file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                raise OSError(f"{self.file.name}: the row file ended early")
+            yield chunk
 
     def close(self) -> None:
         self.file.close()
@@ -80,43 +91,50 @@ class StreamedLogistic:
 
 
 def fit_streamed(rows: RowFile, labels: np.ndarray, inverse_regularization: float = 1.0):
-    """(StandardScaler, StreamedLogistic) fitted on `rows` (one per label), in chunks."""
+    """(StandardScaler, StreamedLogistic) fitted on `rows` (one per label), in chunks.
+
+    Each pass computes on the float32 rows as read, centred, with the scale folded into the
+    weights (standardised x @ W = centred x @ (W / scale)), and the gradient from one float32
+    product per chunk: converting every chunk to float64 and standardising it took 3.8 s a pass
+    over 200,000 Lite0 embeddings, 257 passes in all. Losses and sums stay in float64."""
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler()
-    for chunk in rows.chunks():
+    for chunk in rows.chunks(reuse=True):
         scaler.partial_fit(chunk)
     classes, targets = np.unique(labels, return_inverse=True)
     outputs = 1 if len(classes) == 2 else len(classes)
     linear = nn.Linear(rows.width, outputs, dtype=torch.float64)
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
-    mean, scale = (torch.as_tensor(v, dtype=torch.float64) for v in (scaler.mean_, scaler.scale_))
+    mean = torch.as_tensor(scaler.mean_, dtype=torch.float32)
+    scale = torch.as_tensor(scaler.scale_, dtype=torch.float64)
     targets = torch.as_tensor(targets)
     count = len(targets)
+    decay = 1 / (inverse_regularization * count)  # the penalty's weight in the mean loss
     evaluations, started = [0], time.perf_counter()
 
     def objective() -> torch.Tensor:
-        """The mean loss over all rows plus the penalty, its gradient accumulated chunk by chunk."""
-        linear.zero_grad()
-        total, start = 0.0, 0
-        for chunk in rows.chunks():
-            inputs = (torch.from_numpy(chunk).to(torch.float64) - mean) / scale
+        """The mean loss over all rows plus the penalty; its gradient set on the parameters."""
+        weight, bias = linear.weight.detach(), linear.bias.detach()
+        folded = (weight / scale).float()  # for centred, unscaled rows
+        total, weight_sum, bias_sum, start = 0.0, torch.zeros_like(weight), torch.zeros_like(bias), 0
+        for chunk in rows.chunks(reuse=True):
+            centred = torch.from_numpy(chunk) - mean
             wanted = targets[start:start + len(chunk)]
             start += len(chunk)
-            logits = linear(inputs)
-            loss = (nn.functional.binary_cross_entropy_with_logits(logits[:, 0], wanted.double(),
-                                                                    reduction="sum")
-                    if outputs == 1 else nn.functional.cross_entropy(logits, wanted, reduction="sum"))
-            (loss / count).backward()
-            total += float(loss.detach())
-        penalty = linear.weight.pow(2).sum() / (2 * inverse_regularization * count)
-        penalty.backward()
+            loss, slopes = _loss_and_slopes((centred @ folded.T).double() + bias, wanted)
+            total += loss
+            weight_sum += (slopes.float().T @ centred).double()
+            bias_sum += slopes.sum(dim=0)
+        linear.weight.grad = weight_sum / scale / count + weight * decay
+        linear.bias.grad = bias_sum / count
         evaluations[0] += 1
         if evaluations[0] % 25 == 0:  # a long fit is never silent for minutes
             log.info("streamed logistic regression: %d passes over %d embeddings (%.0f s)",
                      evaluations[0], count, time.perf_counter() - started)
-        return torch.tensor(total / count, dtype=torch.float64) + penalty.detach()
+        return torch.tensor(total / count + float(weight.pow(2).sum()) * decay / 2,
+                            dtype=torch.float64)
 
     optimizer = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=MAX_ITERATIONS,
                                   tolerance_grad=GRADIENT_TOLERANCE, tolerance_change=1e-10,
@@ -127,3 +145,17 @@ def fit_streamed(rows: RowFile, labels: np.ndarray, inverse_regularization: floa
              iterations, evaluations[0], count, time.perf_counter() - started)
     coef, intercept = linear.weight.detach().numpy(), linear.bias.detach().numpy()
     return scaler, StreamedLogistic(classes, coef, intercept)
+
+
+def _loss_and_slopes(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The summed cross-entropy of float64 `logits` (one column: binary, the positive class's) and
+    its derivative with respect to them."""
+    if logits.shape[1] == 1:
+        wanted = targets.double()
+        loss = nn.functional.binary_cross_entropy_with_logits(logits[:, 0], wanted, reduction="sum")
+        return float(loss), (torch.sigmoid(logits[:, 0]) - wanted)[:, None]
+    log_proba = logits.log_softmax(dim=1)
+    loss = -log_proba.gather(1, targets[:, None]).sum()
+    slopes = log_proba.exp()
+    slopes[torch.arange(len(targets)), targets] -= 1
+    return float(loss), slopes
