@@ -68,6 +68,18 @@ def test_a_far_away_input_is_unknown_and_validation_mostly_passes():
     assert (novelty.score(torch.as_tensor(fresh)) <= novelty.threshold).float().mean() > 0.85
 
 
+def test_a_large_split_is_scored_in_parts_as_it_is_whole(monkeypatch):
+    from transferlab.inference import trust
+
+    centres = np.eye(8)[:2] * 5 + 1
+    train, train_labels = clusters(300, 0, centres)
+    novelty = Novelty.fit(train, train_labels)
+    inputs = torch.as_tensor(clusters(250, 1, centres)[0])
+    whole = novelty.score(inputs)
+    monkeypatch.setattr(trust, "SCORE_ROWS", 64)  # 250 rows: three parts of 64 and one of 58
+    assert torch.allclose(novelty.score(inputs), whole) and whole.shape == (250,)
+
+
 def test_an_empty_split_is_measured_as_empty():  # flowers-12 has train/ and val/, no test/
     from transferlab.evaluation.heldout import measure
     from transferlab.inference.trust import Trust
