@@ -6,8 +6,9 @@ the validation and test embeddings. Here the same model is fitted with the embed
 chunks: a StandardScaler by partial_fit, then the same objective (cross-entropy summed over the
 images, plus half the squared L2 norm of the weights, C = 1; the intercept is not penalised;
 a binary problem has one logit) minimised by torch's L-BFGS, each evaluation one pass over the
-chunks, with the gradient computed directly rather than by autograd. The result quacks like the Pipeline(StandardScaler, LogisticRegression) it stands in for,
-so models.heads.head_from_sklearn transplants it unchanged.
+chunks, with the gradient computed directly rather than by autograd. The result quacks like the
+Pipeline(StandardScaler, LogisticRegression) it stands in for, so models.heads.head_from_sklearn
+transplants it unchanged.
 
 The chunks come from a RowFile: float32 rows in an anonymous temporary file, read back with plain
 reads. Not a memory map: its pages would count as the process's memory once touched.
@@ -52,11 +53,7 @@ class RowFile:
         buffer = np.empty((min(rows, self.rows), self.width or 0), dtype=np.float32) if reuse else None
         for start in range(0, self.rows, rows):
             count = min(rows, self.rows - start)
-            if buffer is None:
-                yield np.fromfile(self.file, dtype=np.float32, count=count * self.width
-                                  ).reshape(-1, self.width)
-                continue
-            chunk = buffer[:count]
+            chunk = buffer[:count] if reuse else np.empty((count, self.width), dtype=np.float32)
             if self.file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
                 raise OSError(f"{self.file.name}: the row file ended early")
             yield chunk
