@@ -18,7 +18,9 @@ from transferlab.errors import ConfigError, ExportError
 from transferlab.inference import graphs
 from transferlab.inference.backends import load_model
 from transferlab.inference.embeddings import embed_files
-from transferlab.inference.engines import TorchEngine
+from transferlab.inference.engines import TorchEngine, torch_threads
+from transferlab.inference.predictor import Predictor
+from transferlab.inference.trust import Trust
 from transferlab.inference.graphs import (AUTO_BUILD_IMAGES, GraphEngine, GraphSpec, choose_engine,
                                           compile_engine)
 
@@ -305,3 +307,43 @@ def test_engines_say_whether_decoding_beside_them_gains(builds, tmp_path):
     assert engine.overlap_decoding and not TorchEngine(tiny_backbone(), PRE).overlap_decoding
     engine.fallback = "strayed"
     assert not engine.overlap_decoding
+
+
+class ThreadedGraph:
+    """An engine with threads of its own beside torch's, as OpenVINO's and ONNX Runtime's are."""
+
+    device = CPU
+    overlap_decoding = True
+
+    def __call__(self, images, precision="32"):
+        return torch.zeros(len(images), 2), torch.ones(len(images), 8)
+
+
+def test_torch_threads_is_scoped_to_the_block():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+
+
+def test_beside_a_graph_engine_the_scores_run_in_one_torch_thread(monkeypatch):
+    """A second torch thread spins after each small sum, on the cores the graph's threads need."""
+    threads, probabilities = [], Trust.probabilities
+    monkeypatch.setattr(Trust, "probabilities", lambda trust, logits: threads.append(
+        torch.get_num_threads()) or probabilities(trust, logits))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = ThreadedGraph()
+        scores = Predictor(engine, ["a", "b"], PRE).score_batch(pixels())
+        engine.overlap_decoding = False  # torch's own network: its threads are the engine's
+        Predictor(engine, ["a", "b"], PRE).score_batch(pixels())
+        assert threads == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(scores.proba, 0.5)

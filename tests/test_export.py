@@ -68,6 +68,14 @@ def test_the_batch_axis_is_dynamic(exported):
         torch.testing.assert_close(got_features, features, atol=1e-4, rtol=1e-4)
 
 
+def test_onnx_runtime_threads_do_not_spin_between_batches(exported):
+    """They would spin on the cores torch's threads need between batches (engines.OnnxEngine)."""
+    options = OnnxEngine(exported[1].path, load_network(exported[0])[1].preprocessing
+                         ).session.get_session_options()
+    for pool in ("intra_op", "inter_op"):
+        assert options.get_session_config_entry(f"session.{pool}.allow_spinning") == "0"
+
+
 def test_without_images_the_check_uses_noise_and_says_so(tiny_run, tmp_path):
     result = export_onnx(_copy_bundle(tiny_run, tmp_path))
     assert result.parity["source"] == "random-noise" and result.parity["images"] == 8

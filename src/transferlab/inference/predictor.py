@@ -19,7 +19,7 @@ from ..data.transforms import Preprocessing, eval_transform
 from ..options import check
 from .batches import progress_bar, run_batches
 from .bundle import BundleConfig
-from .engines import Engine, engine_precision
+from .engines import Engine, engine_precision, torch_threads
 from .trust import Trust
 
 UNKNOWN = "unknown"  # the answer instead of a class, with reject_unknown, for a novel input
@@ -134,11 +134,16 @@ class Predictor:
     def _scores(self, images: torch.Tensor, precision: str, tta: bool) -> Scores:
         views = [images, images.flip(dims=(3,))] if tta else [images]
         proba, novelty = [], []
+        # Beside a graph engine, torch's small sums run in one thread: a second one keeps spinning
+        # after each on the cores the graph's threads need. OpenVINO's Lite0 ran at 258 against
+        # 345 images/s at batch 4 and 300 against 322 at 32 (2 cores, with a novelty bank).
+        beside_graph = getattr(self.engine, "overlap_decoding", False)
         for view in views:
             logits, features = self.outputs(view, precision)
-            proba.append(self.trust.probabilities(logits))
-            if self.trust.novelty is not None and features is not None:
-                novelty.append(self.trust.novelty.score(features))
+            with torch_threads(1 if beside_graph else None):
+                proba.append(self.trust.probabilities(logits))
+                if self.trust.novelty is not None and features is not None:
+                    novelty.append(self.trust.novelty.score(features))
         scores = Scores((sum(proba) / len(proba)).numpy())
         if novelty:
             scores.novelty = (sum(novelty) / len(novelty)).numpy()
