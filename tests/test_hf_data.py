@@ -190,3 +190,28 @@ def test_a_hub_name_that_cannot_be_loaded_is_one_line(monkeypatch, capsys):
     assert stop.value.code == 2
     assert "hf:someone/beans: could not load 'someone/beans' from the Hugging Face hub" in (
         capsys.readouterr().err.replace("\n", ""))
+
+
+def test_evaluate_and_audit_take_the_columns_train_took(image_folder, tmp_path):
+    files = _files(image_folder)
+    classes = sorted({f.parent.name for f in files})
+    dataset = datasets.Dataset.from_dict(
+        {"picture": [{"bytes": f.read_bytes(), "path": None} for f in files],
+         "kind": [f.parent.name for f in files]}).cast_column("picture", datasets.Image())
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    data, columns = f"hf:{tmp_path / 'saved'}", ["--image-column", "picture", "--label-column", "kind"]
+    run = _train(ImageFolderData(data, cache_dir=None, image_column="picture", label_column="kind"),
+                 tmp_path / "run")
+    assert run.metrics["classes"] == classes
+    evaluated = CliRunner().invoke(app, ["evaluate", str(run.model_dir), data, *columns, "-q",
+                                         "--out", str(tmp_path / "evaluated")])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((tmp_path / "evaluated" / "metrics.json").read_text())
+    assert metrics["classes"] == classes and metrics["data"]["images"] == len(files)
+    audited = CliRunner().invoke(app, ["audit", data, *columns, "--backbone", TINY_BACKBONE,
+                                       "--weights", "none", "--no-cache", "-q",
+                                       "--out", str(tmp_path / "audited")])
+    assert audited.exit_code == 0, audited.output
+    assert json.loads((tmp_path / "audited" / "audit.json").read_text())["counts"]["images"] == len(files)
+    without = CliRunner().invoke(app, ["evaluate", str(run.model_dir), data, "-q"])
+    assert isinstance(without.exception, ConfigError) and "--image-column" in str(without.exception)

@@ -16,8 +16,9 @@ from .flags import flag
 
 @app.command()
 def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such as runs/NAME/model."),
-             data: Path = typer.Argument(..., help="Labelled folder: one sub-folder per class, named "
-                                         "as the model's classes."),
+             data: Path = typer.Argument(..., help="Labelled data, as train takes it (a folder, a "
+                                         "CSV, or hf:PATH_OR_NAME[:config]), its classes named as "
+                                         "the model's."),
              split: str = flag("split", default="all"),
              seed: int = flag("seed", default=0),
              val: float = flag("val", default=0.15),
@@ -32,6 +33,8 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
              engine: Optional[str] = flag("engine"),
              max_pixels: Optional[int] = flag("max_pixels"),
              layout: Optional[str] = flag("layout"),
+             image_column: Optional[str] = flag("image_column"),
+             label_column: Optional[str] = flag("label_column"),
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results an --out "
                                             "folder holds."),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")):
@@ -44,7 +47,8 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
 
     check({"split": split})
     dataset = ImageFolderData(data, val=val, test=test, seed=seed, min_classes=1 if split == "all" else 2,
-                              **given(max_pixels=max_pixels, layout=layout))
+                              **given(max_pixels=max_pixels, layout=layout,
+                                      image_column=image_column, label_column=label_column))
     result = evaluate_model(model, dataset, out=out_dir, split=split, show_progress=not quiet,
                             overwrite=overwrite,
                             **given(batch_size=batch_size, precision=precision, device=device,
