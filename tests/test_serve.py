@@ -2,6 +2,7 @@
 through its page in headless Chromium."""
 
 import asyncio
+import inspect
 import io
 import os
 import shutil
@@ -165,6 +166,14 @@ def test_health_model_page_and_docs(client, classes):
     form = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["properties"]["file"]["items"]["format"] == "binary"
     assert {"200", "400", "413", "415", "422"} <= set(predict["responses"])
+
+
+def test_every_route_of_ours_runs_on_the_event_loop(client):
+    """A plain function would run in FastAPI's shared pool of threads (see deploy.threads)."""
+    ours = [route for route in client.app.routes
+            if getattr(route, "path", None) in ("/", "/health", "/model", "/predict")]
+    assert len(ours) == 4
+    assert all(inspect.iscoroutinefunction(route.endpoint) for route in ours)
 
 
 def test_unknown_routes_answer_in_the_same_error_shape(client):

@@ -278,16 +278,18 @@ def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, parser: Thre
         encoding="utf-8")
     limits = classifier.limits
 
+    # Coroutines, though nothing here awaits: FastAPI runs a plain function in its shared pool of
+    # threads, two thread switches a call (and the pool's heap arenas, see Threads)
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> HTMLResponse:
+    async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok"}
 
     @app.get("/model")
-    def model() -> dict:
+    async def model() -> dict:
         return classifier.describe()
 
     @app.post("/predict", response_model=PredictResponse, responses=_ERRORS,
