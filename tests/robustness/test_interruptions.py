@@ -346,6 +346,30 @@ def test_head_killed_twice_while_training_resumes_to_a_complete_run(image_folder
     assert len(list((run_dir / "logs").glob("events.out.tfevents.*"))) == 3  # one per process
 
 
+def test_auto_killed_while_fine_tuning_resumes_to_a_complete_run(image_folder, tmp_path):
+    """auto reruns its cheap steps (extract, the epoch timing) and its fine-tuning goes on from the
+    checkpoint; the run ends with auto's record of what it tried."""
+    run_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
+    process = start_train(image_folder, "--strategy", "auto", "--time-budget", "10m", *TINY,
+                          "--batch-size", 8, "--out", run_dir, "--no-cache", log=log)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    kill_when(process, lambda: checkpoint.is_file() and epochs_in(run_dir), 0, log)
+    done = epochs_in(run_dir)
+    first_epoch = (run_dir / "history.csv").read_text().splitlines()[1]  # with its seconds
+    assert done and not (run_dir / "metrics.json").exists()
+    check_run_dir(run_dir, finished=False)
+
+    resume(run_dir, log)
+    check_run_dir(run_dir, finished=True)
+    assert epochs_in(run_dir) == list(range(len(epochs_in(run_dir)))) and len(epochs_in(run_dir)) > len(done)
+    assert (run_dir / "history.csv").read_text().splitlines()[1] == first_epoch  # not trained again
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    extract, tuned = metrics["auto"]["tried"]
+    assert extract["strategy"] == "extract" and tuned["strategy"].startswith("finetune")
+    assert "skipped" not in tuned and metrics["test"]["accuracy"] is not None
+    assert len(list((run_dir / "logs").glob("events.out.tfevents.*"))) == 2  # one per process
+
+
 @pytest.mark.parametrize("state", ["no directory", "empty directory", "split.json only"])
 def test_resume_before_run_json_is_one_clear_error(state, image_folder, tmp_path, monkeypatch, capsys):
     """A kill before run.json exists leaves nothing to resume: one line says so and what to do."""
