@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import struct
+import time
 import zlib
 
 import httpx
@@ -232,6 +233,31 @@ def test_the_batcher_gathers_concurrent_items_and_survives_a_failing_batch():
     asyncio.run(scenario())
     assert sum(sizes[:-2]) == 11 and max(sizes) <= 4 and len(sizes) - 2 < 11  # batched, capped
     assert all(size & (size - 1) == 0 for size in sizes), sizes  # 1, 2, 4: few shapes, flat memory
+
+
+def test_the_batcher_starts_each_batch_without_waiting_for_the_event_loop():
+    """Batches follow one another in the batcher's thread while the loop is busy elsewhere (it
+    parses and answers requests meanwhile); only the results wait for the loop."""
+    started = []
+
+    def run_batch(items):
+        started.append(items)
+        time.sleep(0.02)
+        return items
+
+    async def scenario():
+        batcher = MicroBatcher(run_batch, max_batch=1)
+        await batcher.start()
+        answers = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0)  # the three are submitted
+        time.sleep(0.5)  # the event loop busy: no batch may wait for it
+        assert started == [[0], [1], [2]]
+        assert await asyncio.gather(*answers) == [0, 1, 2]
+        await batcher.stop()
+        with pytest.raises(RuntimeError, match="not running"):
+            await batcher.submit(3)
+
+    asyncio.run(scenario())
 
 
 def colored_jpeg(index: int) -> bytes:

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Sequence
-
-from starlette.concurrency import run_in_threadpool
+import collections
+import threading
+import time
+from typing import Any, Callable, Sequence
 
 
 class MicroBatcher:
-    """Calls `run_batch(items) -> results` (one result per item, in order) through `run_in_thread`
-    (the shared worker pool unless given) on up to `max_batch` items submitted by concurrent
-    callers.
+    """Calls `run_batch(items) -> results` (one result per item, in order) in a thread of its own
+    (named `name`) on up to `max_batch` items submitted by concurrent callers on the event loop.
 
     One batch runs at a time; whatever is submitted meanwhile forms the next one, so batches grow
     with the load without delaying a lone request. `window_ms` > 0 also waits that long after the
     first item of a batch for others to join. If `run_batch` raises, every caller in that batch gets
     the exception, and the batcher carries on with the next batch.
+
+    The thread takes the next batch as soon as one ends, and hands the results to the event loop
+    without waiting for it. Started from the loop instead, each batch waited for the loop to get
+    round to it: under 8 one-image clients on Lite0 the engine stood idle a median 2.5 ms between
+    batches of 4 (batches of 16.7 ms), 11% of the time.
 
     Batches hold 1, 2, 4, 8, ... items: of 13 waiting, 8 run and 5 start the next batch, which
     newcomers join. A network on the CPU keeps memory for each batch shape it has seen (oneDNN's
@@ -30,63 +35,87 @@ class MicroBatcher:
     """
 
     def __init__(self, run_batch: Callable[[list], Sequence], max_batch: int = 32,
-                 window_ms: float = 0.0, run_in_thread: Callable[..., Awaitable] = run_in_threadpool):
-        self.run_batch, self.run_in_thread = run_batch, run_in_thread
+                 window_ms: float = 0.0, name: str = "network"):
+        self.run_batch, self.name = run_batch, name
         self.max_batch = max_batch
         self.window_s = window_ms / 1000
-        self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
+        self._waiting: collections.deque = collections.deque()  # (item, future), oldest first
+        self._wake = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     async def start(self) -> None:
-        """Start collecting; call from the event loop that will submit (the app's lifespan)."""
-        self._queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        """Start the thread; call from the event loop that will submit (the app's lifespan)."""
+        self._loop, self._stopping = asyncio.get_running_loop(), False
+        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is None:
+        """Fail what waits; the batch running, if any, finishes in the thread unheard."""
+        if self._thread is None:
             return
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        queued = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
-        _fail(queued, RuntimeError("the service is shutting down"))
-        self._task = None
+        with self._wake:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self._wake.notify()
+        _fail(waiting, RuntimeError("the service is shutting down"))
+        self._thread = None
 
     async def submit(self, item: Any) -> Any:
         """The result of `item`, computed in some batch."""
-        if self._task is None or self._task.done():
+        if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("MicroBatcher is not running: call start() first (the app's "
                                "lifespan does, e.g. `with TestClient(app)`)")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
+        future = self._loop.create_future()
+        with self._wake:
+            self._waiting.append((item, future))
+            self._wake.notify()
         return await future
 
-    async def _loop(self) -> None:
+    def _serve(self) -> None:
         carried: list = []  # the items left over from the last batch, the first of the next
         while True:
-            pending = carried or [await self._queue.get()]
-            if self.window_s and not carried:
-                await asyncio.sleep(self.window_s)
-            while len(pending) < self.max_batch and not self._queue.empty():
-                pending.append(self._queue.get_nowait())
-            pending = [(item, future) for item, future in pending if not future.done()]  # gone
-            size = 1 << len(pending).bit_length() - 1 if pending else 0  # a power of two, see above
-            pending, carried = pending[:size], pending[size:]
-            if not pending:
+            batch, carried = self._next_batch(carried)
+            if batch is None:
+                return
+            if not batch:
                 continue
             try:
-                results = await self.run_in_thread(self.run_batch, [item for item, _ in pending])
-            except asyncio.CancelledError:
-                _fail(pending + carried, RuntimeError("the service is shutting down"))
-                raise
+                outcome: tuple = (self.run_batch([item for item, _ in batch]), None)
             except Exception as error:  # noqa: BLE001 - handed to the callers, who report it
-                _fail(pending, error)
-                continue
-            for (_, future), result in zip(pending, results):
-                if not future.done():
-                    future.set_result(result)
+                outcome = (None, error)
+            try:
+                self._loop.call_soon_threadsafe(_deliver, batch, *outcome)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                return
+
+    def _next_batch(self, carried: list) -> tuple[list | None, list]:
+        """(the next batch, the items carried over to the one after); None once stopping."""
+        with self._wake:
+            while not (carried or self._waiting or self._stopping):
+                self._wake.wait()
+            if self._stopping:
+                return None, []
+        if self.window_s and not carried:
+            time.sleep(self.window_s)
+        with self._wake:
+            pending = carried
+            while len(pending) < self.max_batch and self._waiting:
+                pending.append(self._waiting.popleft())
+        pending = [(item, future) for item, future in pending if not future.done()]  # gone
+        size = 1 << len(pending).bit_length() - 1 if pending else 0  # a power of two, see above
+        return pending[:size], pending[size:]
+
+
+def _deliver(batch: list, results: Sequence | None, error: BaseException | None) -> None:
+    """On the event loop: each caller's result, or the batch's error."""
+    if error is not None:
+        _fail(batch, error)
+        return
+    for (_, future), result in zip(batch, results):
+        if not future.done():
+            future.set_result(result)
 
 
 def _fail(pending: list, error: BaseException) -> None:

@@ -131,7 +131,7 @@ class Classifier:
         self.backend, self.limits, self.reject_unknown = backend, limits, reject_unknown
         self.decoders = Threads("decode", os.cpu_count() or 1)
         self.network = Threads("network")
-        self.batcher = (MicroBatcher(self.run_batch, max_batch, window_ms, self.network.run)
+        self.batcher = (MicroBatcher(self.run_batch, max_batch, window_ms, name="network")
                         if max_batch > 1 else None)
 
     def close(self) -> None:
