@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import struct
+import threading
 import time
 import zlib
 
@@ -258,6 +259,38 @@ def test_the_batcher_starts_each_batch_without_waiting_for_the_event_loop():
             await batcher.submit(3)
 
     asyncio.run(scenario())
+
+
+def test_a_stopped_batcher_fails_what_waits_and_starts_again_with_a_thread_of_its_own():
+    gate, calls = threading.Semaphore(0), []
+
+    def run_batch(items):
+        calls.append(items)
+        assert gate.acquire(timeout=5)
+        return items
+
+    async def scenario():
+        batcher = MicroBatcher(run_batch, max_batch=4)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit("first"))
+        await asyncio.sleep(0.05)  # running, held at the gate
+        a, b, c = (asyncio.ensure_future(batcher.submit(x)) for x in "abc")
+        await asyncio.sleep(0.05)
+        gate.release()
+        assert await first == "first"
+        await asyncio.sleep(0.05)  # [a, b] running (a power of two), c carried over
+        await batcher.stop()
+        await batcher.start()  # while the old thread still runs [a, b]
+        d = asyncio.ensure_future(batcher.submit("d"))
+        gate.release()
+        gate.release()
+        assert (await a, await b, await d) == ("a", "b", "d")
+        with pytest.raises(RuntimeError, match="shutting down"):
+            await c  # carried by the stopped thread: failed, not lost
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert calls == [["first"], ["a", "b"], ["d"]]
 
 
 def colored_jpeg(index: int) -> bytes:

@@ -9,6 +9,9 @@ import time
 from typing import Any, Callable, Sequence
 
 
+SHUTTING_DOWN = "the service is shutting down"
+
+
 class MicroBatcher:
     """Calls `run_batch(items) -> results` (one result per item, in order) in a thread of its own
     (named `name`) on up to `max_batch` items submitted by concurrent callers on the event loop.
@@ -43,12 +46,13 @@ class MicroBatcher:
         self._wake = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._stopped = threading.Event()  # the running thread's: a restart gets a new one
 
     async def start(self) -> None:
         """Start the thread; call from the event loop that will submit (the app's lifespan)."""
-        self._loop, self._stopping = asyncio.get_running_loop(), False
-        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+        self._loop, self._stopped = asyncio.get_running_loop(), threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(self._stopped,), name=self.name,
+                                        daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
@@ -56,10 +60,10 @@ class MicroBatcher:
         if self._thread is None:
             return
         with self._wake:
-            self._stopping = True
+            self._stopped.set()
             waiting, self._waiting = list(self._waiting), collections.deque()
-            self._wake.notify()
-        _fail(waiting, RuntimeError("the service is shutting down"))
+            self._wake.notify_all()
+        _fail(waiting, RuntimeError(SHUTTING_DOWN))
         self._thread = None
 
     async def submit(self, item: Any) -> Any:
@@ -73,30 +77,32 @@ class MicroBatcher:
             self._wake.notify()
         return await future
 
-    def _serve(self) -> None:
+    def _serve(self, stopped: threading.Event) -> None:
         carried: list = []  # the items left over from the last batch, the first of the next
-        while True:
-            batch, carried = self._next_batch(carried)
-            if batch is None:
-                return
-            if not batch:
-                continue
-            try:
-                outcome: tuple = (self.run_batch([item for item, _ in batch]), None)
-            except Exception as error:  # noqa: BLE001 - handed to the callers, who report it
-                outcome = (None, error)
-            try:
-                self._loop.call_soon_threadsafe(_deliver, batch, *outcome)
-            except RuntimeError:  # the loop has closed: nobody is waiting any more
-                return
+        while not stopped.is_set():
+            batch, carried = self._next_batch(carried, stopped)
+            if batch:
+                try:
+                    outcome: tuple = (self.run_batch([item for item, _ in batch]), None)
+                except Exception as error:  # noqa: BLE001 - handed to the callers, who report it
+                    outcome = (None, error)
+                self._hand_back(batch, *outcome)
+        self._hand_back(carried, None, RuntimeError(SHUTTING_DOWN))
 
-    def _next_batch(self, carried: list) -> tuple[list | None, list]:
-        """(the next batch, the items carried over to the one after); None once stopping."""
+    def _hand_back(self, batch: list, results: Sequence | None, error: BaseException | None) -> None:
+        if batch:
+            try:
+                self._loop.call_soon_threadsafe(_deliver, batch, results, error)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                pass
+
+    def _next_batch(self, carried: list, stopped: threading.Event) -> tuple[list | None, list]:
+        """(the next batch, the items carried over to the one after); no batch once stopped."""
         with self._wake:
-            while not (carried or self._waiting or self._stopping):
+            while not (carried or self._waiting or stopped.is_set()):
                 self._wake.wait()
-            if self._stopping:
-                return None, []
+            if stopped.is_set():
+                return [], carried
         if self.window_s and not carried:
             time.sleep(self.window_s)
         with self._wake:
