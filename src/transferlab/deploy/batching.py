@@ -56,7 +56,8 @@ class MicroBatcher:
         self._thread.start()
 
     async def stop(self) -> None:
-        """Fail what waits; the batch running, if any, finishes in the thread unheard."""
+        """Fail what waits. A batch already running finishes, and its callers get their results
+        while the event loop runs; what its thread carried over to the next batch is failed."""
         if self._thread is None:
             return
         with self._wake:
