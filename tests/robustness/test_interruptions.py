@@ -16,7 +16,6 @@ write, a forked child kills itself there.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import hashlib
@@ -46,6 +45,7 @@ from transferlab.inference.bundle import load_network, save_model
 from transferlab.cli import main
 from transferlab.data.folder import ImageFolderData
 from transferlab.inference.embeddings import EmbeddingCache, embed_files
+from transferlab.inference.engines import torch_threads
 from transferlab.rundir.predictions import PredictionTable
 from transferlab.rundir.layout import HISTORY_COLUMNS
 from transferlab.data.synthetic import make_image_folder
@@ -94,16 +94,6 @@ def killed_inside(target, *args) -> None:
     child.start()
     child.join(timeout=60)
     assert child.exitcode == -signal.SIGKILL, f"the child was not killed (exit code {child.exitcode})"
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def die(*_args, **_kwargs):
@@ -286,7 +276,7 @@ def test_extract_killed_while_embedding_resumes_to_the_clean_result(shapes_400, 
     check_run_dir(run_dir, finished=False)
     # kills inside the two kinds of atomic write, which a random kill rarely hits: a file and a bundle
     killed_inside(_write_half_metrics, run_dir)
-    with one_torch_thread():  # as in the subprocesses: fp32 sums depend on how threads split them
+    with torch_threads(1):  # as in the subprocesses: fp32 sums depend on how threads split them
         clean = train(shapes_400, backbone=TINY_BACKBONE, weights="none", batch_size=2,
                       out=tmp_path / "clean", cache_dir=str(tmp_path / "clean-cache"), show_progress=False)
     net, config = load_network(clean.model_dir)

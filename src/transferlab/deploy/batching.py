@@ -97,7 +97,7 @@ class MicroBatcher:
             except RuntimeError:  # the loop has closed: nobody is waiting any more
                 pass
 
-    def _next_batch(self, carried: list, stopped: threading.Event) -> tuple[list | None, list]:
+    def _next_batch(self, carried: list, stopped: threading.Event) -> tuple[list, list]:
         """(the next batch, the items carried over to the one after); no batch once stopped."""
         with self._wake:
             while not (carried or self._waiting or stopped.is_set()):

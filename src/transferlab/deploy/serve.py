@@ -130,13 +130,15 @@ class Classifier:
         self.predictor = load_model(model_dir, backend=backend, device=device, engine=engine)
         self.backend, self.limits, self.reject_unknown = backend, limits, reject_unknown
         self.decoders = Threads("decode", os.cpu_count() or 1)
-        self.network = Threads("network")
+        # the network's one thread: the batcher's own, or (max_batch 1) a Threads of one
         self.batcher = (MicroBatcher(self.run_batch, max_batch, window_ms, name="network")
                         if max_batch > 1 else None)
+        self.network = None if self.batcher else Threads("network")
 
     def close(self) -> None:
         self.decoders.close()
-        self.network.close()
+        if self.network:
+            self.network.close()
 
     def run_batch(self, images: list[torch.Tensor]) -> list[Scores]:
         """Scores for uint8 CHW images, one each (called in the network's thread)."""
