@@ -91,6 +91,22 @@ def test_auto_follows_the_table_per_device(monkeypatch):
         choose_engine("openvino", CPU)
 
 
+def test_autos_first_cpu_engine_is_installed_with_transferlab_on_x86_64():
+    """auto can only pick the fastest engine if it is there: openvino comes with a plain
+    `pip install transferlab` on x86-64 (where it was measured), and only with the extra elsewhere."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    core = [Requirement(line) for line in requires("transferlab") if "extra ==" not in line]
+    engines = [req for req in core if req.name == graphs.AUTO_ORDER["cpu"][0]]
+    assert len(engines) == 1
+    marker = engines[0].marker
+    assert marker.evaluate({"platform_machine": "x86_64", "sys_platform": "linux"})
+    assert marker.evaluate({"platform_machine": "AMD64", "sys_platform": "win32"})
+    assert not marker.evaluate({"platform_machine": "aarch64", "sys_platform": "linux"})
+
+
 def test_openvino_on_a_gpu_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="runs on the CPU, not cuda; use --engine auto or torch"):
         choose_engine("openvino", CUDA)

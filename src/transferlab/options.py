@@ -295,8 +295,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            "image, into this folder (torch backend only).", Text(), requires=("backend", ("torch",))),
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
-    Option("export_format", str, "onnx; openvino (IR: model.xml + model.bin; needs "
-           "transferlab[openvino]); tflite (LiteRT: model.tflite; needs transferlab[tflite]); "
+    Option("export_format", str, "onnx; openvino (IR: model.xml + model.bin; its int8, and "
+           "openvino off x86-64, need transferlab[openvino]); tflite (LiteRT: model.tflite; needs transferlab[tflite]); "
            "coreml (model.mlpackage; needs transferlab[coreml]).",
            OneOf(registry="export_format"),
            "onnx", flag="--format"),

@@ -2,7 +2,8 @@
 weights, model.bin), converted from the same ONNX graph `--format onnx` writes, kept in fp32 and
 checked against torch like the ONNX export before it is kept. With `--quantize int8`, NNCF's
 post-training quantisation calibrated on the run's validation images (model.int8.xml and .bin).
-The openvino and nncf packages are an optional extra (`pip install 'transferlab[openvino]'`)."""
+openvino is installed with transferlab on x86-64; nncf (for int8), and openvino elsewhere, come
+with the extra `pip install 'transferlab[openvino]'`."""
 
 from __future__ import annotations
 
