@@ -106,6 +106,29 @@ def test_a_trickling_body_is_cut_off_by_the_rate_floor():
     assert slow.status == 408 and slow.code == "body_timeout" and "bytes/s" in slow.message
 
 
+def test_a_body_is_cut_off_at_its_deadline_however_fast_it_came_before():
+    """The deadline holds across chunks: 20 quick bytes, then nothing, is refused once the
+    overall timeout passes, naming it, with what had come; a body within its time is whole."""
+    async def scenario():
+        whole = await read_body(_trickle(b"z" * 5, 0.001), 10**6, timeout=5)
+        started = time.monotonic()
+        with pytest.raises(UploadError) as stalled:
+            await read_body(_stalls_after(b"x" * 20), 10**6, timeout=0.3)
+        return whole, stalled.value, time.monotonic() - started
+
+    whole, stalled, seconds = asyncio.run(scenario())
+    assert whole == b"z" * 5
+    assert stalled.status == 408 and stalled.code == "body_timeout"
+    assert "after 0.3 s (20 bytes came)" in stalled.message
+    assert 0.3 <= seconds < 2
+
+
+async def _stalls_after(data: bytes):
+    yield data
+    await asyncio.sleep(60)
+    yield b"never"
+
+
 def test_connections_that_never_send_headers_are_closed(tiny_run, tmp_path):
     with running_server(tiny_run.model_dir, tmp_path / "server.log", "--max-batch", "1") as (url, _):
         port = int(url.rsplit(":", 1)[1])

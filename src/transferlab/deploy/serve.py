@@ -262,16 +262,22 @@ class Turns:
 
     @contextlib.asynccontextmanager
     async def take(self):
+        try:  # a free turn (never one a waiter is owed: release hands those over directly)
+            self.semaphore.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._wait()
+        try:
+            yield
+        finally:
+            self.semaphore.release()
+
+    async def _wait(self) -> None:
         try:
             with anyio.fail_after(BUSY_WAIT_S):
                 await self.semaphore.acquire()
         except TimeoutError:
             raise ServiceBusy(f"{self.count} requests are being served and more are waiting: retry "
                               f"in {RETRY_AFTER_S} s") from None
-        try:
-            yield
-        finally:
-            self.semaphore.release()
 
 
 def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, parser: Threads,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator, BinaryIO, Callable
 
@@ -54,21 +53,22 @@ async def read_body(chunks: AsyncIterator[bytes], limit: int, declared: str | No
     # Returned as the bytearray it was read into: a large one grows in place (glibc remaps it), and
     # copying it into bytes held two copies of the body at once.
     body = bytearray()
-    started = time.monotonic()
-    iterator = chunks.__aiter__()
-    while True:
-        # the next byte is due by the overall deadline and by the rate floor, whichever is first
-        due = min(timeout, grace + (len(body) + 1) / min_rate if min_rate else math.inf)
-        try:
-            with anyio.fail_after(max(0.0, due - (time.monotonic() - started))):
-                chunk = await iterator.__anext__()
-        except StopAsyncIteration:
-            return body
-        except TimeoutError:
-            raise _too_slow(body, time.monotonic() - started, timeout, min_rate) from None
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
+    started = anyio.current_time()
+
+    def due() -> float:  # the next byte: by the overall deadline or the rate floor, the first
+        return started + min(timeout, grace + (len(body) + 1) / min_rate if min_rate else math.inf)
+
+    # One cancel scope whose deadline moves on with each chunk: entering a scope per chunk took
+    # longer than the rest of reading a one-image body
+    with anyio.CancelScope(deadline=due()) as scope:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(limit)
+            scope.deadline = due()
+    if scope.cancelled_caught:
+        raise _too_slow(body, anyio.current_time() - started, timeout, min_rate)
+    return body
 
 
 def _too_slow(body: bytearray, seconds: float, timeout: float, min_rate: float) -> UploadError:
