@@ -3,6 +3,7 @@ from extract's classifier), label smoothing, the warm-up of the cosine schedule,
 under a time budget, and the Lite1/Lite2 offline backbones."""
 
 import importlib.util
+import json
 import math
 
 import numpy as np
@@ -133,6 +134,43 @@ def test_auto_fine_tunes_within_its_budget_and_keeps_the_lower_val_loss(image_fo
     assert kept["val_loss_calibrated"] <= extract["val_loss_calibrated"]
     assert auto["seconds"] <= auto["budget_s"]
     assert "auto" in (run.dir / "report.html").read_text()
+
+
+def test_auto_writes_its_plan_before_fine_tuning(image_folder, tmp_path):
+    run = train(image_folder, strategy="auto", out=tmp_path / "auto", time_budget="10m", **FAST)
+    plan = json.loads((run.dir / "auto-plan.json").read_text())
+    auto = run.metrics["auto"]
+    assert plan["backbone"] == TINY_BACKBONE and plan["budget_s"] == 600
+    assert auto["tried"][-1]["strategy"] == f"finetune ({plan['epochs']} epochs)"
+    assert auto["resumed"] is False and auto["epoch_estimate_s"] == plan["epoch_estimate_s"]
+
+
+def test_auto_resumed_keeps_its_plan_without_timing_again(image_folder, tmp_path, monkeypatch):
+    """A plan in the run folder (a run resumed after fine-tuning began) gives the backbone, the
+    budget and the epochs: nothing is timed or chosen again, so the schedule stays the one begun."""
+    from transferlab.training.strategies import auto, get_strategy
+
+    (tmp_path / "auto-plan.json").write_text(json.dumps(
+        {"backbone": TINY_BACKBONE, "budget_s": 600.0, "epochs": 3, "epoch_estimate_s": 0.5}))
+    monkeypatch.setattr(auto.Speed, "measure", lambda *a, **k: pytest.fail("timed again"))
+    _, config = configure("auto", {"backbone": TINY_BACKBONE, "weights": "none", "batch_size": 8,
+                                   "cache_dir": None, "time_budget": "10m"})
+    data = ImageFolderData(image_folder, cache_dir=None)
+    model = get_strategy("auto").fit(data, config, FitContext(tmp_path, False))
+    record = model.details["auto"]
+    assert record["resumed"] is True and record["budget_s"] == 600.0
+    assert [row["strategy"] for row in record["tried"]] == ["extract", "finetune (3 epochs)"]
+
+
+def test_auto_chooses_again_over_a_plan_it_did_not_write(image_folder, tmp_path, caplog):
+    from transferlab.training.strategies import get_strategy
+
+    (tmp_path / "auto-plan.json").write_text('{"backbone": 7, "epochs": "many"}')
+    _, config = configure("auto", {"backbone": TINY_BACKBONE, "weights": "none", "batch_size": 8,
+                                   "cache_dir": None, "time_budget": "0.01s"})
+    data = ImageFolderData(image_folder, cache_dir=None)
+    model = get_strategy("auto").fit(data, config, FitContext(tmp_path, False))
+    assert model.details["auto"]["resumed"] is False and "auto chooses" in caplog.text
 
 
 def test_training_stops_at_its_time_limit(image_folder, tmp_path):

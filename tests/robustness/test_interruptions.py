@@ -117,7 +117,7 @@ def check_run_dir(run_dir: Path, *, finished: bool) -> None:
     for path in files:
         name = path.relative_to(run_dir).as_posix()
         try:
-            if name in ("split.json", "run.json", "metrics.json"):
+            if name in ("split.json", "run.json", "metrics.json", "auto-plan.json"):
                 json.loads(path.read_text(encoding="utf-8"))
             elif name == "history.csv":
                 _check_history(path)
@@ -337,8 +337,9 @@ def test_head_killed_twice_while_training_resumes_to_a_complete_run(image_folder
 
 
 def test_auto_killed_while_fine_tuning_resumes_to_a_complete_run(image_folder, tmp_path):
-    """auto reruns its cheap steps (extract, the epoch timing) and its fine-tuning goes on from the
-    checkpoint; the run ends with auto's record of what it tried."""
+    """auto reruns extract (cheap) and keeps the plan it wrote before fine-tuning (backbone,
+    epochs), and its fine-tuning goes on from the checkpoint; the run ends with auto's record of
+    what it tried."""
     run_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
     process = start_train(image_folder, "--strategy", "auto", "--time-budget", "10m", *TINY,
                           "--batch-size", 8, "--out", run_dir, "--no-cache", log=log)
@@ -346,6 +347,7 @@ def test_auto_killed_while_fine_tuning_resumes_to_a_complete_run(image_folder, t
     kill_when(process, lambda: checkpoint.is_file() and epochs_in(run_dir), 0, log)
     done = epochs_in(run_dir)
     first_epoch = (run_dir / "history.csv").read_text().splitlines()[1]  # with its seconds
+    plan = (run_dir / "auto-plan.json").read_text()
     assert done and not (run_dir / "metrics.json").exists()
     check_run_dir(run_dir, finished=False)
 
@@ -355,7 +357,9 @@ def test_auto_killed_while_fine_tuning_resumes_to_a_complete_run(image_folder, t
     assert (run_dir / "history.csv").read_text().splitlines()[1] == first_epoch  # not trained again
     metrics = json.loads((run_dir / "metrics.json").read_text())
     extract, tuned = metrics["auto"]["tried"]
-    assert extract["strategy"] == "extract" and tuned["strategy"].startswith("finetune")
+    assert (run_dir / "auto-plan.json").read_text() == plan and metrics["auto"]["resumed"] is True
+    assert extract["strategy"] == "extract"
+    assert tuned["strategy"] == f"finetune ({json.loads(plan)['epochs']} epochs)"
     assert "skipped" not in tuned and metrics["test"]["accuracy"] is not None
     assert len(list((run_dir / "logs").glob("events.out.tfevents.*"))) == 2  # one per process
 

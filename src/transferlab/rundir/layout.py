@@ -15,6 +15,8 @@ A run (train), an evaluation (evaluate) and a comparison (compare) are folders l
     comparison.json   (a comparison) the rows of the table; marks the folder as a comparison
     audit/            the data audit of the training split (rundir/audit.py; `transferlab audit`
                       writes the same files at the top of its folder)
+    auto-plan.json    (strategy auto) the backbone, budget and fine-tuning epochs it chose, which
+                      a resumed run keeps
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 BEST_CHECKPOINT = "best"  # ModelCheckpoint's file name, which adds .ckpt
 LOGS_DIR = "logs"
+AUTO_PLAN_FILE = "auto-plan.json"
 COMPARISON_FILE = "comparison.json"
 COMPARISON_TABLES = ("comparison.csv", "comparison.md")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_loss_calibrated",
@@ -73,12 +76,13 @@ class RunDir:
     last_checkpoint = property(lambda self: self.path / CHECKPOINTS_DIR / LAST_CHECKPOINT)
     comparison = property(lambda self: self.path / COMPARISON_FILE)
     audit = property(lambda self: self.path / AUDIT_DIR)
+    auto_plan = property(lambda self: self.path / AUTO_PLAN_FILE)
 
 
 # What a run, an evaluation or a comparison writes: an --out holding any of them holds results.
 RUN_ENTRIES = (METRICS_FILE, RUN_FILE, SPLIT_FILE, HISTORY_FILE, REPORT_FILE, PREDICTIONS_FILE,
                MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR, COMPARISON_FILE, *COMPARISON_TABLES, AUDIT_DIR,
-               *AUDIT_FILES)
+               *AUDIT_FILES, AUTO_PLAN_FILE)
 
 
 def results_in(folder: str | Path) -> list[str]:

@@ -14,14 +14,18 @@
    extract's.
 
 Everything tried, with its seconds and val accuracy and loss, is recorded in metrics.json under
-"auto", and the report shows it.
+"auto", and the report shows it. The backbone, budget and epochs chosen are written to the run
+folder (auto-plan.json) before fine-tuning starts: a resumed run keeps them, reruns extract (from
+the embedding cache) and gives fine-tuning the budget again from its own start.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +35,8 @@ from ...data.transforms import Preprocessing, normalize
 from ...devices import autocast
 from ...models.backbones import DEFAULT_BACKBONE, create_backbone, offline_backbones
 from ...models.network import ClassifierNet, build_network
+from ...rundir.atomic import write_json
+from ...rundir.layout import RunDir
 from ..config import TrainConfig
 from ..module import VAL_SELECTION_METRIC
 from .base import COMMON_OPTIONS, FitContext, Strategy, TrainedModel, backbone_for
@@ -66,15 +72,15 @@ class Auto(Strategy):
 
     def fit(self, data: ImageFolderData, config: TrainConfig, context: FitContext) -> TrainedModel:
         started = time.perf_counter()
-        candidates = [config.backbone] if config.backbone else offline_backbones() or [
-            DEFAULT_BACKBONE]
-        speeds = {name: Speed.measure(name, config) for name in candidates}
-        budget = parse_duration(config.time_budget) if config.time_budget else max(
-            MIN_DEFAULT_BUDGET_S, PASSES_IN_DEFAULT_BUDGET * len(data.scan.images)
-            * min(speed.forward_s for speed in speeds.values()))
+        plan_file = RunDir(context.run_dir).auto_plan
+        plan = Plan.read(plan_file)  # a resumed run goes on with what it chose first
         tried: list[dict] = []
-        backbone = self._choose_backbone(data, config, context, speeds, budget, tried)
-        speed = speeds[backbone]
+        if plan is None:
+            speeds, budget = self._measure(data, config)
+            backbone = self._choose_backbone(data, config, context, speeds, budget, tried)
+        else:
+            budget, backbone = plan.budget_s, plan.backbone
+            log.info("auto: resuming its plan: %s, %d epochs of fine-tuning", backbone, plan.epochs)
         common = {name: getattr(config, name) for name in COMMON_OPTIONS - {"strategy"}}
         clock = time.perf_counter()
         extract = Extract()
@@ -84,23 +90,24 @@ class Auto(Strategy):
         best_loss, chosen = tried[-1][VAL_SELECTION_METRIC], "extract"
 
         remaining = budget - (time.perf_counter() - started)
-        epoch_s = speed.epoch_s(len(data.split["train"]), len(data.split["val"]))
-        finetune = Finetune()
-        epochs = min(int(remaining // epoch_s), finetune.defaults["epochs"])
-        if epochs >= MIN_FINETUNE_EPOCHS and best_loss is not None:
-            tuned_config = finetune.configure({**common, "backbone": backbone, "epochs": epochs}, {})
-            clock = time.perf_counter()
-            tuned = finetune.fit(data, tuned_config, replace(context, time_limit_s=remaining))
-            scores = _best_epoch(tuned)
-            tried.append(_row(f"finetune ({epochs} epochs)", backbone, time.perf_counter() - clock,
-                              scores))
+        resumed = plan is not None
+        if plan is None:
+            epoch_s = speeds[backbone].epoch_s(len(data.split["train"]), len(data.split["val"]))
+            epochs = min(int(remaining // epoch_s), Finetune.defaults["epochs"])
+            plan = Plan(backbone, round(budget, 1), epochs, round(epoch_s, 1))
+            if epochs >= MIN_FINETUNE_EPOCHS and best_loss is not None:
+                write_json(plan_file, asdict(plan))  # before its first checkpoint
+        if plan.epochs >= MIN_FINETUNE_EPOCHS and best_loss is not None:
+            tuned, scores = self._finetune(data, common, plan, replace(context, time_limit_s=remaining),
+                                           tried)
             improved = (tuned.details.get("kept") != "probe"  # else it is extract's model again
                         and scores[VAL_SELECTION_METRIC] is not None
                         and scores[VAL_SELECTION_METRIC] < best_loss)
             if improved:
                 best, best_loss, chosen = tuned, scores[VAL_SELECTION_METRIC], "finetune"
         else:
-            why = (f"{MIN_FINETUNE_EPOCHS} epochs take about {MIN_FINETUNE_EPOCHS * epoch_s:.0f} s; "
+            why = (f"{MIN_FINETUNE_EPOCHS} epochs take about "
+                   f"{MIN_FINETUNE_EPOCHS * plan.epoch_estimate_s:.0f} s; "
                    f"{max(0.0, remaining):.0f} s of the budget were left"
                    ) if best_loss is not None else "no validation images"
             tried.append({"strategy": "finetune", "backbone": backbone, "seconds": 0.0,
@@ -112,8 +119,34 @@ class Auto(Strategy):
         best.timings.train_s = elapsed
         best.details = {**best.details, "auto": {
             "budget_s": round(budget, 1), "seconds": round(elapsed, 1), "chosen": chosen,
-            "backbone": backbone, "epoch_estimate_s": round(epoch_s, 1), "tried": tried}}
+            "backbone": backbone, "epoch_estimate_s": plan.epoch_estimate_s, "resumed": resumed,
+            "tried": tried}}
         return best
+
+    @staticmethod
+    def _measure(data: ImageFolderData, config: TrainConfig) -> tuple[dict[str, "Speed"], float]:
+        """Each candidate backbone's speed, and the budget: the one given, else the default's
+        forward passes by the fastest candidate."""
+        candidates = [config.backbone] if config.backbone else offline_backbones() or [
+            DEFAULT_BACKBONE]
+        speeds = {name: Speed.measure(name, config) for name in candidates}
+        budget = parse_duration(config.time_budget) if config.time_budget else max(
+            MIN_DEFAULT_BUDGET_S, PASSES_IN_DEFAULT_BUDGET * len(data.scan.images)
+            * min(speed.forward_s for speed in speeds.values()))
+        return speeds, budget
+
+    @staticmethod
+    def _finetune(data: ImageFolderData, common: dict, plan: "Plan", context: FitContext,
+                  tried: list[dict]) -> tuple[TrainedModel, dict]:
+        """finetune for the plan's epochs, its row added to `tried`: (the model, its val scores)."""
+        finetune = Finetune()
+        config = finetune.configure({**common, "backbone": plan.backbone, "epochs": plan.epochs}, {})
+        clock = time.perf_counter()
+        tuned = finetune.fit(data, config, context)
+        scores = _best_epoch(tuned)
+        tried.append(_row(f"finetune ({plan.epochs} epochs)", plan.backbone,
+                          time.perf_counter() - clock, scores))
+        return tuned, scores
 
     def _choose_backbone(self, data: ImageFolderData, config: TrainConfig, context: FitContext,
                          speeds: dict[str, "Speed"], budget: float, tried: list[dict]) -> str:
@@ -136,6 +169,35 @@ class Auto(Strategy):
             tried.append({"strategy": "probe", "backbone": name, "seconds": round(seconds, 1),
                           "cv_accuracy": round(scores[name], 4)})
         return max(scores, key=lambda name: scores[name])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What auto chose for a run, kept in its folder (auto-plan.json) before fine-tuning starts: a
+    resumed run goes on with the same backbone and number of epochs (the learning-rate schedule
+    spans them) instead of choosing again from a new timing of a busier or quieter machine."""
+
+    backbone: str
+    budget_s: float
+    epochs: int
+    epoch_estimate_s: float
+
+    def __post_init__(self):
+        if not (isinstance(self.backbone, str) and isinstance(self.epochs, int)
+                and all(isinstance(x, (int, float)) for x in (self.budget_s, self.epoch_estimate_s))):
+            raise ValueError("not a plan auto wrote")
+
+    @classmethod
+    def read(cls, path: Path) -> "Plan | None":
+        """The plan in `path`; None when there is none, or it is not one auto wrote (with a
+        warning: auto then chooses again)."""
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as error:
+            log.warning("ignoring %s (%s); auto chooses its backbone and epochs again", path, error)
+            return None
 
 
 @dataclass
