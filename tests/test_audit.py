@@ -262,3 +262,25 @@ def test_planted_flips_in_real_photos_are_found(tmp_path, flips):
     flagged = [row["file"] for row in read_table(result.dir / "label_issues.csv")]
     assert len(flipped & set(flagged)) >= flips - 1, flagged
     assert len(set(flagged) - flipped) <= 2, flagged
+
+
+def test_evaluate_takes_the_same_exclude_and_relabel_as_train(tiny_run, image_folder, tmp_path):
+    """Measured against the corrected labels, without the excluded files; with --split, the split
+    train made with the same CSVs."""
+    drop = _write_csv(tmp_path / "drop.csv", ["file"], ["circles/circles_002.jpg"])
+    fix = _write_csv(tmp_path / "fix.csv", ["file", "label"], ["circles/circles_004.jpg", "squares"])
+    edits = ["--exclude", str(drop), "--relabel", str(fix)]
+    for split in ("all", "test"):
+        result = CliRunner().invoke(app, ["evaluate", str(tiny_run.model_dir), str(image_folder),
+                                          *edits, "--split", split, "--out", str(tmp_path / split),
+                                          "--quiet"])
+        assert result.exit_code == 0, result.output
+        with open(tmp_path / split / "predictions.csv", newline="", encoding="utf-8") as handle:
+            labels = {row["file"]: row["label"] for row in csv.DictReader(handle)}
+        expected = ImageFolderData(image_folder, exclude=drop, relabel=fix, cache_dir=None)
+        files = (sorted(f for name in ("train", "val", "test") for f in expected.relative_files(name))
+                 if split == "all" else sorted(expected.relative_files("test")))
+        assert sorted(labels) == files and "circles/circles_002.jpg" not in labels
+        if "circles/circles_004.jpg" in labels:
+            assert labels["circles/circles_004.jpg"] == "squares"
+    assert len(files) < 39  # the last one was the test split

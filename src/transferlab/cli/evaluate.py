@@ -33,6 +33,9 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
              engine: Optional[str] = flag("engine"),
              max_pixels: Optional[int] = flag("max_pixels"),
              layout: Optional[str] = flag("layout"),
+             labels: Optional[Path] = flag("labels"),
+             exclude: Optional[Path] = flag("exclude"),
+             relabel: Optional[Path] = flag("relabel"),
              image_column: Optional[str] = flag("image_column"),
              label_column: Optional[str] = flag("label_column"),
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results an --out "
@@ -47,8 +50,9 @@ def evaluate(model: Path = typer.Argument(..., help="A model bundle folder, such
 
     check({"split": split})
     dataset = ImageFolderData(data, val=val, test=test, seed=seed, min_classes=1 if split == "all" else 2,
-                              **given(max_pixels=max_pixels, layout=layout,
-                                      image_column=image_column, label_column=label_column))
+                              **given(max_pixels=max_pixels, layout=layout, labels=labels,
+                                      exclude=exclude, relabel=relabel, image_column=image_column,
+                                      label_column=label_column))
     result = evaluate_model(model, dataset, out=out_dir, split=split, show_progress=not quiet,
                             overwrite=overwrite,
                             **given(batch_size=batch_size, precision=precision, device=device,
