@@ -448,3 +448,24 @@ def test_the_api_docs_render_offline(browser, server):
     assert "/predict" in paths and "/health" in paths
     errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
     assert errors == []
+
+
+def test_serve_builds_autos_graph_before_it_answers(tiny_run, tmp_path, monkeypatch):
+    """`serve` with --engine auto runs the fastest engine from its first request: a graph not
+    cached yet is built before the service listens, once (the next start loads it); --engine
+    torch builds nothing."""
+    import math
+
+    from transferlab.inference.graphs import choose_engine
+
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    expected = choose_engine("auto", torch.device("cpu"), images=math.inf)
+    for start in ("first", "second"):
+        log = tmp_path / f"{start}.log"
+        with running_server(tiny_run.model_dir, log) as (url, _):
+            engine = httpx.get(f"{url}/model").json()["engine"]
+        assert engine.get("chosen", engine["name"]) == expected
+        assert ("building the" in log.read_text()) == (start == "first" and expected != "torch")
+    with running_server(tiny_run.model_dir, tmp_path / "torch.log", "--engine", "torch") as (url, _):
+        assert httpx.get(f"{url}/model").json()["engine"]["name"] == "torch"
+    assert "building the" not in (tmp_path / "torch.log").read_text()

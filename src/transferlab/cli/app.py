@@ -65,7 +65,9 @@ def main() -> None:
 
 def setup_logging(verbose: bool = True) -> None:
     """Rich log lines on a terminal; plain "LEVEL: message" lines otherwise, so that a file name in
-    a warning is never wrapped mid-word in a CI log or a redirected file."""
+    a warning is never wrapped mid-word in a CI log or a redirected file. `verbose`: our own INFO
+    lines too; other libraries' only from WARNING (building a graph, the ONNX exporter's optimiser
+    logged some 80 INFO lines)."""
     from rich.logging import RichHandler
 
     if err.is_terminal:
@@ -74,7 +76,8 @@ def setup_logging(verbose: bool = True) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("transferlab").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def given(**options) -> dict:

@@ -98,7 +98,7 @@ def serve(model: Path = typer.Argument(..., help="A model bundle folder, such as
            "top_k": top_k, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
            "device": device, "allowed_hosts": allowed_hosts, "engine": engine},
           {"engine": ENGINES})
-    setup_logging(verbose=False)
+    setup_logging()
     import signal
 
     from ..deploy.serve import serve as run_service

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
@@ -122,12 +123,12 @@ class Classifier:
 
     def __init__(self, model_dir: str | Path, backend: str, limits: ServiceLimits,
                  max_batch: int, window_ms: float, device: str = "auto",
-                 reject_unknown: bool = False, engine: str = "auto"):
+                 reject_unknown: bool = False, engine: str = "auto", build_engine: bool = False):
         check({"max_batch": max_batch, "batch_window_ms": window_ms})
-        # auto runs the fastest engine whose graph is cached, and builds none: building takes 10 s
-        # or more (minutes on a loaded machine), which a service's start must not wait for;
-        # `serve --engine openvino` (or any earlier predict of 2,000 files) builds it once
-        self.predictor = load_model(model_dir, backend=backend, device=device, engine=engine)
+        # auto runs the fastest engine whose graph is cached, and builds one only if asked
+        # (build_engine; `serve` asks): EfficientNet-Lite0's takes about 10 s, once
+        self.predictor = load_model(model_dir, backend=backend, device=device, engine=engine,
+                                    images=math.inf if build_engine else 0)
         self.backend, self.limits, self.reject_unknown = backend, limits, reject_unknown
         self.decoders = Threads("decode", os.cpu_count() or 1)
         # the network's one thread: the batcher's own, or (max_batch 1) a Threads of one
@@ -212,7 +213,8 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
                max_concurrent: int = ServiceLimits.max_concurrent, top_k: int = DEFAULT_TOP_K,
                max_batch: int = DEFAULT_MAX_BATCH, batch_window_ms: float = DEFAULT_WINDOW_MS,
                device: str = "auto", allowed_hosts: list[str] | None = None,
-               reject_unknown: bool = False, engine: str = "auto") -> FastAPI:
+               reject_unknown: bool = False, engine: str = "auto",
+               build_engine: bool = False) -> FastAPI:
     """The service for the bundle in `model_dir` (loaded now, so a bad bundle fails here), on
     `device` (auto: a GPU when there is one).
 
@@ -221,12 +223,14 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
     batch_window_ms: how long a batch waits for more images after its first;
     allowed_hosts: the Host headers answered (None: any; `serve` defaults to loopback names when
     it listens on a loopback address);
-    reject_unknown: answer "unknown" instead of a class for an input over the novelty threshold.
+    reject_unknown: answer "unknown" instead of a class for an input over the novelty threshold;
+    build_engine: with engine auto, build the fastest engine's graph now if it is not cached
+    (once: later starts load it), instead of running torch.
     """
     limits = ServiceLimits(max_upload_bytes, max_pixels, max_files, max_concurrent)
     check({"top_k": top_k})
     classifier = Classifier(model_dir, backend, limits, max_batch, batch_window_ms, device,
-                            reject_unknown, engine)
+                            reject_unknown, engine, build_engine)
 
     parser = Threads("multipart")
 
@@ -379,7 +383,10 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     check({"host": host, "port": port, "serve_workers": workers})
     settings["model_dir"] = str(Path(model_dir).resolve())
     settings.setdefault("allowed_hosts", default_allowed_hosts(host))
-    app = create_app(**settings)  # loads the model: a bad bundle or option fails here, once
+    # Loads the model, so a bad bundle or option fails here, once, and builds --engine auto's graph
+    # if it is not cached yet, before the service answers (it would run torch, at half the speed,
+    # until a restart); worker processes then find it cached.
+    app = create_app(**settings, build_engine=True)
     server = {"host": host, "port": port, "http": HeaderDeadlineProtocol, "access_log": access_log}
     if workers == 1:
         uvicorn.run(app, **server)

@@ -171,6 +171,8 @@ class GraphCache:
             except BundleError as error:
                 log.warning("rebuilding the damaged %s graph %s (%s)", engine,
                             self.folder(engine, precision), error)
+        log.info("building the %s (%s) graph of this network, once: later runs load it from %s",
+                 engine, precision, self.root)
         self._build(engine, precision)
         return self._load(engine, precision)
 
