@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from transferlab import load_model, train
-from transferlab.deploy import serve
+from transferlab.deploy import guards, serve
 
 from conftest import TINY_BACKBONE, running_server
 from messy import FILE_CASES
@@ -412,7 +412,7 @@ def test_past_max_concurrent_a_request_waits_then_gets_503_and_a_stalled_body_ge
     request waits BUSY_WAIT_S for a turn, then gets 503 with Retry-After, and both held ones are
     answered once their bodies come. A body that stalls gets 408 after BODY_TIMEOUT_S, which frees
     its turn. Both waits are shortened here; nothing is timed."""
-    monkeypatch.setattr(serve, "BUSY_WAIT_S", 0.2)
+    monkeypatch.setattr(guards, "BUSY_WAIT_S", 0.2)
     app = serve.create_app(bundle, max_concurrent=2, max_batch=1)  # no batcher: no lifespan to run
     image = good_images()[0]
     body = multipart([("file", image.name, image.data)])

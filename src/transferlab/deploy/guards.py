@@ -1,15 +1,17 @@
 """What protects the service from hostile clients below the routes: a Host header check (DNS
-rebinding), a Content-Security-Policy on every HTML page, and a deadline for request headers.
+rebinding), a Content-Security-Policy on every HTML page, a deadline for request headers, and the
+turns that bound how many requests hold uploads at once (Turns).
 
-The body's own limits (size, time, rate) are in uploads.read_body; the number of requests holding
-uploads at once in serve.Turns.
+The body's own limits (size, time, rate) are in uploads.read_body.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 
+import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -24,6 +26,11 @@ DOCS_POLICY = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src
 # half-open connections were still held after 30 s).
 HEADER_TIMEOUT_S = 10.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# /predict requests beyond max_concurrent wait this long for a turn, then get 503 with Retry-After:
+# long enough to ride out a burst (the 2-core machine serves about 100 Lite0 images/s), short enough
+# that a client with httpx's default 5 s timeout hears "come back" instead of nothing.
+BUSY_WAIT_S = 3.0
+RETRY_AFTER_S = 1
 
 
 def default_allowed_hosts(host: str) -> list[str] | None:
@@ -110,3 +117,35 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
         self.transport.write(head + body)
         self.transport.close()
+
+
+class ServiceBusy(Exception):
+    """Every turn to send uploads stayed taken for BUSY_WAIT_S: 503 with Retry-After."""
+
+
+class Turns:
+    """The max_concurrent turns to hold uploads in memory, first come, first served; a request
+    waits BUSY_WAIT_S at most for one, then hears ServiceBusy."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.semaphore = anyio.Semaphore(count)
+
+    @contextlib.asynccontextmanager
+    async def take(self):
+        try:  # a free turn (never one a waiter is owed: release hands those over directly)
+            self.semaphore.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._wait()
+        try:
+            yield
+        finally:
+            self.semaphore.release()
+
+    async def _wait(self) -> None:
+        try:
+            with anyio.fail_after(BUSY_WAIT_S):
+                await self.semaphore.acquire()
+        except TimeoutError:
+            raise ServiceBusy(f"{self.count} requests are being served and more are waiting: retry "
+                              f"in {RETRY_AFTER_S} s") from None

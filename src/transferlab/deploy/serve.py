@@ -18,7 +18,6 @@ from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
 
-import anyio
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +35,8 @@ from ..inference.predictor import Scores
 from ..options import check
 from ..process import scoped_environment
 from .batching import MicroBatcher
-from .guards import PAGE_POLICY, Guard, HeaderDeadlineProtocol, default_allowed_hosts
+from .guards import (BUSY_WAIT_S, PAGE_POLICY, RETRY_AFTER_S, Guard, HeaderDeadlineProtocol,
+                     ServiceBusy, Turns, default_allowed_hosts)
 from .threads import Threads
 from .uploads import FIELD, Upload, UploadError, decode_upload, parse_uploads, read_body
 
@@ -48,11 +48,6 @@ DEFAULT_TOP_K = 3
 # either way, and a lone client saw no difference (25-29 ms a request). So: on, without a window.
 DEFAULT_MAX_BATCH = 32
 DEFAULT_WINDOW_MS = 0.0
-# /predict requests beyond max_concurrent wait this long for a turn, then get 503 with Retry-After:
-# long enough to ride out a burst (the 2-core machine serves about 100 Lite0 images/s), short enough
-# that a client with httpx's default 5 s timeout hears "come back" instead of nothing.
-BUSY_WAIT_S = 3.0
-RETRY_AFTER_S = 1
 # A request holds its turn while its body arrives, so the body has this long: a few stalled or
 # trickling clients cannot keep every turn. 10 MB at 2 Mbit/s takes 40 s.
 BODY_TIMEOUT_S = 60.0
@@ -109,10 +104,6 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-class ServiceBusy(Exception):
-    """Every turn to send uploads stayed taken for BUSY_WAIT_S: 503 with Retry-After."""
 
 
 class Classifier:
@@ -254,34 +245,6 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
     _add_routes(app, classifier, Turns(limits.max_concurrent), parser, top_k)
     _add_error_handlers(app)
     return app
-
-
-class Turns:
-    """The max_concurrent turns to hold uploads in memory, first come, first served; a request
-    waits BUSY_WAIT_S at most for one, then hears ServiceBusy."""
-
-    def __init__(self, count: int):
-        self.count = count
-        self.semaphore = anyio.Semaphore(count)
-
-    @contextlib.asynccontextmanager
-    async def take(self):
-        try:  # a free turn (never one a waiter is owed: release hands those over directly)
-            self.semaphore.acquire_nowait()
-        except anyio.WouldBlock:
-            await self._wait()
-        try:
-            yield
-        finally:
-            self.semaphore.release()
-
-    async def _wait(self) -> None:
-        try:
-            with anyio.fail_after(BUSY_WAIT_S):
-                await self.semaphore.acquire()
-        except TimeoutError:
-            raise ServiceBusy(f"{self.count} requests are being served and more are waiting: retry "
-                              f"in {RETRY_AFTER_S} s") from None
 
 
 def _add_routes(app: FastAPI, classifier: Classifier, turns: Turns, parser: Threads,
