@@ -35,9 +35,11 @@ class StoredImage(Protocol):
 Source = str | Path | BinaryIO | StoredImage  # what open_rgb and read_info read
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageInfo:
-    """What the header of one image file (or a StoredImage) says, plus its content hashes."""
+    """What the header of one image file (or a StoredImage) says, plus its content hashes. One per
+    image of a data set, held for the whole run: slots, not a dict per instance (at 204,094 files
+    the scan and split held 349-376 MB against 386-387)."""
 
     path: Path | StoredImage
     format: str
