@@ -7,11 +7,13 @@ from transferlab.inference.predictor import expand_inputs
 
 
 def test_round_trip_predicts_like_the_run(tiny_run, image_folder):
-    predictor = load_model(tiny_run.model_dir)
+    # torch, as the run measured: a graph of this bundle that another test cached would be auto's,
+    # and bf16 graphs stray from torch's bf16 by 2e-2 on this tiny random-weight model
+    predictor = load_model(tiny_run.model_dir, engine="torch")
     assert predictor.classes == ["circles", "squares"]
     files = sorted(image_folder.rglob("*.*"))[:6]
     proba, errors = predictor.predict_proba(files, precision="32")
-    again, _ = load_model(tiny_run.model_dir).predict_proba(files, precision="32")
+    again, _ = load_model(tiny_run.model_dir, engine="torch").predict_proba(files, precision="32")
     np.testing.assert_array_equal(proba, again)
     assert errors == [""] * 6
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)

@@ -363,3 +363,26 @@ def test_beside_a_graph_engine_the_scores_run_in_one_torch_thread(monkeypatch):
     finally:
         torch.set_num_threads(before)
     np.testing.assert_allclose(scores.proba, 0.5)
+
+
+def test_torch_on_the_cpu_runs_a_batch_in_pieces_with_the_same_outputs():
+    """Pieces of CPU_PIECE images (faster: their activations stay in the caches), joined in order,
+    for one output and for (logits, features)."""
+    from transferlab.inference.engines import CPU_PIECE
+
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, batch):
+            seen.append(len(batch))
+            flat = batch.mean(dim=(2, 3))
+            return flat * 2, flat
+
+    pre = Preprocessing(input_size=(3, 8, 8))
+    engine = TorchEngine(Recording(), pre)
+    images = torch.randint(0, 256, (2 * CPU_PIECE + 3, 3, 8, 8), dtype=torch.uint8)
+    logits, features = engine(images)
+    assert seen == [CPU_PIECE, CPU_PIECE, 3]
+    alone = [engine(image[None]) for image in images]
+    assert torch.equal(logits, torch.cat([pair[0] for pair in alone]))
+    assert torch.equal(features, torch.cat([pair[1] for pair in alone]))
