@@ -118,8 +118,11 @@ def running_server(bundle: Path, log: Path, *options: str):
     source = str(Path(transferlab.__file__).parents[1])  # the code under test, not an installed copy
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get(
         "PYTHONPATH")]))}
+    # torch unless a test asks for an engine: with auto, `serve` builds and caches the bundle's graph,
+    # which the session's other tests of the same bundle would then run instead of torch
+    engine = () if "--engine" in options else ("--engine", "torch")
     command = [sys.executable, "-m", "transferlab.cli", "serve", str(bundle), "--port", str(port),
-               *options]
+               *engine, *options]
     with open(log, "wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -462,7 +462,7 @@ def test_serve_builds_autos_graph_before_it_answers(tiny_run, tmp_path, monkeypa
     expected = choose_engine("auto", torch.device("cpu"), images=math.inf)
     for start in ("first", "second"):
         log = tmp_path / f"{start}.log"
-        with running_server(tiny_run.model_dir, log) as (url, _):
+        with running_server(tiny_run.model_dir, log, "--engine", "auto") as (url, _):
             engine = httpx.get(f"{url}/model").json()["engine"]
         assert engine.get("chosen", engine["name"]) == expected
         assert ("building the" in log.read_text()) == (start == "first" and expected != "torch")

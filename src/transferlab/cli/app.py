@@ -76,8 +76,9 @@ def setup_logging(verbose: bool = True) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    logging.getLogger("transferlab").setLevel(logging.INFO if verbose else logging.WARNING)
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING
+                      or record.name.partition(".")[0] == "transferlab")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 def given(**options) -> dict:
