@@ -235,6 +235,16 @@ def random_pixels(batch_size: int, pre: Preprocessing) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(batch_size))
 
 
+def engine_rate(engine, pixels: torch.Tensor, precision: str, seconds: float) -> float:
+    """images/s of `engine` on `pixels` over `seconds`, after one warm-up call."""
+    engine(pixels, precision)
+    images, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        engine(pixels, precision)
+        images += len(pixels)
+    return images / (time.perf_counter() - started)
+
+
 def engine_rates(engines: dict, pre: Preprocessing, precision: str) -> dict:
     """images/s of each engine at each batch size, ROUNDS rounds alternating between engines."""
     rates = {name: {batch: [] for batch in ENGINE_BATCHES} for name in engines}
@@ -242,12 +252,7 @@ def engine_rates(engines: dict, pre: Preprocessing, precision: str) -> dict:
         for batch in ENGINE_BATCHES:
             pixels = random_pixels(batch, pre)
             for name, engine in engines.items():
-                engine(pixels, precision)  # warm-up
-                images, started = 0, time.perf_counter()
-                while time.perf_counter() - started < ENGINE_SECONDS:
-                    engine(pixels, precision)
-                    images += batch
-                rates[name][batch].append(images / (time.perf_counter() - started))
+                rates[name][batch].append(engine_rate(engine, pixels, precision, ENGINE_SECONDS))
         log(f"round {part + 1}: " + ", ".join(f"{name} b32 {rates[name][32][-1]:.1f}"
                                               for name in engines))
     return {name: {f"batch_{batch}": {"images_per_s": round(sum(r) / len(r), 1),
@@ -271,21 +276,12 @@ def auto_against_backbone(backbone: torch.nn.Module, paths: list[Path], hashes: 
     by a tenth or more within minutes, so each round's ratio is taken against the mean of the
     timings around it, and the median round is the result."""
     pixels, rounds = random_pixels(32, pre), []
-
-    def backbone_rate() -> float:
-        fastest(pixels, precision)  # warm-up
-        images, started = 0, time.perf_counter()
-        while time.perf_counter() - started < 2 * ENGINE_SECONDS:
-            fastest(pixels, precision)
-            images += 32
-        return images / (time.perf_counter() - started)
-
     for part in range(ROUNDS):
-        before = backbone_rate()
+        before = engine_rate(fastest, pixels, precision, 2 * ENGINE_SECONDS)
         cache = fresh_cache_with_graphs(tmp, graph_cache, f"auto-{part}")
         _, stats = embed_files(backbone, paths, hashes, pre, cache_dir=cache, engine="auto",
                                show_progress=False)
-        after = backbone_rate()
+        after = engine_rate(fastest, pixels, precision, 2 * ENGINE_SECONDS)
         rounds.append({"backbone_before": round(before, 1), "auto": round(stats.images_per_s, 1),
                        "backbone_after": round(after, 1),
                        "ratio": round(2 * stats.images_per_s / (before + after), 3)})

@@ -296,8 +296,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("tta", bool, "Average the probabilities of each image and its mirror image (twice the "
            "compute).", OneOf((True, False)), "off"),
     Option("export_format", str, "onnx; openvino (IR: model.xml + model.bin; its int8, and "
-           "openvino off x86-64, need transferlab[openvino]); tflite (LiteRT: model.tflite; needs transferlab[tflite]); "
-           "coreml (model.mlpackage; needs transferlab[coreml]).",
+           "openvino off x86-64, need transferlab[openvino]); tflite (LiteRT: model.tflite; needs "
+           "transferlab[tflite]); coreml (model.mlpackage; needs transferlab[coreml]).",
            OneOf(registry="export_format"),
            "onnx", flag="--format"),
     Option("quantize", str, "int8: onnx: dynamic int8 quantisation; openvino: NNCF's, calibrated "

@@ -36,8 +36,8 @@ Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 # On the CPU torch's inference runs a batch faster in pieces of this many images (the activations
 # of a few images stay in the caches): EfficientNet-Lite0, 32 images at once against four pieces
-# of 8, alternating, 2-core AMD EPYC: fp32 50-59 against 88-100 images/s, bf16 115-123 against
-# 104-168; the outputs are the same.
+# of 8, alternating rounds, 2-core AMD EPYC: bf16 113-128 against 175-189 images/s, fp32 44-55
+# against 79-88; the outputs are the same. A training step gained nothing (17-20 either way).
 CPU_PIECE = 8
 
 
