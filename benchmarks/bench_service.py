@@ -1,7 +1,7 @@
 """The service against its own engine: `transferlab serve` as a real Uvicorn process on a free
 loopback port under one-image uploads from CLIENTS concurrent clients, for each backend, beside that
 backend's engine alone on a batch of 32 of the same images, preprocessed (Predictor.score_batch: the
-network, the temperature and softmax), measured in the same run, before and after the service.
+network, the temperature and softmax), in alternating rounds in the same run (median ratio).
 Target: service images/s >= 0.8 x the engine's batch-32 images/s with 8 clients.
 
 The clients share the machine's cores with the server, so they are as light as a client can be: one
@@ -9,7 +9,7 @@ keep-alive connection each, speaking HTTP/1.1 over asyncio streams with request 
 before the clock starts. Their CPU time and the server's are reported as shares of the machine's
 cores over the measured interval, so what the client took from the server is in the open.
 
-    python benchmarks/bench_service.py MODEL_DIR [--backends torch,onnx] [--requests 400]
+    python benchmarks/bench_service.py MODEL_DIR [--backends torch,onnx] [--requests 400] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-REQUESTS, CLIENTS, ENGINE_BATCH = 400, 8, 32
+REQUESTS, CLIENTS, ENGINE_BATCH, ROUNDS = 400, 8, 32, 3
 BOUNDARY = b"transferlab-bench-boundary"
-ENGINE_SECONDS = 6.0  # each engine measurement runs this long, after a warm-up
+ENGINE_SECONDS = 4.0  # each engine measurement runs this long, after a warm-up
 
 
 def free_port() -> int:
@@ -55,6 +55,13 @@ def start_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, int]
             time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"serve {model_dir} {' '.join(options)} did not start")
+
+
+def describe(port: int) -> dict:
+    """The service's GET /model."""
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}/model", timeout=10).json()
 
 
 def upload_request(port: int, name: str, image: bytes) -> bytes:
@@ -116,64 +123,79 @@ def measured_load(server: psutil.Process, port: int, requests: list[bytes], coun
     return result
 
 
-def engine_images_per_s(model_dir: Path, backend: str, images: list[bytes], batch: int) -> float:
-    """The backend's engine alone on `batch` of the images, decoded and preprocessed as the
-    service does, through Predictor.score_batch (network, temperature, softmax)."""
-    import io
+class EngineAlone:
+    """The backend's engine alone on batches of the images, decoded and preprocessed as the service
+    does, through Predictor.score_batch (network, temperature, softmax). The engine is the one
+    `serve` runs: with backend torch, auto's graph, built here if it is not cached yet (serve builds
+    it too; without it a fresh bundle's engine was torch, against the service's graph)."""
 
-    import torch
+    def __init__(self, model_dir: Path, backend: str, images: list[bytes]):
+        import io
+        import math
 
-    from transferlab import load_model
+        from transferlab import load_model
 
-    predictor = load_model(model_dir, backend=backend)
-    decoded = [predictor.decode(io.BytesIO(image)) for image in images]
-    stacked = torch.stack([decoded[i % len(decoded)] for i in range(batch)])
-    for _ in range(3):
-        predictor.score_batch(stacked)
-    calls, started = 0, time.perf_counter()
-    while time.perf_counter() - started < ENGINE_SECONDS:
-        predictor.score_batch(stacked)
-        calls += 1
-    return calls * batch / (time.perf_counter() - started)
+        self.predictor = load_model(model_dir, backend=backend,
+                                    images=math.inf if backend == "torch" else 0)
+        self.decoded = [self.predictor.decode(io.BytesIO(image)) for image in images]
+
+    def images_per_s(self, batch: int, seconds: float = ENGINE_SECONDS) -> float:
+        import torch
+
+        stacked = torch.stack([self.decoded[i % len(self.decoded)] for i in range(batch)])
+        for _ in range(3):
+            self.predictor.score_batch(stacked)
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            self.predictor.score_batch(stacked)
+            calls += 1
+        return round(calls * batch / (time.perf_counter() - started), 1)
 
 
 def compare(model_dir: Path, backend: str, images: list[bytes], count: int, clients: int,
-            *options: str) -> dict:
-    """The engine at batch 32 and at `clients` (the most a batch can gather from clients sending
-    one image at a time), then the service under `clients` clients, then the engine at batch 32
-    again: this machine's speed drifts by up to a tenth between runs a minute apart, so the ratio
-    is taken against the mean of the two batch-32 measurements around the service."""
-    engine = {f"batch_{size}_images_per_s": round(engine_images_per_s(model_dir, backend, images,
-                                                                        size), 1)
-              for size in (ENGINE_BATCH, clients)}
+            rounds: int = ROUNDS, *options: str) -> dict:
+    """The engine alone at batch 32 and the service under `clients` clients, in `rounds`
+    alternating rounds (engine, service, engine, ..., engine) with the server up throughout: this
+    machine's speed drifts by 10-15% within minutes, so each round's ratio is taken against the mean
+    of the engine measurements either side of it, and the median round is the result. The engine at
+    batch `clients` (the most a batch can gather from clients sending one image at a time) is
+    measured once, for reference."""
+    engine = EngineAlone(model_dir, backend, images)
     process, port = start_server(model_dir, "--backend", backend, *options)
     try:
         requests = [upload_request(port, f"{i}.jpg", image) for i, image in enumerate(images)]
         server = psutil.Process(process.pid)
         asyncio.run(load(port, requests, 4 * clients, clients))  # warm-up: every batch size
-        service = measured_load(server, port, requests, count, clients)
+        small = engine.images_per_s(clients)
+        alone, served = [engine.images_per_s(ENGINE_BATCH)], []
+        for _ in range(rounds):
+            served.append(measured_load(server, port, requests, count // rounds, clients))
+            alone.append(engine.images_per_s(ENGINE_BATCH))
+        running = describe(port)["engine"]["name"]
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
-    before = engine[f"batch_{ENGINE_BATCH}_images_per_s"]
-    after = round(engine_images_per_s(model_dir, backend, images, ENGINE_BATCH), 1)
-    engine[f"batch_{ENGINE_BATCH}_images_per_s_after"] = after
-    ratio = service["images_per_s"] / ((before + after) / 2)
-    return {"engine": engine, "service": service, "service_over_engine_batch_32": round(ratio, 3)}
+    ratios = [round(result["images_per_s"] / ((before + after) / 2), 3)
+              for result, before, after in zip(served, alone, alone[1:])]
+    return {"engine": {"running": running, f"batch_{ENGINE_BATCH}_images_per_s": alone,
+                       f"batch_{clients}_images_per_s": small},
+            "service_rounds": served, "round_ratios": ratios,
+            "service_over_engine_batch_32": float(np.median(ratios))}
 
 
 def service(model_dir: Path, requests: int = REQUESTS, clients: int = CLIENTS,
-            backends: tuple[str, ...] = ("torch", "onnx")) -> dict:
+            backends: tuple[str, ...] = ("torch", "onnx"), rounds: int = ROUNDS) -> dict:
     """Every backend's engine and service (the `service` section of bench_deploy.py); the ONNX
     backend needs `transferlab export MODEL_DIR` first."""
     from transferlab.deploy.export import run_val_images
 
     images = [path.read_bytes() for path in run_val_images(model_dir, limit=32)[0]]
     results = {"machine": {"cores": psutil.cpu_count(), "load_average": os.getloadavg()},
+               "backbone": json.loads((Path(model_dir) / "config.json").read_text())["backbone"],
                "target": f"service images/s with {clients} clients x 1 image >= 0.8 x the "
                          f"engine's batch-{ENGINE_BATCH} images/s"}
     for backend in backends:
-        results[backend] = compare(model_dir, backend, images, requests, clients)
+        results[backend] = compare(model_dir, backend, images, requests, clients, rounds)
     results["load_average_after"] = os.getloadavg()
     return results
 
@@ -184,9 +206,10 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,onnx")
     parser.add_argument("--requests", type=int, default=REQUESTS)
     parser.add_argument("--clients", type=int, default=CLIENTS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
     print(json.dumps(service(args.model, args.requests, args.clients,
-                             tuple(args.backends.split(","))), indent=2))
+                             tuple(args.backends.split(",")), args.rounds), indent=2))
 
 
 if __name__ == "__main__":
