@@ -469,3 +469,28 @@ def test_serve_builds_autos_graph_before_it_answers(tiny_run, tmp_path, monkeypa
     with running_server(tiny_run.model_dir, tmp_path / "torch.log", "--engine", "torch") as (url, _):
         assert httpx.get(f"{url}/model").json()["engine"]["name"] == "torch"
     assert "building the" not in (tmp_path / "torch.log").read_text()
+
+
+def test_a_graph_that_cannot_be_built_leaves_the_service_on_torch(tiny_run, tmp_path, monkeypatch,
+                                                                  caplog):
+    """The build before listening may fail (an exporter that cannot convert a network, a full
+    disk): the service still starts, on torch, with one warning saying why, and answers."""
+    import math
+
+    from transferlab.inference import graphs
+
+    if graphs.choose_engine("auto", torch.device("cpu"), images=math.inf) == "torch":
+        pytest.skip("no graph engine (onnxruntime, openvino) installed: auto builds nothing")
+
+    def broken(self, engine, precision):
+        raise OSError("No space left on device")
+
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(graphs.GraphCache, "_build", broken)
+    with caplog.at_level("WARNING", logger="transferlab"):
+        app = create_app(tiny_run.model_dir, engine="auto", build_engine=True)
+    assert "could not be built or loaded (No space left on device); torch runs instead" in caplog.text
+    with TestClient(app) as client:
+        assert client.get("/model").json()["engine"]["name"] == "torch"
+        answer = client.post("/predict", files={"file": ("a.jpg", red_jpeg(), "image/jpeg")})
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
