@@ -68,7 +68,7 @@ def run(data: Path, workdir: Path, processes: int) -> dict:
     return {"processes": processes, "wall_s": round(wall, 2), "embed_s": timing["embed_s"],
             "embed_images_per_s": timing["embed_images_per_s"], "embedded": timing["embedded"],
             "val_accuracy": metrics["val"]["accuracy"], "test_accuracy": metrics["test"]["accuracy"],
-            "cache": str(cache)}
+            "engine": metrics["engine"]["name"], "cache": str(cache)}
 
 
 def embeddings(cache: str) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """extract with --devices 2: the embedding spread over two CPU processes (Lightning's predict loop under
 DDP, gloo) gives the embeddings, classifier and metrics of one process. The 2-process run starts real
 processes (the CLI in a subprocess, which Lightning's "ddp" launcher runs again as rank 1): about
-half a minute on an idle 2-core machine."""
+half a minute on an idle 2-core machine, per engine."""
 
 import json
 import subprocess
@@ -25,13 +25,17 @@ def shards(cache_dir) -> list[dict[str, np.ndarray]]:
     return [load_file(str(path)) for path in sorted((cache_dir / "embeddings").glob("*/shard-*"))]
 
 
-def test_two_processes_embed_and_fit_like_one(image_folder, tmp_path):
+# auto: torch (a graph pays only from graphs.AUTO_BUILD_IMAGES images); onnx: the ranks run the graph
+# the main process built and checked before it started the other
+@pytest.mark.parametrize("engine", ["auto", "onnx"])
+def test_two_processes_embed_and_fit_like_one(engine, image_folder, tmp_path):
     one = train(image_folder, out=tmp_path / "one", cache_dir=str(tmp_path / "cache-one"),
-                show_progress=False, **COMMON)
+                show_progress=False, engine=engine, **COMMON)
     command = [sys.executable, "-m", "transferlab.cli", "train", str(image_folder), "--backbone",
                TINY_BACKBONE, "--weights", "none", "--batch-size", "8", "--precision", "32",
                "--no-audit", "--devices", "2", "--distributed", "ddp", "--accelerator", "cpu",
-               "--cache-dir", str(tmp_path / "cache-two"), "--out", str(tmp_path / "two")]
+               "--engine", engine, "--cache-dir", str(tmp_path / "cache-two"),
+               "--out", str(tmp_path / "two")]
     two = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("run directory:") == 1  # rank 1 ends without a result of its own
@@ -48,6 +52,12 @@ def test_two_processes_embed_and_fit_like_one(image_folder, tmp_path):
     assert gap < 1e-4  # one thread per rank against two: only the order of float sums differs
 
     first, second = one.metrics, json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert second["engine"]["name"] == first["engine"]["name"] == (
+        "torch" if engine == "auto" else engine)
+    if engine == "onnx":  # checked once, before the spread, and recorded
+        assert second["engine"]["parity"]["passed"] and second["engine"]["classifier_parity"]
+        # the main process built it before it started rank 1, which loaded it
+        assert two.stderr.count("building the onnx (fp32) graph") == 1
     for split in ("val", "test"):
         assert first[split]["accuracy"] == second[split]["accuracy"]
         assert first[split]["loss"] == pytest.approx(second[split]["loss"], abs=1e-3)

@@ -28,6 +28,7 @@ from ..models.backbones import weights_fingerprint
 from ..models.network import feature_shape
 from ..rundir.atomic import atomic_path
 from .batches import progress_bar, run_batches
+from .engines import TorchEngine
 from .graphs import (AUTO_BUILD_IMAGES, FEATURES, GraphEngine, GraphSpec, compile_engine,
                      engine_label)
 
@@ -177,20 +178,13 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
         raise ValueError("embed_files(stream=True) needs a cache_dir to leave the vectors in")
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    spec = GraphSpec(module, pre, (FEATURES,))
-    runner, cache, known, todo = _runner(spec, engine, device, precision, cache_dir, hashes, stream)
-    stats = EmbeddingStats(engine=runner.report() if isinstance(runner, GraphEngine)
-                           else {"name": "torch", "precision": precision})
-    if todo and isinstance(runner, GraphEngine):
-        runner.check(_decoded([paths[i] for i in todo[:batch_size]], pre))
-        stats.engine, stats.check_embeddings = runner.report(), runner.check_outputs
-        if runner.fallback:  # torch computes them now: its cache, not the graph's
-            cache, known, todo = _still_to_embed(runner, spec, device, precision, cache_dir, hashes,
-                                                 stream)
-    stats.cached, stats.cache = len(hashes) - len(todo), cache
+    runner, known, todo, stats = embedding_runner(GraphSpec(module, pre, (FEATURES,)), engine,
+                                                  paths, hashes, device=device, precision=precision,
+                                                  cache_dir=cache_dir, stream=stream,
+                                                  check_images=batch_size)
     vectors: dict[str, np.ndarray] = {} if stream else known
     if todo:
-        writer = ShardWriter(cache, keep=not stream)
+        writer = ShardWriter(stats.cache, keep=not stream)
         start = time.perf_counter()
         with progress_bar("embedding", len(todo), show_progress) as advance:
             batches = run_batches(runner, [paths[i] for i in todo], pre,
@@ -203,6 +197,26 @@ def embed_files(module: torch.nn.Module, paths: Sequence[Path], hashes: Sequence
         stats.seconds = time.perf_counter() - start
         stats.embedded = len(todo)
     return (None if stream else np.stack([vectors[h] for h in hashes])), stats
+
+
+def embedding_runner(spec: GraphSpec, engine: str, paths: Sequence[Path], hashes: Sequence[str], *,
+                     device: torch.device, precision: str, cache_dir: Path | None, stream: bool,
+                     check_images: int) -> tuple[TorchEngine | GraphEngine, dict, list[int],
+                                                 EmbeddingStats]:
+    """What embeds the files (see _runner), checked against torch fp32 on the first `check_images`
+    files it has to embed: (runner, the cached vectors by hash (with `stream`, only which are
+    there), the positions still to embed, stats so far: cache, cached count, engine, parity)."""
+    runner, cache, known, todo = _runner(spec, engine, device, precision, cache_dir, hashes, stream)
+    stats = EmbeddingStats(engine=runner.report() if isinstance(runner, GraphEngine)
+                           else {"name": "torch", "precision": precision})
+    if todo and isinstance(runner, GraphEngine):
+        runner.check(_decoded([paths[i] for i in todo[:check_images]], spec.pre))
+        stats.engine, stats.check_embeddings = runner.report(), runner.check_outputs
+        if runner.fallback:  # torch computes them now: its cache, not the graph's
+            cache, known, todo = _still_to_embed(runner, spec, device, precision, cache_dir, hashes,
+                                                 stream)
+    stats.cached, stats.cache = len(hashes) - len(todo), cache
+    return runner, known, todo, stats
 
 
 def _runner(spec: GraphSpec, engine: str, device: torch.device, precision: str,

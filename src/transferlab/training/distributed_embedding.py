@@ -1,11 +1,13 @@
 """extract's embedding spread over processes and machines: Lightning's predict loop under DDP.
 
 Each rank embeds its share of the files missing from the embedding cache (Lightning gives the
-predict loop an unrepeated distributed sampler: no padding duplicates) with the same engine the
-one-process path uses, and stores the vectors in the shared cache (shards are written atomically
-under unique names, so concurrent writers are safe). All ranks then wait for each other; the main
-process reads every vector back from the cache. The cache is therefore required, and with several
-machines it must be on a file system they share.
+predict loop an unrepeated distributed sampler: no padding duplicates) with the engine the
+one-process path would use (inference.embeddings.embedding_runner: with auto on the CPU, the
+OpenVINO graph, which the main process builds before it starts the others, and they load), and
+stores the vectors in the shared cache (shards are written atomically under unique names, so
+concurrent writers are safe). All ranks then wait for each other; the main process reads every
+vector back from the cache. The cache is therefore required, and with several machines it must be
+on a file system they share.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from ..data.loaders import ImageDataset, make_loader
 from ..data.transforms import Preprocessing
 from ..devices import resolve_precision
 from ..inference.batches import progress_bar
-from ..inference.embeddings import EmbeddingCache, EmbeddingStats, ShardWriter, missing
+from ..inference.embeddings import EmbeddingCache, EmbeddingStats, ShardWriter, embedding_runner
 from ..inference.engines import Engine, TorchEngine
-from ..inference.graphs import torch_label
+from ..inference.graphs import FEATURES, GraphEngine, GraphSpec, compile_engine, engine_label
 from ..process import scoped_environment
 from .trainer import Distribution, _quiet_lightning, is_main_process
 
@@ -55,11 +57,12 @@ class CacheFiller(L.LightningModule):
     so no rank holds the embeddings of its whole share."""
 
     def __init__(self, make_engine: Callable[[torch.device], Engine], precision: str,
-                 cache: EmbeddingCache, paths: Sequence[Path], hashes: Sequence[str],
+                 cache: EmbeddingCache, label: str, paths: Sequence[Path], hashes: Sequence[str],
                  show_progress: bool):
         super().__init__()
         self.make_engine, self.precision = make_engine, precision
-        self.cache, self.paths, self.hashes = cache, list(paths), list(hashes)
+        self.cache, self.label = cache, label  # label: engine_label of what the cache holds
+        self.paths, self.hashes = list(paths), list(hashes)
         self.show_progress = show_progress
         self.engine: Engine | None = None
         self.writer: ShardWriter | None = None
@@ -78,6 +81,12 @@ class CacheFiller(L.LightningModule):
         """Cache the batch's vectors; the count returned is dropped (return_predictions=False)."""
         positions, images, errors = batch
         outputs = self.engine(images, self.precision)
+        if engine_label(self.engine, self.precision) != self.label:
+            # This rank's graph strayed from torch on its first batch and torch answered: not
+            # vectors for this cache. The main process embeds what is missing after the others.
+            if self.advance:
+                self.advance(len(images))
+            return 0
         readable = [i for i, error in enumerate(errors) if not error]
         for i, error in enumerate(errors):
             if error:  # left out of the cache: the main process meets it again and names it
@@ -101,25 +110,29 @@ def embed_into_cache(module: torch.nn.Module, paths: Sequence[Path], hashes: Seq
                      pre: Preprocessing, *, cache_dir: Path, distribution: Distribution,
                      batch_size: int = 32, workers: int | None = None,
                      device: torch.device | str = "cpu", precision: str = "auto",
-                     show_progress: bool = True) -> EmbeddingStats | None:
-    """Embed the files whose hash is not in `module`'s cache under `cache_dir`, spread over the
-    processes of `distribution`; then the cache holds them all. Returns what was embedded in the
-    main process, None in the others.
+                     engine: str = "auto", show_progress: bool = True) -> EmbeddingStats | None:
+    """Embed the files whose hash is not in the cache under `cache_dir` of `module` run by `engine`
+    (as embed_files chooses and checks it), spread over the processes of `distribution`; then the
+    cache holds them all. Returns what was embedded in the main process, None in the others.
 
     Run the same way (same files, same settings) by every process: Lightning's "ddp" launcher
     starts the other processes of this machine by running the same command again; on other
     machines the same command is started with their NODE_RANK (Lightning's multi-node set-up)."""
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    cache = EmbeddingCache.for_model(cache_dir, module, pre, device, torch_label(precision))
-    todo = missing(cache.index(), hashes)
-    stats = EmbeddingStats(cached=len(hashes) - len(todo))
+    spec = GraphSpec(module, pre, (FEATURES,))
+    # Every process chooses (and checks) the same way before the predict loop joins them; the main
+    # process of each machine does it before it starts the others, which then find its graph cached.
+    runner, _, todo, stats = embedding_runner(spec, engine, paths, hashes, device=device,
+                                              precision=precision, cache_dir=cache_dir,
+                                              stream=True, check_images=batch_size)
     # Only the main process of a one-machine run may skip: it has not started the others yet.
     if not todo and is_main_process() and distribution.num_nodes == 1:
         return stats
     started = time.perf_counter()
     dataset = PositionedImages(ImageDataset([paths[i] for i in todo], pre, on_error="report"))
-    filler = CacheFiller(functools.partial(TorchEngine, module, pre), precision, cache,
+    make_engine = functools.partial(_rank_engine, runner, spec, precision, cache_dir)
+    filler = CacheFiller(make_engine, precision, stats.cache, engine_label(runner, precision),
                          [paths[i] for i in todo], [hashes[i] for i in todo], show_progress)
     # The launcher sets torch's threads (cores // processes per machine) and OMP_NUM_THREADS in
     # this process too: put both back for what runs after the embedding.
@@ -138,3 +151,13 @@ def embed_into_cache(module: torch.nn.Module, paths: Sequence[Path], hashes: Seq
         return None
     stats.embedded, stats.seconds = len(todo), time.perf_counter() - started
     return stats
+
+
+def _rank_engine(runner: TorchEngine | GraphEngine, spec: GraphSpec, precision: str,
+                 cache_dir: Path, device: torch.device) -> Engine:
+    """The engine of a rank on `device`: the checked `runner` where it runs there (the CPU), else
+    the same engine made for that device (a GPU rank's own), checked on its first batch."""
+    if device == runner.device:
+        return runner
+    return compile_engine(spec, runner.running if isinstance(runner, GraphEngine) else "torch",
+                          device=device, precision=precision, cache_dir=cache_dir)

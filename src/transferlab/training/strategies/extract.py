@@ -266,12 +266,12 @@ def _embed_all(data: ImageFolderData, embedder: nn.Module, pre: Preprocessing, c
     """embed_files of every image, split after split (`stream`: left in the cache). With a
     `distribution`, its processes first embed what the cache lacks into it (None in the helper
     processes); the main process then reads them all from it, and embeds (or names) any a process
-    could not read. Spread over processes, each runs the torch engine on the device Lightning gives
-    it, so the main process reads torch's cache."""
+    could not read. Spread over processes, each runs the engine the main process chose and
+    checked (on the device Lightning gives it), whose cache the main process then reads."""
     paths = [path for name in SPLITS for path in data.files(name)]
     hashes = [h for name in SPLITS for h in data.hashes(name)]
     settings = dict(batch_size=config.batch_size, workers=config.workers, device=config.device,
-                    precision=config.precision, show_progress=show_progress)
+                    precision=config.precision, engine=config.engine, show_progress=show_progress)
     spread = None
     if distribution:
         spread = embed_into_cache(embedder.eval(), paths, hashes, pre, cache_dir=cache_dir,
@@ -279,9 +279,10 @@ def _embed_all(data: ImageFolderData, embedder: nn.Module, pre: Preprocessing, c
         if spread is None:
             return None
     embeddings, stats = embed_files(embedder.eval(), paths, hashes, pre, cache_dir=cache_dir,
-                                    engine="torch" if distribution else config.engine,
                                     stream=stream, **settings)
     if spread:
+        if spread.check_embeddings is not None:  # the check ran before the spread, not here
+            stats.engine, stats.check_embeddings = spread.engine, spread.check_embeddings
         stats.embedded += spread.embedded
         stats.cached = len(hashes) - stats.embedded
         stats.seconds += spread.seconds
