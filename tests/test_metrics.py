@@ -38,3 +38,23 @@ def test_auc_is_none_when_a_class_is_absent_and_multiclass_uses_one_vs_rest():
     proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
     assert classification_metrics(np.array([0, 1, 2, 0]), proba, list("abc"))["roc_auc"] == pytest.approx(1.0)
     assert classification_metrics(np.array([0, 1, 1, 0]), proba, list("abc"))["roc_auc"] is None
+
+
+def test_bootstrap_interval_draws_its_resamples_in_batches_of_bounded_memory(monkeypatch):
+    """All 2,000 resamples of a large split at once held 16 bytes per image per resample (934 MB for
+    a 30,614-image test split); in batches the memory is bounded and the interval is the same."""
+    import tracemalloc
+
+    from transferlab.evaluation import metrics
+
+    correct = (np.random.default_rng(0).random(40_000) < 0.97).astype(np.float64)  # 1.3 GB at once
+    tracemalloc.start()
+    batched = accuracy_interval(correct, seed=1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * metrics.BOOTSTRAP_BYTES
+    small = correct[:2000]
+    in_batches = accuracy_interval(small, seed=1)
+    monkeypatch.setattr(metrics, "BOOTSTRAP_BYTES", 2**40)  # all resamples at once
+    assert accuracy_interval(small, seed=1) == in_batches
+    assert 0.96 < batched[0] < correct.mean() < batched[1] < 0.98
