@@ -82,6 +82,43 @@ def test_grad_cam_gives_one_normalised_map_per_image_at_the_input_size(kind):
     assert chosen.tolist() == [2, 0, 1]
 
 
+@pytest.mark.parametrize("kind", NETWORKS)
+def test_grad_cam_records_only_from_its_layer_on_and_gives_the_full_graphs_maps(kind):
+    """Autograd starts at the target layer (the layers before it held most of the memory of a
+    batch's maps); the maps are those of the textbook way, the whole forward recorded."""
+    from transferlab.inference import saliency
+
+    net, pre = _network(kind)
+    side = pre.input_size[1]
+    images = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8)
+    target = target_layer(net)
+    recording = {}
+
+    def note(where):
+        def hook(*_):
+            recording.setdefault(where, torch.is_grad_enabled())
+        return hook
+
+    first = next(m for m in net.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    hooks = [first.register_forward_hook(note("first")), net.head.register_forward_hook(note("head"))]
+    maps, chosen = grad_cam(net, images, pre)
+    for hook in hooks:
+        hook.remove()
+    assert recording == {"first": False, "head": True}
+
+    captured = []  # the textbook way: the input requires grad, every layer records
+    hook = (target.module.register_forward_pre_hook(lambda m, i: captured.append(i[0]) and None)
+            if target.use_input else
+            target.module.register_forward_hook(lambda m, i, o: captured.append(o) and None))
+    logits = net(normalize(images, pre, channels_last=False).requires_grad_(True))
+    hook.remove()
+    score = logits.gather(1, torch.as_tensor(chosen).view(-1, 1)).sum()
+    gradients, = torch.autograd.grad(score, captured[-1])
+    expected = saliency._weighted(saliency._as_grid(captured[-1].detach(), target, side, side),
+                                  saliency._as_grid(gradients, target, side, side), (side, side))
+    assert np.allclose(maps, expected.numpy(), atol=1e-5)
+
+
 def test_tokens_and_channels_last_maps_are_laid_out_as_nchw():
     tokens = torch.arange(13 * 4, dtype=torch.float32).reshape(1, 13, 4)  # a class token, 12 patches
     grid = _as_grid(tokens, Target(torch.nn.Identity(), 4, prefix_tokens=1), 30, 40)
