@@ -90,3 +90,38 @@ def test_extract_takes_the_distribution_options():
                                       "num_nodes": 1, "distributed": "ddp_spawn",
                                       "cache_dir": "c", "accelerator": "cpu"})
     assert (config.devices, config.num_nodes, config.distributed) == (2, 1, "ddp_spawn")
+
+
+def test_a_rank_whose_graph_strays_stores_nothing_in_the_graphs_cache(tmp_path, caplog):
+    """A rank's engine answering as something other than what the cache holds (its own graph fell
+    back to torch on its first batch) stores nothing there, warns once and runs no more batches;
+    the main process embeds what is missing."""
+    import torch
+    from torch import nn
+
+    from transferlab.data.transforms import Preprocessing
+    from transferlab.inference.embeddings import EmbeddingCache, ShardWriter
+    from transferlab.inference.engines import TorchEngine
+    from transferlab.training.distributed_embedding import CacheFiller
+
+    pre = Preprocessing(input_size=(3, 32, 32))
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    calls = []
+
+    class Counted(TorchEngine):
+        def __call__(self, images, precision="32"):
+            calls.append(len(images))
+            return super().__call__(images, precision)
+
+    engine = Counted(module, pre, torch.device("cpu"))
+    cache = EmbeddingCache.for_model(tmp_path, module, pre, torch.device("cpu"), "onnx-fp32")
+    paths, hashes = [tmp_path / f"{i}.png" for i in range(4)], [f"{i:064x}" for i in range(4)]
+    filler = CacheFiller(lambda device: engine, "32", cache, "onnx-fp32", paths, hashes, False)
+    filler.engine, filler.writer = engine, ShardWriter(cache, keep=False)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with caplog.at_level("WARNING"):
+        for first in (0, 2):
+            assert filler.predict_step((torch.tensor([first, first + 1]), images, ["", ""]), 0) == 0
+    filler.writer.close()
+    assert calls == [2] and cache.index() == {}
+    assert caplog.text.count("graph differs from torch, so it stores nothing") == 1

@@ -80,12 +80,16 @@ class CacheFiller(L.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> int:
         """Cache the batch's vectors; the count returned is dropped (return_predictions=False)."""
         positions, images, errors = batch
-        outputs = self.engine(images, self.precision)
-        if engine_label(self.engine, self.precision) != self.label:
-            # This rank's graph strayed from torch on its first batch and torch answered: not
-            # vectors for this cache. The main process embeds what is missing after the others.
-            if self.advance:
-                self.advance(len(images))
+        if self.engine is not None:
+            outputs = self.engine(images, self.precision)
+            if engine_label(self.engine, self.precision) != self.label:
+                log.warning("process %d: its %s graph differs from torch, so it stores nothing; "
+                            "the main process embeds its share after the others",
+                            self.global_rank, self.label)
+                self.engine = None
+        if self.advance:
+            self.advance(len(images))
+        if self.engine is None:  # torch answered for the graph: not vectors for this cache
             return 0
         readable = [i for i, error in enumerate(errors) if not error]
         for i, error in enumerate(errors):
@@ -93,8 +97,6 @@ class CacheFiller(L.LightningModule):
                 log.warning("%s: unreadable (%s)", self.paths[int(positions[i])], error)
         self.writer.add([int(positions[i]) for i in readable], outputs[readable],
                         ["" for _ in readable], self.paths, self.hashes)
-        if self.advance:
-            self.advance(len(images))
         return len(images)
 
     def teardown(self, stage: str) -> None:
