@@ -92,3 +92,6 @@ def test_scan_cache_skips_unchanged_files_and_rereads_edited_ones(tmp_path, monk
     assert [im.sha256 for im in second.images if im.path != edited] == [
         im.sha256 for im in first.images if im.path != edited]
     assert next(im for im in second.images if im.path == edited).width == 40
+    # read back from the cache's JSON, every file shares one string per format and mode
+    assert len({id(im.format) for im in second.images}) == len({im.format for im in second.images})
+    assert len({id(im.mode) for im in second.images}) == len({im.mode for im in second.images})

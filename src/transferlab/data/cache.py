@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -86,7 +87,8 @@ class ScanCache:
         try:
             if entry.get("stat") != stat_key(path):
                 return None
-            info = ImageInfo(**{**{k: v for k, v in entry.items() if k != "stat"}, "path": path})
+            info = ImageInfo(**{**{k: v for k, v in entry.items() if k != "stat"}, "path": path,
+                                **_shared(entry)})
         except (OSError, TypeError):  # vanished, or an entry of another shape: read the file again
             return None
         typed = (isinstance(info.width, int) and isinstance(info.height, int)
@@ -96,3 +98,11 @@ class ScanCache:
             return None
         self.reused += 1
         return info
+
+
+def _shared(entry: dict) -> dict:
+    """An entry's format and mode as the one string of each value: json makes a new string for
+    every occurrence, and the ImageInfo of each file is held for the whole run (204,094 files held
+    21 MB of "JPEG" and "RGB")."""
+    return {key: sys.intern(entry[key]) for key in ("format", "mode")
+            if isinstance(entry.get(key), str)}
