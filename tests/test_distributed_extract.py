@@ -125,3 +125,24 @@ def test_a_rank_whose_graph_strays_stores_nothing_in_the_graphs_cache(tmp_path, 
     filler.writer.close()
     assert calls == [2] and cache.index() == {}
     assert caplog.text.count("graph differs from torch, so it stores nothing") == 1
+
+
+def test_each_rank_runs_the_checked_engine_or_the_same_one_made_for_its_device(monkeypatch):
+    """A rank on the device the main process checked its engine on (the CPU) runs that engine; a
+    rank on another device (cuda:1, say) gets the same engine, by name, made for its device."""
+    import torch
+
+    from transferlab.inference.graphs import GraphEngine
+    from transferlab.training import distributed_embedding
+
+    made = []
+    monkeypatch.setattr(distributed_embedding, "compile_engine",
+                        lambda spec, engine, **options: made.append((engine, options["device"])))
+    graph = GraphEngine.__new__(GraphEngine)
+    graph.name, graph.fallback, graph.device = "onnx", None, torch.device("cpu")
+    rank_engine = distributed_embedding._rank_engine
+    assert rank_engine(graph, "spec", "32", "cache", torch.device("cpu")) is graph and not made
+    rank_engine(graph, "spec", "32", "cache", torch.device("cuda", 1))
+    graph.fallback = "differs from torch fp32"
+    rank_engine(graph, "spec", "32", "cache", torch.device("cuda", 2))
+    assert made == [("onnx", torch.device("cuda", 1)), ("torch", torch.device("cuda", 2))]
