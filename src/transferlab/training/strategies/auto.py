@@ -95,10 +95,9 @@ class Auto(Strategy):
             epoch_s = speeds[backbone].epoch_s(len(data.split["train"]), len(data.split["val"]))
             epochs = min(int(remaining // epoch_s), Finetune.defaults["epochs"])
             plan = Plan(backbone, round(budget, 1), epochs, round(epoch_s, 1))
-        fine_tunes = plan.epochs >= MIN_FINETUNE_EPOCHS and best_loss is not None
-        if fine_tunes and not resumed:
-            write_json(plan_file, asdict(plan))  # before its first checkpoint
-        if fine_tunes:
+        if plan.epochs >= MIN_FINETUNE_EPOCHS and best_loss is not None:
+            if not resumed:
+                write_json(plan_file, asdict(plan))  # before its first checkpoint
             tuned, scores = self._finetune(data, common, plan, replace(context, time_limit_s=remaining),
                                            tried)
             improved = (tuned.details.get("kept") != "probe"  # else it is extract's model again
