@@ -13,7 +13,8 @@ import transferlab.data.scan
 from transferlab.data.cache import ScanCache
 from transferlab.data.scan import scan_folder
 from transferlab.data.synthetic import make_image_folder
-from transferlab.training.streamed import RowFile, fit_streamed
+from transferlab.inference.rows import RowFile
+from transferlab.training.streamed import fit_streamed
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +126,14 @@ def test_extract_above_the_threshold_fits_streaming(image_folder, tmp_path, monk
     assert streamed.embedding.cached == len(data.scan.images)  # the in-memory fit cached them all
     for name in ("val", "test"):
         ours, theirs = streamed.outputs[name], in_memory.outputs[name]
-        assert np.array_equal(ours.features, theirs.features)
+        assert isinstance(ours.features, RowFile)  # left on disk, read back in chunks
+        assert np.array_equal(np.concatenate(list(ours.features.chunks(rows=3))), theirs.features)
         assert (ours.logits.argmax(1) == theirs.logits.argmax(1)).mean() >= 0.9
     assert streamed.train_fit["accuracy"] == pytest.approx(in_memory.train_fit["accuracy"], abs=0.1)
     run = train(image_folder, strategy="extract", backbone=TINY_BACKBONE, weights="none",
                 out=tmp_path / "run", cache_dir=None, show_progress=False)  # a temporary cache
     assert 0 <= run.metrics["test"]["accuracy"] <= 1
-
+    assert 0 <= run.metrics["test"]["unknown_rate"] <= 1  # novelty scored on the RowFile
 
 def test_embedding_cache_reads_vectors_back_in_chunks_in_the_order_asked(tmp_path):
     from transferlab.errors import DataError

@@ -15,6 +15,7 @@ from transferlab.errors import BundleError
 from transferlab.evaluation.trust import fit_temperature, fit_trust
 from transferlab.inference.bundle import read_config
 from transferlab.inference.predictor import NetworkOutputs
+from transferlab.inference.rows import RowFile
 from transferlab.inference.trust import (MAX_BANK_BYTES, MAX_BANK_IMAGES, MAX_FEATURE_WIDTH,
                                          NOVELTY_FILE, Novelty, balanced_sample)
 from transferlab.rundir.predictions import PredictionTable
@@ -78,6 +79,29 @@ def test_a_large_split_is_scored_in_parts_as_it_is_whole(monkeypatch):
     whole = novelty.score(inputs)
     monkeypatch.setattr(trust, "SCORE_ROWS", 64)  # 250 rows: three parts of 64 and one of 58
     assert torch.allclose(novelty.score(inputs), whole) and whole.shape == (250,)
+    with RowFile(inputs.numpy()[i:i + 100] for i in range(0, 250, 100)) as rows:  # not in memory
+        assert torch.allclose(novelty.score(rows), whole)
+    with RowFile([]) as rows:
+        assert novelty.score(rows).shape == (0,)
+
+
+def test_novelty_is_thresholded_and_measured_on_features_left_in_a_row_file():
+    from transferlab.evaluation.heldout import measure
+    from transferlab.inference.trust import Trust
+
+    centres = np.eye(8)[:2] * 5 + 1
+    train, labels = clusters(60, 0, centres)
+    val, val_labels = clusters(40, 1, centres)
+    logits = np.zeros((len(val), 2), dtype=np.float32)
+    bank = Novelty.fit(train, labels)
+    with RowFile([val[:15], val[15:]]) as rows:
+        novelty = bank.with_threshold(rows)
+        assert novelty.threshold == bank.with_threshold(val).threshold
+        trust = Trust(1.0, novelty)
+        on_disk = measure(NetworkOutputs(logits, rows), val_labels, ["a", "b"], trust)
+    in_memory = measure(NetworkOutputs(logits, val), val_labels, ["a", "b"], trust)
+    assert np.array_equal(on_disk.novelty, in_memory.novelty)
+    assert on_disk.metrics["unknown_rate"] == in_memory.metrics["unknown_rate"]
 
 
 def test_an_empty_split_is_measured_as_empty():  # flowers-12 has train/ and val/, no test/

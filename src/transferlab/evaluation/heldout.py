@@ -88,7 +88,7 @@ def measure(outputs: NetworkOutputs, labels: np.ndarray, classes: list[str], tru
         metrics.update(ece_uncalibrated=expected_calibration_error(labels, before),
                        loss_uncalibrated=log_loss(labels, before), temperature=trust.temperature)
     if trust.novelty is not None and outputs.features is not None:
-        measured.novelty = trust.novelty.score(torch.from_numpy(outputs.features)).numpy()
+        measured.novelty = trust.novelty.score(outputs.features).numpy()
         measured.unknown = measured.novelty > trust.novelty.threshold
         if len(labels):
             metrics["unknown_rate"] = float(measured.unknown.mean())

@@ -18,6 +18,7 @@ from ..data.loaders import decode_image
 from ..data.transforms import Preprocessing, eval_transform
 from ..options import check
 from .batches import progress_bar, run_batches
+from .rows import RowFile
 from .bundle import BundleConfig
 from .engines import Engine, engine_precision, torch_threads
 from .trust import Trust
@@ -70,13 +71,15 @@ class NetworkOutputs:
     novelty bank are fitted on."""
 
     logits: np.ndarray  # (images, classes)
-    features: np.ndarray | None = None  # (images, features): the penultimate layer
+    # (images, features): the penultimate layer; a RowFile when they are too many to hold
+    features: np.ndarray | RowFile | None = None
 
     def softmax(self) -> np.ndarray:
         """The probabilities without calibration (temperature 1)."""
         return torch.as_tensor(self.logits, dtype=torch.float32).softmax(dim=1).numpy()
 
     def select(self, rows: np.ndarray) -> "NetworkOutputs":
+        """The outputs of some images (features in memory only)."""
         return NetworkOutputs(self.logits[rows], None if self.features is None else self.features[rows])
 
 

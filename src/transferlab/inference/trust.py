@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .rows import Rows, row_chunks
+
 NOVELTY_FILE = "novelty.safetensors"
 NEIGHBOURS = 10  # k; measured on face-mask against 1, 5, 20 and 50 (benchmarks/bench_trust.py)
 THRESHOLD_QUANTILE = 0.95  # 95% of in-distribution validation images are not flagged
@@ -53,15 +55,18 @@ class Novelty:
         return cls(unit(features[keep]).half().float(), threshold=float("inf"),
                    k=min(NEIGHBOURS, len(keep)))
 
-    def with_threshold(self, validation_features: np.ndarray) -> "Novelty":
-        scores = self.score(torch.as_tensor(validation_features)).numpy()
+    def with_threshold(self, validation_features: Rows) -> "Novelty":
+        scores = self.score(validation_features).numpy()
         return Novelty(self.bank, float(np.quantile(scores, THRESHOLD_QUANTILE)), self.k)
 
-    def score(self, features: torch.Tensor) -> torch.Tensor:
+    def score(self, features: Rows) -> torch.Tensor:
         """(images,) novelty: 1 - cosine similarity to the k-th nearest bank image, in [0, 2].
-        SCORE_ROWS images at a time, so that scoring a large split holds no copy of it."""
-        if len(features) > SCORE_ROWS:
-            return torch.cat([self.score(part) for part in features.split(SCORE_ROWS)])
+        SCORE_ROWS images at a time, so that scoring a large split (a tensor, an array or a
+        RowFile) holds no copy of it."""
+        parts = [self._score(torch.as_tensor(chunk)) for chunk in row_chunks(features, SCORE_ROWS)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(0)
+
+    def _score(self, features: torch.Tensor) -> torch.Tensor:
         similarity = unit(features) @ self.bank.T
         return 1 - similarity.topk(self.k, dim=1).values[:, -1]
 

@@ -10,62 +10,24 @@ chunks, with the gradient computed directly rather than by autograd. The result 
 Pipeline(StandardScaler, LogisticRegression) it stands in for, so models.heads.head_from_sklearn
 transplants it unchanged.
 
-The chunks come from a RowFile: float32 rows in an anonymous temporary file, read back with plain
-reads. Not a memory map: its pages would count as the process's memory once touched.
+The chunks come from a RowFile (inference/rows.py): float32 rows in an anonymous temporary file.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..inference.rows import RowFile
+
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 8192  # 40 MB of Lite0 embeddings: large matrix products, small memory
 MAX_ITERATIONS = 300  # L-BFGS steps; sklearn's lbfgs stops at a gradient norm of 1e-4, as here
 GRADIENT_TOLERANCE = 1e-4
-
-
-class RowFile:
-    """float32 rows of one width, written once in chunks and read back in chunks any number of
-    times; only one chunk is in memory at a time."""
-
-    def __init__(self, chunks: Iterable[np.ndarray]):
-        self.file = tempfile.TemporaryFile()  # removed when closed, also when the process dies
-        self.rows, self.width = 0, None
-        for chunk in chunks:
-            chunk = np.ascontiguousarray(chunk, dtype=np.float32).reshape(len(chunk), -1)
-            self.width = chunk.shape[1]
-            chunk.tofile(self.file)
-            self.rows += len(chunk)
-
-    def chunks(self, rows: int = CHUNK_ROWS, reuse: bool = False) -> Iterator[np.ndarray]:
-        """The rows, `rows` at a time. reuse: each chunk read into the same buffer, overwriting
-        the one before (for a caller done with a chunk before it asks for the next): a third
-        faster than a new array per chunk, whose fresh pages the kernel must clear first."""
-        self.file.seek(0)
-        buffer = np.empty((min(rows, self.rows), self.width or 0), dtype=np.float32) if reuse else None
-        for start in range(0, self.rows, rows):
-            count = min(rows, self.rows - start)
-            chunk = buffer[:count] if reuse else np.empty((count, self.width), dtype=np.float32)
-            if self.file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
-                raise OSError(f"{self.file.name}: the row file ended early")
-            yield chunk
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self) -> "RowFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class StreamedLogistic:
