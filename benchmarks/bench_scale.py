@@ -102,7 +102,7 @@ def part_scan_warm(args) -> dict:
     steps["list_files_s"], clock = time.perf_counter() - clock, time.perf_counter()
     cache = ScanCache(args.cache, args.folder)
     known = cache.load()
-    steps["load_cache_json_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    steps["open_cache_s"], clock = time.perf_counter() - clock, time.perf_counter()
     found = [cache.lookup(known, path, True, 10**12) for path, _, _ in candidates]
     steps["stat_and_lookup_s"] = time.perf_counter() - clock
     data = ImageFolderData(args.folder, cache_dir=args.cache)

@@ -3,7 +3,8 @@ streaming classifier fit of large extract runs."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import sqlite3
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_warm_rescan_reads_nothing_and_does_not_rewrite_the_cache(mixed_folder, 
     cold = scan_folder(mixed_folder, cache_dir=tmp_path)
     cache_file = ScanCache(tmp_path, mixed_folder).path
     written = cache_file.stat().st_mtime_ns
-    assert len(json.loads(cache_file.read_text())["files"]) == len(cold.images)
+    assert _cached_files(cache_file) == len(cold.images)
     read, original = [], transferlab.data.scan.read_info
     monkeypatch.setattr(transferlab.data.scan, "read_info",
                         lambda path, **kw: read.append(path.name) or original(path, **kw))
@@ -66,8 +67,12 @@ def test_rescan_after_a_file_vanished_rewrites_the_cache(tmp_path):
     scan_folder(root, cache_dir=tmp_path / "cache")
     (root / "circles" / "circles_000.jpg").unlink()
     rescan = scan_folder(root, cache_dir=tmp_path / "cache")
-    files = json.loads(ScanCache(tmp_path / "cache", root).path.read_text())["files"]
-    assert len(files) == len(rescan.images) == 7
+    assert _cached_files(ScanCache(tmp_path / "cache", root).path) == len(rescan.images) == 7
+
+
+def _cached_files(path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as database:
+        return database.execute("SELECT count(*) FROM files").fetchone()[0]
 
 
 def _blobs(classes: int, rows: int = 3000, width: int = 24, seed: int = 0):

@@ -2,14 +2,21 @@
 damaged or wrong-shaped embedding entry, a scan cache holding something else (each ended in a
 traceback after the work) now give a warning, and the run goes on and gets the same result."""
 
+import contextlib
 import json
+import signal
+import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from transferlab import train
-from transferlab.data.cache import ScanCache
+from transferlab.data.cache import ScanCache, stat_key
 from transferlab.data.folder import ImageFolderData
+from transferlab.data.scan import scan_folder
+from transferlab.data.synthetic import make_image_folder
 from transferlab.inference.embeddings import EmbeddingCache
 
 from conftest import TINY_BACKBONE
@@ -67,17 +74,59 @@ def test_damaged_and_wrong_shaped_embeddings_are_recomputed(image_folder, clean,
     assert "wrong shape or with non-finite values" in caplog.text and "damaged cache shard" in caplog.text
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", '{"format": 1, "files": [1]}',
-                                     '{"format": 1, "files": {"%s": {"surprise": 1}}}', "{" * 100_000])
+@pytest.mark.parametrize("content", [b"not a database" * 100, (1, None), (2, "no table"),
+                                     (2, '{"surprise": 1}'), (2, "[1]"), (2, "{" * 100_000)])
 def test_a_scan_cache_holding_something_else(image_folder, tmp_path, content):
+    """A scan cache that is not SQLite, of another format, without its table, or with an entry of
+    another shape (for a file that is unchanged) is read as empty or that entry as absent; the
+    scan reads every file and the cache is written again whole."""
     cache = tmp_path / "cache"
     path = ScanCache(cache, image_folder).path
     path.parent.mkdir(parents=True)
-    first_file = next(image_folder.rglob("*.png"))
-    path.write_text(content.replace("%s", str(first_file)) if "%s" in content else content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        version, entry = content
+        first_file = next(image_folder.rglob("*.png"))
+        with contextlib.closing(sqlite3.connect(path)) as database, database:
+            if entry != "no table":
+                database.execute("CREATE TABLE files (path TEXT PRIMARY KEY, stat TEXT, entry TEXT)")
+                database.execute("INSERT INTO files VALUES (?, ?, ?)",
+                                 (str(first_file), stat_key(first_file), entry or "{}"))
+            database.execute(f"PRAGMA user_version = {version}")
     data = ImageFolderData(image_folder, cache_dir=cache)
     assert len(data.scan.images) == 40
-    assert json.loads(path.read_text())["format"] == 1  # rewritten whole
+    with contextlib.closing(sqlite3.connect(path)) as database:  # rewritten whole
+        assert database.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert database.execute("SELECT count(*) FROM files").fetchone()[0] == 40
+
+
+def test_a_scan_cache_save_killed_halfway_leaves_the_old_one(tmp_path):
+    """Killed while it writes the new rows (SIGKILL, so nothing is cleaned up), a save leaves the
+    file as it was: the next scan reads every old entry back."""
+    root = make_image_folder(tmp_path / "d", per_class=4, size=32)
+    cache = tmp_path / "cache"
+    first = scan_folder(root, cache_dir=cache)
+    (root / "circles" / "circles_000.jpg").unlink()  # so that the next scan saves
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+from transferlab.data import cache, scan
+
+def rows(infos):
+    for number, row in enumerate(original(infos)):
+        if number == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield row
+
+original, cache._rows = cache._rows, rows
+scan.scan_folder({str(root)!r}, cache_dir={str(cache)!r})
+"""], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    again = ScanCache(cache, root)
+    with again.load() as known:
+        assert again.loaded == len(first.images) == 8
+        assert all(again.lookup(known, image.path, True, 10**8) == image
+                   for image in first.images[1:])
 
 
 def test_a_full_disk_is_one_line(image_folder, tmp_path):

@@ -153,10 +153,10 @@ def _read_all(paths: list, cache: ScanCache | None, near_duplicates: bool, max_p
     that the Python parts of reading each file (which hold the GIL) do not cap the scan at one core
     on machines with many; fewer files are read in threads, which start at once. Both give the
     same results; benchmarks/bench_scale.py (read_modes) compares their speeds."""
-    known = cache.load() if cache else {}
-    results: list = [cache.lookup(known, path, near_duplicates, max_pixels) if cache else None
-                     for path in paths]
-    del known  # hundreds of MB at a million files: not kept through the reading
+    results: list = [None] * len(paths)
+    if cache:
+        with cache.load() as known:
+            results = [cache.lookup(known, path, near_duplicates, max_pixels) for path in paths]
     todo = [i for i, result in enumerate(results) if result is None]
     read = partial(_read_one, with_phash=near_duplicates, max_pixels=max_pixels)
     for i, result in zip(todo, _map(read, [paths[i] for i in todo], workers)):
