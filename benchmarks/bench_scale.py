@@ -100,11 +100,9 @@ def part_scan_warm(args) -> dict:
     steps, clock = {}, time.perf_counter()
     candidates, _, _ = scanning._candidates(args.folder, scanning._layout(args.folder))
     steps["list_files_s"], clock = time.perf_counter() - clock, time.perf_counter()
-    cache = ScanCache(args.cache, args.folder)
-    known = cache.load()
-    steps["open_cache_s"], clock = time.perf_counter() - clock, time.perf_counter()
-    found = [cache.lookup(known, path, True, 10**12) for path, _, _ in candidates]
-    steps["stat_and_lookup_s"] = time.perf_counter() - clock
+    found = ScanCache(args.cache, args.folder).lookup_all([path for path, _, _ in candidates], True,
+                                                         10**12)
+    steps["read_cache_and_stat_s"] = time.perf_counter() - clock
     data = ImageFolderData(args.folder, cache_dir=args.cache)
     clock = time.perf_counter()
     data.scan

@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from ..data.decode import ImageInfo
 
@@ -39,11 +39,11 @@ def stat_key(path: Path) -> str:
 
 class ScanCache:
     """ImageInfo of the files under one root folder, keyed by path and validated by stat_key, in a
-    SQLite file: a lookup reads one row, so a rescan holds no copy of the cache (read whole, the
-    JSON file it replaced took 450 MB at 204,094 files, and would take gigabytes at a million).
+    SQLite file read one row at a time, so a rescan holds no copy of it: read whole, the JSON file
+    it replaced took 450 MB at 204,094 files, and would take gigabytes at a million.
 
-    `reused` counts the lookups that found an unchanged file; when every file of a scan was reused and
-    none vanished, save() has nothing new to write and skips rewriting the whole file (at 200,000
+    `reused` counts the files found unchanged; when every file of a scan was reused and none
+    vanished, save() has nothing new to write and skips rewriting the whole file (at 200,000
     images, serialising it took longer than the rest of a warm rescan)."""
 
     def __init__(self, cache_dir: Path, root: Path):
@@ -52,26 +52,53 @@ class ScanCache:
         self.loaded = 0
         self.reused = 0
 
-    def load(self) -> "_Entries":
-        """The cached entries, to look files up in (lookup) while they are open; a missing file,
-        and one that is damaged or of another format (which save() replaces), hold none."""
+    def lookup_all(self, paths: Sequence[Path], need_phash: bool,
+                   max_pixels: int) -> list[ImageInfo | None]:
+        """The cached ImageInfo of each of `paths` while its file is unchanged (and within
+        `max_pixels`), else None. One pass over the file's rows, whatever their order: a query per
+        path took 11 µs a file against 0.6."""
+        found: list[ImageInfo | None] = [None] * len(paths)
+        position = {str(path): i for i, path in enumerate(paths)}
+        for key, stat, entry in self._entries():
+            i = position.get(key)
+            if i is not None:
+                found[i] = self._info(paths[i], stat, entry, need_phash, max_pixels)
+        self.reused = sum(info is not None for info in found)
+        return found
+
+    def _entries(self) -> Iterator[tuple[str, str, str]]:
+        """(path, stat_key, JSON entry) of every row; none from a missing file, and none (or no
+        more) from one that is damaged or of another format, which save() replaces."""
+        self.loaded = 0
         if not self.path.exists():
-            return _Entries(None)
+            return
         try:
             # read-write: a save killed halfway left a journal, whose rollback is a write
-            database = sqlite3.connect(self.path, timeout=LOCK_WAIT_S)
-            try:
-                version = database.execute("PRAGMA user_version").fetchone()[0]
-                if version == SCAN_CACHE_FORMAT:
-                    self.loaded = database.execute("SELECT count(*) FROM files").fetchone()[0]
-                    return _Entries(database)
-            except sqlite3.Error:
-                database.close()
-                raise
-            database.close()
+            with contextlib.closing(sqlite3.connect(self.path, timeout=LOCK_WAIT_S)) as database:
+                if database.execute("PRAGMA user_version").fetchone()[0] != SCAN_CACHE_FORMAT:
+                    return
+                for row in database.execute("SELECT path, stat, entry FROM files"):
+                    self.loaded += 1
+                    yield row
         except sqlite3.Error as error:
             log.warning("ignoring unreadable scan cache %s (%s)", self.path, error)
-        return _Entries(None)
+
+    @staticmethod
+    def _info(path: Path, stat: str, entry: str, need_phash: bool,
+              max_pixels: int) -> ImageInfo | None:
+        try:
+            fields = json.loads(entry)
+            if not isinstance(fields, dict) or (need_phash and fields.get("phash") is None):
+                return None
+            if stat != stat_key(path):
+                return None
+            info = ImageInfo(**{**fields, "path": path, **_shared(fields)})
+        except (OSError, TypeError, ValueError, RecursionError):  # vanished, or another shape
+            return None
+        typed = (isinstance(info.width, int) and isinstance(info.height, int)
+                 and isinstance(info.sha256, str) and isinstance(info.format, str)
+                 and (info.phash is None or isinstance(info.phash, int)))
+        return info if typed and info.width * info.height <= max_pixels else None
 
     def save(self, infos: list[ImageInfo]) -> None:
         if self.reused == len(infos) == self.loaded:
@@ -107,56 +134,6 @@ class ScanCache:
         except BaseException:
             database.execute("ROLLBACK")
             raise
-
-    def lookup(self, known: "_Entries", path: Path, need_phash: bool,
-               max_pixels: int) -> ImageInfo | None:
-        """The cached ImageInfo of `path` while the file is unchanged (and within `max_pixels`)."""
-        entry = known.get(str(path))
-        if not isinstance(entry, dict) or (need_phash and entry.get("phash") is None):
-            return None
-        try:
-            if entry.get("stat") != stat_key(path):
-                return None
-            info = ImageInfo(**{**{k: v for k, v in entry.items() if k != "stat"}, "path": path,
-                                **_shared(entry)})
-        except (OSError, TypeError):  # vanished, or an entry of another shape: read the file again
-            return None
-        typed = (isinstance(info.width, int) and isinstance(info.height, int)
-                 and isinstance(info.sha256, str) and isinstance(info.format, str)
-                 and (info.phash is None or isinstance(info.phash, int)))
-        if not typed or info.width * info.height > max_pixels:
-            return None
-        self.reused += 1
-        return info
-
-
-class _Entries:
-    """A scan cache open for lookups, one row each (a context manager that closes it)."""
-
-    def __init__(self, database: sqlite3.Connection | None):
-        self.database = database
-
-    def get(self, path: str) -> dict | None:
-        if self.database is None:
-            return None
-        try:
-            row = self.database.execute("SELECT stat, entry FROM files WHERE path = ?",
-                                        (path,)).fetchone()
-            entry = row and json.loads(row[1])
-        except (sqlite3.Error, ValueError, RecursionError):  # a damaged page or row: read again
-            return None
-        return {**entry, "stat": row[0]} if isinstance(entry, dict) else None
-
-    def close(self) -> None:
-        if self.database is not None:
-            self.database.close()
-            self.database = None
-
-    def __enter__(self) -> "_Entries":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _rows(infos: list[ImageInfo]) -> Iterator[tuple[str, str, str]]:

@@ -153,10 +153,8 @@ def _read_all(paths: list, cache: ScanCache | None, near_duplicates: bool, max_p
     that the Python parts of reading each file (which hold the GIL) do not cap the scan at one core
     on machines with many; fewer files are read in threads, which start at once. Both give the
     same results; benchmarks/bench_scale.py (read_modes) compares their speeds."""
-    results: list = [None] * len(paths)
-    if cache:
-        with cache.load() as known:
-            results = [cache.lookup(known, path, near_duplicates, max_pixels) for path in paths]
+    results: list = (cache.lookup_all(paths, near_duplicates, max_pixels) if cache
+                     else [None] * len(paths))
     todo = [i for i, result in enumerate(results) if result is None]
     read = partial(_read_one, with_phash=near_duplicates, max_pixels=max_pixels)
     for i, result in zip(todo, _map(read, [paths[i] for i in todo], workers)):
