@@ -87,12 +87,12 @@ class ScanCache:
     def _info(path: Path, stat: str, entry: str, need_phash: bool,
               max_pixels: int) -> ImageInfo | None:
         try:
-            fields = json.loads(entry)
-            if not isinstance(fields, dict) or (need_phash and fields.get("phash") is None):
+            values = json.loads(entry)
+            if not isinstance(values, dict) or (need_phash and values.get("phash") is None):
                 return None
             if stat != stat_key(path):
                 return None
-            info = ImageInfo(**{**fields, "path": path, **_shared(fields)})
+            info = ImageInfo(**{**values, "path": path, **_shared(values)})
         except (OSError, TypeError, ValueError, RecursionError):  # vanished, or another shape
             return None
         typed = (isinstance(info.width, int) and isinstance(info.height, int)

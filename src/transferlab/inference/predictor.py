@@ -18,9 +18,9 @@ from ..data.loaders import decode_image
 from ..data.transforms import Preprocessing, eval_transform
 from ..options import check
 from .batches import progress_bar, run_batches
-from .rows import RowFile
 from .bundle import BundleConfig
 from .engines import Engine, engine_precision, torch_threads
+from .rows import RowFile
 from .trust import Trust
 
 UNKNOWN = "unknown"  # the answer instead of a class, with reject_unknown, for a novel input

@@ -64,7 +64,9 @@ class Novelty:
         SCORE_ROWS images at a time, so that scoring a large split (a tensor, an array or a
         RowFile) holds no copy of it."""
         parts = [self._score(torch.as_tensor(chunk)) for chunk in row_chunks(features, SCORE_ROWS)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(0)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else torch.zeros(0)
 
     def _score(self, features: torch.Tensor) -> torch.Tensor:
         similarity = unit(features) @ self.bank.T

@@ -240,6 +240,7 @@ def _head_outputs_chunked(linear: nn.Sequential, chunks, shape: tuple) -> Networ
 
     rows = RowFile(features())
     if not logits:  # no images: the head's outputs for none, for their widths
+        rows.close()
         none = _head_outputs(linear, np.empty((0, *shape), dtype=np.float32))
         return NetworkOutputs(none.logits, none.features)
     return NetworkOutputs(np.concatenate(logits), rows)
