@@ -94,8 +94,11 @@ def test_a_scan_cache_holding_something_else(image_folder, tmp_path, content):
                 database.execute("INSERT INTO files VALUES (?, ?, ?)",
                                  (str(first_file), stat_key(first_file), entry or "{}"))
             database.execute(f"PRAGMA user_version = {version}")
+    old_format = path.with_suffix(".json")  # the JSON file of format 1
+    old_format.write_text('{"format": 1, "files": {}}')
     data = ImageFolderData(image_folder, cache_dir=cache)
     assert len(data.scan.images) == 40
+    assert not old_format.exists()  # replaced, so removed
     with contextlib.closing(sqlite3.connect(path)) as database:  # rewritten whole
         assert database.execute("PRAGMA user_version").fetchone()[0] == 2
         assert database.execute("SELECT count(*) FROM files").fetchone()[0] == 40

@@ -109,6 +109,7 @@ class ScanCache:
                 with contextlib.closing(sqlite3.connect(self.path, timeout=LOCK_WAIT_S,
                                                         isolation_level=None)) as database:
                     self._replace(database, infos)
+                self.path.with_suffix(".json").unlink(missing_ok=True)  # format 1's, replaced
                 return
             except sqlite3.DatabaseError as error:
                 if last_try or isinstance(error, sqlite3.OperationalError):  # locked, full disk
