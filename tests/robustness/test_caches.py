@@ -4,6 +4,7 @@ traceback after the work) now give a warning, and the run goes on and gets the s
 
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -90,9 +91,9 @@ def test_a_scan_cache_holding_something_else(image_folder, tmp_path, content):
         first_file = next(image_folder.rglob("*.png"))
         with contextlib.closing(sqlite3.connect(path)) as database, database:
             if entry != "no table":
-                database.execute("CREATE TABLE files (path TEXT PRIMARY KEY, stat TEXT, entry TEXT)")
+                database.execute("CREATE TABLE files (path BLOB PRIMARY KEY, stat TEXT, entry TEXT)")
                 database.execute("INSERT INTO files VALUES (?, ?, ?)",
-                                 (str(first_file), stat_key(first_file), entry or "{}"))
+                                 (os.fsencode(first_file), stat_key(first_file), entry or "{}"))
             database.execute(f"PRAGMA user_version = {version}")
     old_format = path.with_suffix(".json")  # the JSON file of format 1
     old_format.write_text('{"format": 1, "files": {}}')
@@ -130,6 +131,20 @@ scan.scan_folder({str(root)!r}, cache_dir={str(cache)!r})
     assert again.loaded == len(first.images) == 8
     assert found == [None if image.path.name == "circles_000.jpg" else image
                      for image in first.images]
+
+
+def test_a_file_name_that_is_not_utf8_is_cached_too(tmp_path, monkeypatch):
+    import transferlab.data.scan
+
+    root = make_image_folder(tmp_path / "d", per_class=4, size=32)
+    odd = root / "circles" / os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: no UTF-8 name
+    (root / "circles" / "circles_000.jpg").rename(odd)
+    first = scan_folder(root, cache_dir=tmp_path / "cache")
+    assert odd in [image.path for image in first.images]
+    read = []
+    monkeypatch.setattr(transferlab.data.scan, "read_info", lambda path, **kw: read.append(path))
+    again = scan_folder(root, cache_dir=tmp_path / "cache")
+    assert read == [] and again.images == first.images  # every file, the odd one too, from the cache
 
 
 def test_a_full_disk_is_one_line(image_folder, tmp_path):

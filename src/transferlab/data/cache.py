@@ -58,7 +58,7 @@ class ScanCache:
         `max_pixels`), else None. One pass over the file's rows, whatever their order: a query per
         path took 11 µs a file against 0.6."""
         found: list[ImageInfo | None] = [None] * len(paths)
-        position = {str(path): i for i, path in enumerate(paths)}
+        position = {os.fsencode(path): i for i, path in enumerate(paths)}
         for key, stat, entry in self._entries():
             i = position.get(key)
             if i is not None:
@@ -66,8 +66,8 @@ class ScanCache:
         self.reused = sum(info is not None for info in found)
         return found
 
-    def _entries(self) -> Iterator[tuple[str, str, str]]:
-        """(path, stat_key, JSON entry) of every row; none from a missing file, and none (or no
+    def _entries(self) -> Iterator[tuple[bytes, str, str]]:
+        """(path as bytes, stat_key, JSON entry) of every row; none from a missing file, and none (or no
         more) from one that is damaged or of another format, which save() replaces."""
         self.loaded = 0
         if not self.path.exists():
@@ -116,7 +116,7 @@ class ScanCache:
                     log.warning("could not write scan cache %s (%s)", self.path, error)
                     return
                 self.path.unlink(missing_ok=True)  # damaged, or not SQLite: started again
-            except OSError as error:  # a read-only cache costs speed, never the run
+            except (OSError, ValueError) as error:  # a read-only cache costs speed, never the run
                 log.warning("could not write scan cache %s (%s)", self.path, error)
                 return
 
@@ -127,7 +127,8 @@ class ScanCache:
         database.execute("BEGIN IMMEDIATE")  # the table's schema changes inside it too
         try:
             database.execute("DROP TABLE IF EXISTS files")
-            database.execute("CREATE TABLE files (path TEXT PRIMARY KEY, stat TEXT, entry TEXT) "
+            # paths as bytes: a file name need not be valid UTF-8, which TEXT must be
+            database.execute("CREATE TABLE files (path BLOB PRIMARY KEY, stat TEXT, entry TEXT) "
                              "WITHOUT ROWID")
             database.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", _rows(infos))
             database.execute(f"PRAGMA user_version = {SCAN_CACHE_FORMAT}")
@@ -137,14 +138,14 @@ class ScanCache:
             raise
 
 
-def _rows(infos: list[ImageInfo]) -> Iterator[tuple[str, str, str]]:
+def _rows(infos: list[ImageInfo]) -> Iterator[tuple[bytes, str, str]]:
     for info in infos:
         try:
             stat = stat_key(info.path)
         except OSError:
             continue  # vanished since it was read: nothing worth remembering
         entry = {name: getattr(info, name) for name in _FIELDS if name != "path"}  # asdict: slow
-        yield str(info.path), stat, json.dumps(entry)
+        yield os.fsencode(info.path), stat, json.dumps(entry)
 
 
 def _shared(entry: dict) -> dict:
