@@ -22,7 +22,7 @@ from ..data.decode import ImageInfo
 log = logging.getLogger(__name__)
 SCAN_CACHE_FORMAT = 2  # SQLite's user_version; 1 was a JSON file
 LOCK_WAIT_S = 30  # how long a run waits for another that is writing the same scan cache
-_FIELDS = [field.name for field in fields(ImageInfo)]
+_ENTRY_FIELDS = [field.name for field in fields(ImageInfo) if field.name != "path"]  # path: the key
 
 
 def default_cache_dir() -> Path:
@@ -144,7 +144,7 @@ def _rows(infos: list[ImageInfo]) -> Iterator[tuple[bytes, str, str]]:
             stat = stat_key(info.path)
         except OSError:
             continue  # vanished since it was read: nothing worth remembering
-        entry = {name: getattr(info, name) for name in _FIELDS if name != "path"}  # asdict: slow
+        entry = {name: getattr(info, name) for name in _ENTRY_FIELDS}  # asdict: slow
         yield os.fsencode(info.path), stat, json.dumps(entry)
 
 
