@@ -78,6 +78,7 @@ def ours(data, steps: int, skip: int) -> float:
     import lightning as L
 
     from transferlab.data.loaders import ImageFolderDataModule
+    from transferlab.process import reused_memory
     from transferlab.training.kernels import fp32_where_bf16_is_slower
     from transferlab.training.module import ClassifierModule, Optimization
     from transferlab.training.strategies import configure
@@ -99,7 +100,7 @@ def ours(data, steps: int, skip: int) -> float:
                         enable_model_summary=False, limit_val_batches=0,
                         precision="bf16-mixed" if config.precision == "bf16" else "32-true",
                         callbacks=[*recipe.callbacks, Timing()])
-    with fp32_where_bf16_is_slower(module, config.precision, "cpu"):  # as training.trainer.fit
+    with fp32_where_bf16_is_slower(module, config.precision, "cpu"), reused_memory():  # as fit
         trainer.fit(module, datamodule=ImageFolderDataModule(data, pre, config.augment,
                                                              batch_size=32))
     return steps * 32 / timer.seconds

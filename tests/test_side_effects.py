@@ -64,3 +64,51 @@ def test_pil_keeps_its_own_limit_while_we_raise_ours(monkeypatch):
     Image.new("L", (13000, 14000)).save(big, format="PNG")  # 182 MP: over PIL's error threshold
     assert open_rgb(big, max_pixels=200_000_000).size == (13000, 14000)
     assert seen and set(seen) == {limit} and Image.MAX_IMAGE_PIXELS == limit
+
+
+def _faults_touching(megabytes: int) -> int:
+    """Minor page faults of allocating and filling a fresh block of `megabytes`."""
+    import resource
+
+    import torch  # not numpy, which asks for huge pages for large arrays (a fault per 2 MB)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.empty(megabytes * 2**20 // 8, dtype=torch.float64).fill_(1.0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del block
+    return faults
+
+
+def test_reused_memory_keeps_large_blocks_then_gives_them_back():
+    """Inside the block a freed 64 MB block comes back without faulting its pages in again (within a
+    few rounds: small blocks allocated in between can leave a hole too small at first); after it,
+    and also inside a nested block that ended, it does; afterwards malloc maps such blocks afresh."""
+    import pytest
+
+    from transferlab.process import reused_memory
+
+    pages = 64 * 2**20 // 4096
+    with reused_memory() as reusing:
+        if not reusing:
+            pytest.skip("the C library is not glibc: reused_memory changes nothing here")
+        with reused_memory():
+            pass
+        inside = [_faults_touching(64) for _ in range(6)]
+    outside = [_faults_touching(64) for _ in range(3)]
+    if min(outside) < pages // 2:
+        pytest.skip(f"{outside} faults for {pages} pages: the kernel maps large blocks in huge "
+                    "pages here, so faults do not show reuse")
+    assert min(inside) < pages // 10, inside
+
+
+def test_training_reuses_memory(image_folder, tmp_path, monkeypatch):
+    import contextlib
+
+    from transferlab.training import trainer
+
+    entered = []
+    monkeypatch.setattr(trainer, "reused_memory",
+                        lambda: contextlib.nullcontext(entered.append(True)))
+    train(image_folder, strategy="head", backbone=TINY_BACKBONE, weights="none", epochs=1,
+          out=tmp_path / "run", cache_dir=None, show_progress=False)
+    assert entered == [True]
