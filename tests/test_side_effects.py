@@ -110,14 +110,35 @@ def test_reused_memory_keeps_large_blocks_for_the_next():
     assert max(probe["inside"][1:]) < pages // 10, probe
 
 
-def test_training_reuses_memory(image_folder, tmp_path, monkeypatch):
-    import contextlib
+class RecordingLibc:
+    """Stands in for glibc: records mallopt and malloc_trim calls."""
 
-    from transferlab.training import trainer
+    def __init__(self):
+        self.calls = []
 
-    entered = []
-    monkeypatch.setattr(trainer, "reused_memory",
-                        lambda: contextlib.nullcontext(entered.append(True)))
-    train(image_folder, strategy="head", backbone=TINY_BACKBONE, weights="none", epochs=1,
-          out=tmp_path / "run", cache_dir=None, show_progress=False)
-    assert entered == [True]
+    def mallopt(self, parameter, value):
+        self.calls.append(("mallopt", parameter, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_training_and_evaluating_reuse_memory_and_then_restore_it(image_folder, tmp_path,
+                                                                   monkeypatch):
+    from transferlab import evaluate, process
+
+    libc = RecordingLibc()
+    monkeypatch.setattr(process, "_glibc", lambda: libc)
+    run = train(image_folder, strategy="head", backbone=TINY_BACKBONE, weights="none", epochs=1,
+                out=tmp_path / "run", cache_dir=None, show_progress=False)
+    evaluate(run.model_dir, image_folder, out=tmp_path / "evaluation", show_progress=False)
+    # once for the run (fit's own block nests inside it), once for the evaluation
+    keep = [("mallopt", process._M_MMAP_MAX, 0), ("mallopt", process._M_TRIM_THRESHOLD,
+                                                   process._KEEP_EVERYTHING)]
+    restore = [("mallopt", process._M_MMAP_MAX, process._DEFAULT_MMAP_MAX),
+               ("mallopt", process._M_MMAP_THRESHOLD, process._SETTLED_MMAP_THRESHOLD),
+               ("mallopt", process._M_TRIM_THRESHOLD, 2 * process._SETTLED_MMAP_THRESHOLD),
+               ("malloc_trim", 0)]
+    assert libc.calls == 2 * (keep + restore) and process._reuse_depth == 0

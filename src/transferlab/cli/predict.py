@@ -43,6 +43,7 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
     setup_logging(verbose=False)
     from ..inference.backends import load_model
     from ..inference.predictor import expand_inputs
+    from ..process import reused_memory
 
     paths = expand_inputs(inputs)
     if not paths:
@@ -52,9 +53,10 @@ def predict(model: Path = typer.Argument(..., help="A model bundle folder, such 
     results = predictor.iter_predictions(paths, top_k=top_k, tta=tta, reject_unknown=reject_unknown,
                                          **given(
         batch_size=batch_size, precision=precision, max_pixels=max_pixels))
-    bad = _stream(results, output_format, min(top_k, len(predictor.classes)))
-    if explain is not None:
-        _explain(model, paths, explain, predictor.device, **given(max_pixels=max_pixels))
+    with reused_memory():
+        bad = _stream(results, output_format, min(top_k, len(predictor.classes)))
+        if explain is not None:
+            _explain(model, paths, explain, predictor.device, **given(max_pixels=max_pixels))
     for result in bad:
         err.print(f"[bold red]error:[/] {escape(result.file)}: cannot read image ({escape(result.error)})",
                   highlight=False)

@@ -26,6 +26,7 @@ from ..inference.embeddings import embed_files
 from ..inference.graphs import ENGINES
 from ..models.backbones import DEFAULT_BACKBONE, create_backbone, resolve_name
 from ..options import check
+from ..process import reused_memory
 from ..reporting.report import write_audit_page
 from ..rundir.atomic import check_writable, write_json
 from ..rundir.audit import (CONFLICT_COLUMNS, LABEL_ISSUES_COLUMNS, OUTLIER_COLUMNS, QUALITY_COLUMNS,
@@ -92,7 +93,7 @@ def audit(data: ImageFolderData | str | os.PathLike, *, out: str | os.PathLike |
     check_outside(folder, data.root)
     started = time.perf_counter()
     data.scan  # noqa: B018 - bad data is refused before anything is written
-    with locked(folder):
+    with locked(folder), reused_memory():
         claim_output(folder, overwrite)
         indices = list(range(len(data.scan.images)))
         embeddings = embedder.embed(data, indices, show_progress)

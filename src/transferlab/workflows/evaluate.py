@@ -13,6 +13,7 @@ import numpy as np
 
 from ..data.folder import ImageFolderData
 from ..errors import DataError
+from ..process import reused_memory
 from ..evaluation.heldout import measure
 from ..inference.backends import load_model
 from ..inference.graphs import ENGINES, engine_report
@@ -58,7 +59,7 @@ def evaluate(model: str | os.PathLike, data: ImageFolderData | str | os.PathLike
     if not indices:
         raise DataError(f"{data.root}: no readable images{'' if split == 'all' else ' in ' + split}")
     to_model = _class_mapping(data.classes, config.classes, data.root, model)
-    with locked(out):
+    with locked(out), reused_memory():
         claim_output(out, overwrite)
         return _evaluate(predictor, Path(model), data, indices, to_model, split, out,
                          batch_size=batch_size, workers=workers, precision=precision, report=report,

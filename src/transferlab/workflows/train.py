@@ -31,6 +31,7 @@ from ..inference.predictor import Predictor
 from ..models.backbones import DEFAULT_BACKBONE, SIMPLE_CNN, count_parameters, resolve_name
 from ..models.network import WithFeatures
 from ..options import OPTIONS, check
+from ..process import reused_memory
 from ..reporting.model_card import write_model_card_or_warn
 from ..reporting.report import write_report_or_warn
 from ..rundir.atomic import check_writable, remove_temporaries, write_json
@@ -92,7 +93,7 @@ def train(data: ImageFolderData | str | os.PathLike | None = None, strategy: str
     # Only the main process writes the run directory; the helper processes of a distributed run
     # (Lightning starts them with their rank in the environment) only train.
     main = is_main_process()
-    with locked(run_dir) if main else contextlib.nullcontext():
+    with locked(run_dir) if main else contextlib.nullcontext(), reused_memory():
         if main and resume is None:
             claim_output(run_dir, overwrite)
         try:
