@@ -1,5 +1,6 @@
 """Importing or calling the library changes nothing process-wide: not the umask, not the environment,
-not PIL's own decompression-bomb limit (which another thread of the user's program relies on)."""
+not PIL's own decompression-bomb limit (which another thread of the user's program relies on); and
+malloc's settings, which a run changes while it runs, only as glibc would settle them itself."""
 
 import io
 import json
