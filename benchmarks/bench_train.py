@@ -100,7 +100,8 @@ def ours(data, steps: int, skip: int) -> float:
                         enable_model_summary=False, limit_val_batches=0,
                         precision="bf16-mixed" if config.precision == "bf16" else "32-true",
                         callbacks=[*recipe.callbacks, Timing()])
-    with fp32_where_bf16_is_slower(module, config.precision, "cpu"), reused_memory():  # as fit
+    # as training.trainer.fit runs, inside the train workflow's reused_memory
+    with fp32_where_bf16_is_slower(module, config.precision, "cpu"), reused_memory():
         trainer.fit(module, datamodule=ImageFolderDataModule(data, pre, config.augment,
                                                              batch_size=32))
     return steps * 32 / timer.seconds

@@ -135,7 +135,7 @@ def test_training_and_evaluating_reuse_memory_and_then_restore_it(image_folder, 
     run = train(image_folder, strategy="head", backbone=TINY_BACKBONE, weights="none", epochs=1,
                 out=tmp_path / "run", cache_dir=None, show_progress=False)
     evaluate(run.model_dir, image_folder, out=tmp_path / "evaluation", show_progress=False)
-    # once for the run (fit's own block nests inside it), once for the evaluation
+    # once for the run (its fit inside it), once for the evaluation
     keep = [("mallopt", process._M_MMAP_MAX, 0), ("mallopt", process._M_TRIM_THRESHOLD,
                                                    process._KEEP_EVERYTHING)]
     restore = [("mallopt", process._M_MMAP_MAX, process._DEFAULT_MMAP_MAX),

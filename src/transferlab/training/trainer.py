@@ -19,7 +19,6 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ..devices import lightning_accelerator, lightning_precision
 from ..errors import ConfigError, WeightsError
-from ..process import reused_memory
 from ..rundir.atomic import atomic_path
 from ..rundir.layout import BEST_CHECKPOINT, LOGS_DIR, RunDir
 from .callbacks import EpochLog, History, Throughput
@@ -142,7 +141,7 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: P
             enable_progress_bar=bars, enable_model_summary=False, num_sanity_val_steps=0,
             log_every_n_steps=10, limit_val_batches=1.0 if has_val else 0)
         last = paths.last_checkpoint
-        with fp32_where_bf16_is_slower(module, precision, distribution.accelerator), reused_memory():
+        with fp32_where_bf16_is_slower(module, precision, distribution.accelerator):
             trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None,
                         weights_only=True)
 

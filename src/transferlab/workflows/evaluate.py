@@ -13,13 +13,13 @@ import numpy as np
 
 from ..data.folder import ImageFolderData
 from ..errors import DataError
-from ..process import reused_memory
 from ..evaluation.heldout import measure
 from ..inference.backends import load_model
 from ..inference.graphs import ENGINES, engine_report
 from ..inference.bundle import read_config
 from ..inference.predictor import Predictor
 from ..options import check
+from ..process import reused_memory
 from ..reporting.report import write_report_or_warn
 from ..rundir.atomic import check_writable, write_json
 from ..rundir.layout import (RunDir, check_outside, claim_output, default_run_dir, locked,
