@@ -9,6 +9,15 @@ keep-alive connection each, speaking HTTP/1.1 over asyncio streams with request 
 before the clock starts. Their CPU time and the server's are reported as shares of the machine's
 cores over the measured interval, so what the client took from the server is in the open.
 
+Where the ratio goes (`fixed_work`): the same server with the bundle's network replaced by a
+stand-in that answers its outputs on real images, recorded at start, after as long as the engine
+takes at batch 32 but without using a core, so that batches form as they do in the service. Under
+the same clients that gives the CPU the service spends on each image around its engine (HTTP,
+multipart, decoding, batching, temperature, novelty, JSON). With the engine's own CPU per image at
+batch 32 and at the batches the clients make, that bounds the ratio: engine CPU at 32 / (engine CPU
+at the clients' batch + that fixed work), reached only if the service kept the cores as busy as
+the engine alone does and the two shared them without loss.
+
     python benchmarks/bench_service.py MODEL_DIR [--backends torch,onnx] [--requests 400] [--rounds 3]
 """
 
@@ -39,13 +48,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, int]:
+def start_server(model_dir: Path, *options: str, without_network: bool = False
+                 ) -> tuple[subprocess.Popen, int]:
+    """`transferlab serve MODEL_DIR *options` on a free port, or (without_network) this script's
+    serve_without_network with the same options (and --network-ms-per-image)."""
     import httpx
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "serve", str(model_dir),
-                                "--port", str(port), *options],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = ([sys.executable, __file__, str(model_dir), "--without-network", "--port", str(port)]
+               if without_network else
+               [sys.executable, "-m", "transferlab.cli", "serve", str(model_dir), "--port", str(port)])
+    process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -140,16 +154,22 @@ class EngineAlone:
         self.decoded = [self.predictor.decode(io.BytesIO(image)) for image in images]
 
     def images_per_s(self, batch: int, seconds: float = ENGINE_SECONDS) -> float:
+        return self.measure(batch, seconds)[0]
+
+    def measure(self, batch: int, seconds: float = ENGINE_SECONDS) -> tuple[float, float]:
+        """(images/s, this process's CPU ms per image) on batches of `batch`."""
         import torch
 
         stacked = torch.stack([self.decoded[i % len(self.decoded)] for i in range(batch)])
         for _ in range(3):
             self.predictor.score_batch(stacked)
-        calls, started = 0, time.perf_counter()
+        calls, started, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - started < seconds:
             self.predictor.score_batch(stacked)
             calls += 1
-        return round(calls * batch / (time.perf_counter() - started), 1)
+        images = calls * batch
+        return (round(images / (time.perf_counter() - started), 1),
+                round((time.process_time() - cpu) * 1000 / images, 3))
 
 
 def compare(model_dir: Path, backend: str, images: list[bytes], count: int, clients: int,
@@ -173,14 +193,76 @@ def compare(model_dir: Path, backend: str, images: list[bytes], count: int, clie
             alone.append(engine.images_per_s(ENGINE_BATCH))
         running = describe(port)["engine"]["name"]
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        stop(process)
     ratios = [round(result["images_per_s"] / ((before + after) / 2), 3)
               for result, before, after in zip(served, alone, alone[1:])]
     return {"engine": {"running": running, f"batch_{ENGINE_BATCH}_images_per_s": alone,
                        f"batch_{clients}_images_per_s": small},
             "service_rounds": served, "round_ratios": ratios,
-            "service_over_engine_batch_32": float(np.median(ratios))}
+            "service_over_engine_batch_32": float(np.median(ratios)),
+            "fixed_work": fixed_work(model_dir, backend, engine, images, count // rounds, clients,
+                                     served)}
+
+
+def fixed_work(model_dir: Path, backend: str, engine: EngineAlone, images: list[bytes], count: int,
+               clients: int, served: list[dict]) -> dict:
+    """The service's CPU per image around its engine (serve_without_network under the same
+    clients), the engine's own CPU per image at batch 32 and at the batch the clients make, and the
+    ratio these allow (see the module's docstring) beside the one measured. The clients' batch is
+    taken as half of them: while one half's images are in the engine, the other half are being
+    sent, parsed and decoded (an instrumented run of 8 clients found every batch held 4)."""
+    batch = max(1, clients // 2)
+    (large_ips, large_ms), (small_ips, small_ms) = engine.measure(ENGINE_BATCH), engine.measure(batch)
+    process, port = start_server(model_dir, "--backend", backend, "--network-ms-per-image",
+                                 str(1000 / large_ips), without_network=True)
+    try:
+        requests = [upload_request(port, f"{i}.jpg", image) for i, image in enumerate(images)]
+        server = psutil.Process(process.pid)
+        asyncio.run(load(port, requests, 4 * clients, clients))
+        stubbed = measured_load(server, port, requests, count, clients)
+    finally:
+        stop(process)
+    cores = psutil.cpu_count()
+    fixed_ms = stubbed["server_cpu_share"] * cores * stubbed["seconds"] * 1000 / stubbed["requests"]
+    served_ms = [r["server_cpu_share"] * cores * r["seconds"] * 1000 / r["requests"] for r in served]
+    return {"without_network": stubbed, "fixed_cpu_ms_per_image": round(fixed_ms, 3),
+            "engine_cpu_ms_per_image": {f"batch_{ENGINE_BATCH}": large_ms, f"batch_{batch}": small_ms},
+            "engine_images_per_s": {f"batch_{ENGINE_BATCH}": large_ips, f"batch_{batch}": small_ips},
+            "service_cpu_ms_per_image": [round(ms, 3) for ms in served_ms],
+            "ratio_bound": round(large_ms / (small_ms + fixed_ms), 3)}
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def serve_without_network(model_dir: Path, port: int, backend: str, ms_per_image: float) -> None:
+    """`serve MODEL_DIR --port PORT --backend BACKEND`, its app and server settings, with the
+    bundle's network replaced by its outputs on a batch of real images, recorded at start, answered
+    after `ms_per_image` per image of a batch, asleep: every request then costs the CPU of what the
+    service does around its engine, in batches like the service's."""
+    import torch
+    import uvicorn
+
+    from transferlab.deploy.export import run_val_images
+    from transferlab.deploy.guards import default_allowed_hosts
+    from transferlab.deploy.serve import create_app, server_options
+    from transferlab.inference.engines import engine_precision
+
+    app = create_app(model_dir, backend, build_engine=True,
+                     allowed_hosts=default_allowed_hosts("127.0.0.1"))
+    predictor = app.state.classifier.predictor
+    images = torch.stack([predictor.decode(path) for path in
+                          run_val_images(model_dir, limit=ENGINE_BATCH)[0]])
+    recorded = predictor.outputs(images, engine_precision(predictor.engine, "auto"))
+
+    def outputs(images: torch.Tensor, precision: str) -> tuple:
+        time.sleep(len(images) * ms_per_image / 1000)
+        return tuple(None if output is None else output[:len(images)] for output in recorded)
+
+    predictor.outputs = outputs
+    uvicorn.run(app, **server_options("127.0.0.1", port))
 
 
 def service(model_dir: Path, requests: int = REQUESTS, clients: int = CLIENTS,
@@ -207,7 +289,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=REQUESTS)
     parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--without-network", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
+    parser.add_argument("--network-ms-per-image", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.without_network:  # the server fixed_work starts
+        serve_without_network(args.model, args.port, args.backend, args.network_ms_per_image)
+        return
     print(json.dumps(service(args.model, args.requests, args.clients,
                              tuple(args.backends.split(",")), args.rounds), indent=2))
 

@@ -158,6 +158,7 @@ def test_health_model_page_and_docs(client, classes):
     assert model["input_size"] == model["preprocessing"]["input_size"]
     assert model["training"]["strategy"] == "extract" and "test_accuracy" in model["training"]
     assert {k: model["limits"][k] for k in LIMITS} == LIMITS
+    assert client.app.state.classifier.predictor.classes == classes  # how benchmarks reach it
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="result"' in page.text and 'type="file"' in page.text

@@ -242,6 +242,7 @@ def create_app(model_dir: str | Path, backend: str = "torch", *,
                          description=f"Image classifier over {len(classifier.predictor.classes)} "
                                      "classes; GET /model describes it.")
     app.add_middleware(Guard, allowed_hosts=allowed_hosts)
+    app.state.classifier = classifier  # the model behind the routes, for tests and benchmarks
     _add_routes(app, classifier, Turns(limits.max_concurrent), parser, top_k)
     _add_error_handlers(app)
     return app
@@ -331,6 +332,11 @@ def app_from_env() -> FastAPI:
     return create_app(**json.loads(os.environ[SETTINGS_ENV]))
 
 
+def server_options(host: str, port: int, access_log: bool = False) -> dict:
+    """uvicorn.run's options for the service (see serve)."""
+    return {"host": host, "port": port, "http": HeaderDeadlineProtocol, "access_log": access_log}
+
+
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           access_log: bool = False, **settings) -> None:
     """Run the service with Uvicorn until interrupted; `settings` are create_app's options.
@@ -350,7 +356,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     # if it is not cached yet, before the service answers (it would run torch, at half the speed,
     # until a restart); worker processes then find it cached.
     app = create_app(**settings, build_engine=True)
-    server = {"host": host, "port": port, "http": HeaderDeadlineProtocol, "access_log": access_log}
+    server = server_options(host, port, access_log)
     if workers == 1:
         uvicorn.run(app, **server)
         return
