@@ -146,3 +146,50 @@ def test_each_rank_runs_the_checked_engine_or_the_same_one_made_for_its_device(m
     graph.fallback = "differs from torch fp32"
     rank_engine(graph, "spec", "32", "cache", torch.device("cuda", 2))
     assert made == [("onnx", torch.device("cuda", 1)), ("torch", torch.device("cuda", 2))]
+
+
+def test_each_process_gets_the_share_of_the_cores_the_launcher_gives_it(monkeypatch):
+    """The main process makes its engine with the threads Lightning's launcher will give every
+    process (a graph engine keeps the count it was made with): the cores this process may use,
+    shared out, or torch's own count when OMP_NUM_THREADS sets it."""
+    import os
+
+    import torch
+
+    from transferlab.training.distributed_embedding import process_threads
+    from transferlab.training.trainer import Distribution
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert process_threads(Distribution(devices=2)) == 4
+    assert process_threads(Distribution(devices=[0, 1, 2])) == 2
+    assert process_threads(Distribution(devices=16)) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert process_threads(Distribution(devices=2)) == torch.get_num_threads()
+
+
+def test_the_main_process_makes_its_engine_with_that_share(monkeypatch, tmp_path):
+    """The engine is chosen, built and checked with the share's threads, and torch's count is
+    put back afterwards."""
+    import os
+
+    import torch
+
+    from transferlab.data.transforms import Preprocessing
+    from transferlab.training import distributed_embedding
+    from transferlab.training.trainer import Distribution
+
+    class Seen(Exception):
+        pass
+
+    def runner(*args, **kwargs):
+        raise Seen(torch.get_num_threads())
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(distributed_embedding, "embedding_runner", runner)
+    before = torch.get_num_threads()
+    with pytest.raises(Seen) as seen:
+        distributed_embedding.embed_into_cache(torch.nn.Identity(), [], [], Preprocessing(),
+                                               cache_dir=tmp_path, distribution=Distribution(devices=2))
+    assert seen.value.args == (4,) and torch.get_num_threads() == before
