@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from transferlab import load_model
@@ -18,7 +17,6 @@ from transferlab.cli import app
 from transferlab.deploy.export import FP32_TOLERANCE
 from transferlab.deploy.formats import EXPORT_FORMATS
 from transferlab.errors import BundleError, ConfigError
-from transferlab.inference.engines import torch_threads
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                 reason="openvino is not installed (pip install 'transferlab[openvino]')")
@@ -49,20 +47,10 @@ def test_the_openvino_backend_predicts_what_torch_predicts(exported):
     predictor = load_model(bundle, backend="openvino")
     got, errors = predictor.predict_scores(images)
     assert errors == [""] * len(images)
-    # its threads free to move off a core decoding takes, no more than torch's (OpenVinoEngine)
-    compiled = predictor.engine.compiled
-    assert compiled.get_property("ENABLE_CPU_PINNING") is False
-    assert compiled.get_property("INFERENCE_NUM_THREADS") <= torch.get_num_threads()
+    # its threads free to move off a core that decoding takes (OpenVinoEngine)
+    assert predictor.engine.compiled.get_property("ENABLE_CPU_PINNING") is False
     np.testing.assert_allclose(got.proba, expected.proba, atol=FP32_TOLERANCE)
     np.testing.assert_allclose(got.novelty, expected.novelty, atol=FP32_TOLERANCE)
-
-
-def test_the_engine_takes_the_threads_torch_has(exported):
-    """One thread where torch has one: a process's share of the cores (DDP ranks, serve workers)."""
-    bundle, _, _ = exported
-    with torch_threads(1):
-        engine = load_model(bundle, backend="openvino").engine
-    assert engine.compiled.get_property("INFERENCE_NUM_THREADS") == 1
 
 
 def test_changed_weights_are_refused(exported, tmp_path):

@@ -203,14 +203,6 @@ class OpenVinoEngine(ExportedEngine):
             core = openvino.Core()
             model = self._normalising(core.read_model(str(path)))
             self.compiled = core.compile_model(model, "CPU", hints)
-            # No more threads than torch has: the process's share of the cores, which DDP's
-            # launcher and `serve --workers` set per process (and a user may, OMP_NUM_THREADS).
-            # OpenVINO's own choice takes every core of a socket in each process; only fewer than
-            # that, as its choice keeps to one socket and torch's count may not.
-            threads = torch.get_num_threads()
-            if threads < self.compiled.get_property("INFERENCE_NUM_THREADS"):
-                self.compiled = core.compile_model(model, "CPU",
-                                                   {**hints, "INFERENCE_NUM_THREADS": threads})
         except Exception as error:  # noqa: BLE001 - OpenVINO raises its own untyped errors
             raise BundleError(f"{path}: OpenVINO cannot load it ({str(error)[:200]}); export it "
                               "again with `transferlab export --format openvino`") from None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,7 +28,7 @@ from ..data.transforms import Preprocessing
 from ..devices import resolve_precision
 from ..inference.batches import progress_bar
 from ..inference.embeddings import EmbeddingCache, EmbeddingStats, ShardWriter, embedding_runner
-from ..inference.engines import Engine, TorchEngine, torch_threads
+from ..inference.engines import Engine, TorchEngine
 from ..inference.graphs import FEATURES, GraphEngine, GraphSpec, compile_engine, engine_label
 from ..process import scoped_environment
 from .trainer import Distribution, _quiet_lightning, is_main_process
@@ -126,12 +125,9 @@ def embed_into_cache(module: torch.nn.Module, paths: Sequence[Path], hashes: Seq
     spec = GraphSpec(module, pre, (FEATURES,))
     # Every process chooses (and checks) the same way before the predict loop joins them; the main
     # process of each machine does it before it starts the others, which then find its graph cached.
-    # With the threads the launcher will give each process: a graph engine keeps the thread count
-    # it was made with, and the main process's runner embeds its share.
-    with torch_threads(process_threads(distribution)):
-        runner, _, todo, stats = embedding_runner(spec, engine, paths, hashes, device=device,
-                                                  precision=precision, cache_dir=cache_dir,
-                                                  stream=True, check_images=batch_size)
+    runner, _, todo, stats = embedding_runner(spec, engine, paths, hashes, device=device,
+                                              precision=precision, cache_dir=cache_dir,
+                                              stream=True, check_images=batch_size)
     # Only the main process of a one-machine run may skip: it has not started the others yet.
     if not todo and is_main_process() and distribution.num_nodes == 1:
         return stats
@@ -157,18 +153,6 @@ def embed_into_cache(module: torch.nn.Module, paths: Sequence[Path], hashes: Seq
         return None
     stats.embedded, stats.seconds = len(todo), time.perf_counter() - started
     return stats
-
-
-def process_threads(distribution: Distribution) -> int:
-    """torch's threads in each process of `distribution` on this machine, as Lightning's launcher
-    sets them: left as they are when OMP_NUM_THREADS is set, else the cores this process may use
-    shared out between the processes."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    devices = distribution.devices
-    processes = len(devices) if isinstance(devices, list) else max(1, int(devices))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // processes)
 
 
 def _rank_engine(runner: TorchEngine | GraphEngine, spec: GraphSpec, precision: str,
