@@ -128,12 +128,14 @@ async def load(port: int, requests: list[bytes], count: int, clients: int) -> di
 def measured_load(server: psutil.Process, port: int, requests: list[bytes], count: int,
                   clients: int) -> dict:
     """load(), with the CPU time the client (this process) and the server took meanwhile, as
-    shares of every core over the interval."""
+    shares of every core over the interval, and the server's per request."""
     client_before, server_before = time.process_time(), sum(server.cpu_times()[:2])
     result = asyncio.run(load(port, requests, count, clients))
+    server_seconds = sum(server.cpu_times()[:2]) - server_before
     cores = psutil.cpu_count() * result["seconds"]
     result["client_cpu_share"] = round((time.process_time() - client_before) / cores, 3)
-    result["server_cpu_share"] = round((sum(server.cpu_times()[:2]) - server_before) / cores, 3)
+    result["server_cpu_share"] = round(server_seconds / cores, 3)
+    result["server_cpu_ms_per_request"] = round(server_seconds * 1000 / count, 3)
     return result
 
 
@@ -222,13 +224,11 @@ def fixed_work(model_dir: Path, backend: str, engine: EngineAlone, images: list[
         stubbed = measured_load(server, port, requests, count, clients)
     finally:
         stop(process)
-    cores = psutil.cpu_count()
-    fixed_ms = stubbed["server_cpu_share"] * cores * stubbed["seconds"] * 1000 / stubbed["requests"]
-    served_ms = [r["server_cpu_share"] * cores * r["seconds"] * 1000 / r["requests"] for r in served]
-    return {"without_network": stubbed, "fixed_cpu_ms_per_image": round(fixed_ms, 3),
+    fixed_ms = stubbed["server_cpu_ms_per_request"]  # one image per request
+    return {"without_network": stubbed, "fixed_cpu_ms_per_image": fixed_ms,
             "engine_cpu_ms_per_image": {f"batch_{ENGINE_BATCH}": large_ms, f"batch_{batch}": small_ms},
             "engine_images_per_s": {f"batch_{ENGINE_BATCH}": large_ips, f"batch_{batch}": small_ips},
-            "service_cpu_ms_per_image": [round(ms, 3) for ms in served_ms],
+            "service_cpu_ms_per_image": [r["server_cpu_ms_per_request"] for r in served],
             "ratio_bound": round(large_ms / (small_ms + fixed_ms), 3)}
 
 
